@@ -1,0 +1,56 @@
+"""The one exception family bdscan's domain code raises.
+
+Only :mod:`bdscan.cli` turns these into messages and exit codes; library code raises them with a
+message that says what went wrong *and what to do next* (fastapi-cli style: domain raises, CLI prints).
+"""
+
+from __future__ import annotations
+
+
+class BdscanError(Exception):
+    """Base of every error bdscan raises on purpose.
+
+    Args:
+        message: one line saying what went wrong.
+        hint: one line saying what the user should do next (optional).
+    """
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message} ({self.hint})" if self.hint else self.message
+
+
+class UsageError(BdscanError):
+    """The command line or configuration is wrong (bad option, missing data, output equal to input)."""
+
+
+class LoadError(BdscanError):
+    """A model or data file cannot be loaded (corrupt, truncated, wrong shape, unknown architecture)."""
+
+
+class ModelLoadError(LoadError):
+    """The model file cannot be read or does not fit the stated architecture."""
+
+
+class DataLoadError(LoadError):
+    """The clean data cannot be read or does not fit the model (empty, wrong channels, bad labels)."""
+
+
+class UnsafeModelError(BdscanError):
+    """The static pickle scan found a dangerous import; the file was not (and will not be) unpickled.
+
+    Attributes:
+        findings: the scanner's findings as ``"module.name"`` strings.
+    """
+
+    def __init__(self, message: str, findings: list[str], hint: str | None = None) -> None:
+        super().__init__(message, hint)
+        self.findings = findings
+
+
+class NumericalError(BdscanError):
+    """The model produces NaN/inf or outputs of the wrong shape, so no scan result would mean anything."""

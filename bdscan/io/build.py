@@ -1,0 +1,107 @@
+"""Building a wrapped model from an architecture name and a state dict, with actionable mismatch errors."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+import bdscan.models  # noqa: F401  (registers bdscan architectures with timm)
+from bdscan.errors import ModelLoadError, NumericalError, UsageError
+from bdscan.io.base import LoadOptions
+from bdscan.models.grid import find_token_grid, grid_from_patch_size
+from bdscan.models.wrapper import ModelInfo, ModelWrapper, check_model_output
+
+log = logging.getLogger(__name__)
+
+#: head weight names, for inferring the class count of a weight-only checkpoint
+_HEAD_KEYS = ("head.weight", "fc.weight", "classifier.weight", "head.fc.weight", "last_linear.weight")
+
+
+def infer_num_classes(state: dict[str, torch.Tensor]) -> int | None:
+    for k in _HEAD_KEYS:
+        if k in state and state[k].dim() == 2:
+            return int(state[k].shape[0])
+    return None
+
+
+def create_net(arch: str, num_classes: int, input_size: tuple[int, int, int]) -> nn.Module:
+    """``timm.create_model`` for bdscan's and timm's own architectures, never with pretrained weights."""
+    if not timm.is_model(arch):
+        raise UsageError(
+            f"unknown architecture {arch!r}",
+            "run `bdscan models` for bdscan's architectures; any timm model name also works",
+        )
+    kwargs: dict[str, Any] = {"num_classes": num_classes, "in_chans": input_size[0]}
+    if arch.startswith("bdscan_") or "vit" in arch or "deit" in arch or "convit" in arch:
+        kwargs["img_size"] = input_size[1]
+    try:
+        return timm.create_model(arch, pretrained=False, **kwargs)
+    except TypeError:
+        kwargs.pop("img_size", None)
+        return timm.create_model(arch, pretrained=False, **kwargs)
+
+
+def load_state_into(net: nn.Module, state: dict[str, torch.Tensor], arch: str) -> None:
+    """Strictly loads ``state`` into ``net``; names the first missing, unexpected or mismatching tensor."""
+    own = net.state_dict()
+    for k, v in state.items():
+        if not isinstance(v, torch.Tensor):
+            raise ModelLoadError(f"entry {k!r} of the state dict is a {type(v).__name__}, not a tensor",
+                                 "pass a plain state dict of tensors")
+        if k not in own:
+            raise ModelLoadError(
+                f"the weights do not fit architecture {arch!r}: unexpected tensor {k!r}",
+                "check --arch (or the checkpoint's metadata)",
+            )
+        if tuple(own[k].shape) != tuple(v.shape):
+            raise ModelLoadError(
+                f"the weights do not fit architecture {arch!r}: {k!r} is {tuple(v.shape)}, "
+                f"expected {tuple(own[k].shape)}",
+                "check --arch, --num-classes and --input-size",
+            )
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    if missing:
+        raise ModelLoadError(
+            f"the weights do not fit architecture {arch!r}: missing tensor {missing[0]!r}"
+            + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""),
+            "check --arch (or the checkpoint's metadata)",
+        )
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise NumericalError(f"tensor {bad[0]!r} holds NaN or inf values", "the checkpoint is broken; retrain or re-export it")
+    net.load_state_dict(state, strict=False)
+
+
+def finalize(net: nn.Module, info: ModelInfo, options: LoadOptions, notes: list[str] | None = None) -> ModelWrapper:
+    """Applies CLI overrides, finds the token grid, wraps the net and checks its output contract."""
+    over: dict[str, Any] = {}
+    for name in ("mean", "std", "scale", "class_names"):
+        v = getattr(options, name)
+        if v is not None:
+            over[name] = tuple(v) if isinstance(v, (list, tuple)) else v
+    if over:
+        info = info.with_(**over)
+    if options.patch_size:
+        info = info.with_(token_grid=grid_from_patch_size(options.patch_size, info.input_size))
+    elif info.token_grid is None:
+        info = info.with_(token_grid=find_token_grid(net, info.input_size))
+    c = info.input_size[0]
+    for name in ("mean", "std"):
+        vals = getattr(info, name)
+        if len(vals) not in (1, c):
+            raise UsageError(f"--{name} has {len(vals)} values but the model takes {c} channels", f"give 1 or {c} values")
+    if any(s == 0 for s in info.std):
+        raise UsageError("--std contains 0", "give the per-channel standard deviations the model was trained with")
+    net.eval()
+    wrapper = ModelWrapper(net, info)
+    output = check_model_output(wrapper)
+    if output == "probs":
+        if notes is not None:
+            notes.append("the model ends in a softmax; bdscan optimises on log-probabilities")
+        wrapper.info = info.with_(output="probs")
+    wrapper.requires_grad_(False)
+    return wrapper
