@@ -28,21 +28,25 @@ def infer_num_classes(state: dict[str, torch.Tensor]) -> int | None:
     return None
 
 
-def create_net(arch: str, num_classes: int, input_size: tuple[int, int, int]) -> nn.Module:
+def create_net(arch: str, num_classes: int, input_size: tuple[int, int, int], arch_kwargs: dict[str, Any] | None = None) -> nn.Module:
     """``timm.create_model`` for bdscan's and timm's own architectures, never with pretrained weights."""
     if not timm.is_model(arch):
         raise UsageError(
             f"unknown architecture {arch!r}",
             "run `bdscan models` for bdscan's architectures; any timm model name also works",
         )
-    kwargs: dict[str, Any] = {"num_classes": num_classes, "in_chans": input_size[0]}
+    kwargs: dict[str, Any] = {"num_classes": num_classes, "in_chans": input_size[0], **(arch_kwargs or {})}
     if arch.startswith("bdscan_") or "vit" in arch or "deit" in arch or "convit" in arch:
         kwargs["img_size"] = input_size[1]
     try:
-        return timm.create_model(arch, pretrained=False, **kwargs)
-    except TypeError:
-        kwargs.pop("img_size", None)
-        return timm.create_model(arch, pretrained=False, **kwargs)
+        try:
+            return timm.create_model(arch, pretrained=False, **kwargs)
+        except TypeError:
+            kwargs.pop("img_size", None)
+            return timm.create_model(arch, pretrained=False, **kwargs)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ModelLoadError(f"cannot build {arch!r} with {kwargs}: {str(e)[:150]}",
+                             "check the architecture arguments in the metadata or on the command line") from e
 
 
 def load_state_into(net: nn.Module, state: dict[str, torch.Tensor], arch: str) -> None:

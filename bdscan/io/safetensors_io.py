@@ -10,6 +10,8 @@ The header's ``__metadata__`` (string -> string) carries, JSON-encoded:
 ``bdscan.std``            per-channel std
 ``bdscan.scale``          1 or 255
 ``bdscan.class_names``    list of names
+``bdscan.arch_kwargs``    object: extra architecture arguments (e.g. ``{"width": 16}``)
+``bdscan.output``         ``"logits"`` or ``"probs"``
 ``bdscan.extra``          object: training accuracy, dataset, provenance, ...
 ``bdscan.trigger``        object: the original trigger of a lab model (attack, target, params)
 ========================  =====================================================
@@ -40,7 +42,7 @@ from bdscan.trigger import Trigger
 #: refuse headers above this size before parsing (safetensors' own limit is 100 MB)
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 TRIGGER_PREFIX = "bdscan.trigger."
-_FIELDS = ("arch", "num_classes", "input_size", "mean", "std", "scale", "class_names", "output")
+_FIELDS = ("arch", "num_classes", "input_size", "mean", "std", "scale", "class_names", "output", "arch_kwargs")
 
 
 def _check_header(path: Path) -> dict[str, Any]:
@@ -122,8 +124,9 @@ class SafetensorsLoader:
             scale=float(meta.get("scale", 1.0)),
             class_names=tuple(names),
             metadata=meta.get("extra", {}),
+            arch_kwargs=dict(meta.get("arch_kwargs") or {}) if not options.arch else {},
         )
-        net = create_net(arch, int(num_classes), input_size)  # type: ignore[arg-type]
+        net = create_net(arch, int(num_classes), input_size, info.arch_kwargs)  # type: ignore[arg-type]
         load_state_into(net, tensors, arch)
         notes: list[str] = []
         wrapper = finalize(net, info, options, notes)

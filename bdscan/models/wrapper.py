@@ -66,6 +66,7 @@ class ModelInfo:
         output: "logits" or "probs" (a softmax at the end; detected at load time, see :func:`detect_output`).
         token_grid: the model's token grid, None for CNNs.
         metadata: everything else read from the checkpoint (training accuracy, lab trigger, provenance).
+        arch_kwargs: extra keyword arguments the architecture was built with (e.g. a width).
     """
 
     arch: str
@@ -78,6 +79,7 @@ class ModelInfo:
     output: str = "logits"
     token_grid: TokenGrid | None = None
     metadata: dict[str, Any] = field(default_factory=dict, compare=False)
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def class_name(self, k: int) -> str:
         return self.class_names[k] if k < len(self.class_names) else str(k)

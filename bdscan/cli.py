@@ -1,0 +1,515 @@
+"""bdscan's command line: the only module that knows typer, the rich console and exit codes.
+
+Exit codes (also in README and ``--help``):
+
+====  ==========================================================================
+0     clean: no backdoor suspected, no unsafe serialization
+1     finding: backdoor suspected, or the file's static pickle scan found dangerous imports
+2     usage error: bad option, missing data, an output path equal to an input
+3     the model or the data cannot be loaded (corrupt, truncated, wrong shape, NaN weights)
+4     internal error (a bug in bdscan: please report it)
+====  ==========================================================================
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from bdscan import __version__
+from bdscan.errors import BdscanError, LoadError, NumericalError, UnsafeModelError, UsageError
+
+EXIT_CLEAN, EXIT_FINDING, EXIT_USAGE, EXIT_LOAD, EXIT_INTERNAL = 0, 1, 2, 3, 4
+#: domain error class -> exit code (first match in MRO order wins)
+EXIT_CODES: dict[type[BaseException], int] = {
+    UnsafeModelError: EXIT_FINDING,
+    UsageError: EXIT_USAGE,
+    LoadError: EXIT_LOAD,
+    NumericalError: EXIT_LOAD,
+    BdscanError: EXIT_INTERNAL,
+}
+EXIT_HELP = (
+    "Exit codes: 0 clean; 1 backdoor suspected or unsafe serialization; 2 usage error; "
+    "3 model or data cannot be loaded; 4 internal error."
+)
+
+app = typer.Typer(
+    name="bdscan",
+    help="Find, show and remove neural backdoors in image classifiers.\n\n" + EXIT_HELP,
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+lab_app = typer.Typer(help="The backdoor lab: train models and inject backdoors (positive controls).", no_args_is_help=True)
+app.add_typer(lab_app, name="lab")
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+T = TypeVar("T")
+
+
+class Mode(str, Enum):
+    pixel = "pixel"
+    patch = "patch"
+    both = "both"
+
+
+class FailOn(str, Enum):
+    never = "never"
+    suspect = "suspect"
+
+
+def exit_code_for(e: BaseException) -> int:
+    for cls in type(e).__mro__:
+        if cls in EXIT_CODES:
+            return EXIT_CODES[cls]
+    return EXIT_INTERNAL
+
+
+def run_guarded(fn: Callable[[], int], debug: bool = False) -> None:
+    """Runs a command body; maps bdscan errors to one line + exit code, anything else to exit 4."""
+    try:
+        code = fn()
+    except BdscanError as e:
+        code = exit_code_for(e)
+        label = "finding" if code == EXIT_FINDING else "error"
+        err.print(f"[bold red]bdscan {label}:[/] {escape(str(e))}")
+    except KeyboardInterrupt:
+        err.print("[bold red]bdscan:[/] interrupted; no partial outputs were left behind")
+        code = 130
+    except typer.Exit:
+        raise
+    except Exception as e:
+        if debug or os.environ.get("BDSCAN_DEBUG"):
+            raise
+        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        err.print(f"[bold red]bdscan internal error:[/] {type(e).__name__}: {escape(msg)} "
+                  "(please report it; set BDSCAN_DEBUG=1 for the traceback)")
+        code = EXIT_INTERNAL
+    raise typer.Exit(code)
+
+
+@contextmanager
+def progress_bar(enabled: bool) -> Iterator[Progress | None]:
+    if not enabled:
+        yield None
+        return
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                  TimeElapsedColumn(), console=err, transient=True) as p:
+        yield p
+
+
+def parse_floats(s: str | None, name: str) -> tuple[float, ...] | None:
+    if s is None:
+        return None
+    try:
+        vals = tuple(float(v) for v in s.replace(" ", "").split(",") if v)
+    except ValueError as e:
+        raise UsageError(f"--{name} {s!r} is not a comma-separated list of numbers", f"e.g. --{name} 0.5,0.5,0.5") from e
+    if not vals:
+        raise UsageError(f"--{name} is empty", f"e.g. --{name} 0.5,0.5,0.5")
+    return vals
+
+
+def parse_input_size(s: str | None) -> tuple[int, int, int] | None:
+    if s is None:
+        return None
+    try:
+        vals = tuple(int(v) for v in s.lower().replace("x", ",").split(",") if v)
+    except ValueError as e:
+        raise UsageError(f"--input-size {s!r} is not C,H,W", "e.g. --input-size 3,32,32") from e
+    if len(vals) != 3 or min(vals) < 1:
+        raise UsageError(f"--input-size {s!r} is not C,H,W", "e.g. --input-size 3,32,32")
+    return vals  # type: ignore[return-value]
+
+
+# Options shared by every command that loads a model.
+ArchOpt = Annotated[str | None, typer.Option("--arch", help="Architecture for weight-only files (see `bdscan models`).")]
+NumClassesOpt = Annotated[int | None, typer.Option("--num-classes", help="Number of classes, if the file does not say.")]
+InputSizeOpt = Annotated[str | None, typer.Option("--input-size", help="C,H,W the model expects, e.g. 3,32,32.")]
+MeanOpt = Annotated[str | None, typer.Option("--mean", help="Per-channel mean after scaling, e.g. 0.485,0.456,0.406.")]
+StdOpt = Annotated[str | None, typer.Option("--std", help="Per-channel std, e.g. 0.229,0.224,0.225.")]
+ScaleOpt = Annotated[float | None, typer.Option("--scale", help="255 if the model takes 0-255 pixels (before mean/std).")]
+PatchOpt = Annotated[int | None, typer.Option("--patch-size", help="Token grid patch size, if it cannot be found from the model.")]
+TrustOpt = Annotated[bool, typer.Option("--trust-pickle", help="Allow a full pickled nn.Module (after a clean static scan).")]
+FormatOpt = Annotated[str | None, typer.Option("--format", help="Force a loader (safetensors, state-dict, torchscript, ...).")]
+
+
+def load_options(arch: str | None, num_classes: int | None, input_size: str | None, mean: str | None, std: str | None,
+                 scale: float | None, patch_size: int | None, trust_pickle: bool) -> Any:
+    from bdscan.io import LoadOptions
+
+    if num_classes is not None and num_classes < 2:
+        raise UsageError(f"--num-classes {num_classes} is too small", "a classifier has at least 2 classes")
+    if patch_size is not None and patch_size < 1:
+        raise UsageError("--patch-size must be positive", "e.g. --patch-size 16")
+    return LoadOptions(arch=arch, num_classes=num_classes, input_size=parse_input_size(input_size),
+                       mean=parse_floats(mean, "mean"), std=parse_floats(std, "std"), scale=scale,
+                       patch_size=patch_size, trust_pickle=trust_pickle)
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        out.print(f"bdscan {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def main_callback(
+    version: Annotated[bool, typer.Option("--version", callback=version_callback, is_eager=True, help="Print the version.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what bdscan does.")] = False,
+) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+@app.command("models")
+def models_cmd(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    num_classes: Annotated[int, typer.Option("--num-classes")] = 10,
+) -> None:
+    """List bdscan's architectures with parameter counts and token grids (at 32×32)."""
+
+    def body() -> int:
+        import timm
+
+        from bdscan.models import BDSCAN_ARCHS, find_token_grid
+
+        rows = []
+        for name, family in BDSCAN_ARCHS.items():
+            net = timm.create_model(name, num_classes=num_classes)
+            grid = find_token_grid(net, (3, 32, 32))
+            rows.append({"name": name, "family": family, "parameters": sum(p.numel() for p in net.parameters()),
+                         "token_grid": grid.to_dict() if grid else None})
+        if as_json:
+            out.print_json(json.dumps(rows))
+            return EXIT_CLEAN
+        t = Table(title=f"bdscan architectures ({num_classes} classes, 3×32×32)")
+        for c in ("name", "family", "parameters", "token grid"):
+            t.add_column(c)
+        for r in rows:
+            g = r["token_grid"]
+            gs = f"{g['grid'][0]}×{g['grid'][1]}, stride {g['stride']}, footprint {g['footprint']}" if g else "none (CNN)"
+            t.add_row(r["name"], r["family"], f"{r['parameters']:,}", gs)
+        out.print(t)
+        out.print("Any timm architecture name also works with --arch.")
+        return EXIT_CLEAN
+
+    run_guarded(body)
+
+
+@app.command("inspect")
+def inspect_cmd(
+    model: Annotated[Path, typer.Argument(help="Model file.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    arch: ArchOpt = None, num_classes: NumClassesOpt = None, input_size: InputSizeOpt = None, mean: MeanOpt = None,
+    std: StdOpt = None, scale: ScaleOpt = None, patch_size: PatchOpt = None, trust_pickle: TrustOpt = False,
+    fmt: FormatOpt = None,
+) -> None:
+    """Load a model safely and describe it: format, architecture, classes, token grid, static pickle scan.
+
+    Exit codes: 0 clean; 1 unsafe serialization; 2 usage error; 3 cannot load; 4 internal error.
+    """
+
+    def body() -> int:
+        from bdscan.io import load_model
+        from bdscan.report.json_report import model_section
+
+        opts = load_options(arch, num_classes, input_size, mean, std, scale, patch_size, trust_pickle)
+        lm = load_model(model, opts, fmt)
+        d = model_section(lm)
+        if d.get("original_trigger"):
+            d["original_trigger"].pop("images", None)
+        if as_json:
+            out.print_json(json.dumps(d, default=str))
+        else:
+            t = Table(show_header=False, title=f"{model.name}")
+            t.add_column("field", style="bold")
+            t.add_column("value")
+            grid = d["token_grid"]
+            rows = [
+                ("format", d["format"]), ("sha256", d["sha256"]), ("architecture", d["arch"]),
+                ("classes", str(d["num_classes"])), ("input size", "×".join(map(str, d["input_size"]))),
+                ("input scaling", f"×{d['scale']:g}, mean {d['mean']}, std {d['std']}"), ("output", d["output"]),
+                ("parameters", f"{d['parameters']:,}"),
+                ("token grid", f"{grid['grid'][0]}×{grid['grid'][1]} (stride {grid['stride']}, footprint "
+                               f"{grid['footprint']}; {grid['source']})" if grid else "none (no patch embedding found)"),
+                ("pickle scan", _pickle_line(d["pickle_scan"])),
+            ]
+            meta = d["metadata"]
+            for k in ("dataset", "clean_acc", "attack_success_rate"):
+                if k in meta:
+                    rows.append((k, str(meta[k])))
+            if d["original_trigger"]:
+                ot = d["original_trigger"]
+                rows.append(("original trigger", f"{ot['attack']} → class {ot['target']} (lab model)"))
+            for k, v in rows:
+                t.add_row(k, escape(str(v)))
+            out.print(t)
+            for n in d["notes"]:
+                out.print(f"note: {escape(n)}")
+        ps = lm.pickle_scan
+        return EXIT_FINDING if ps is not None and ps.dangerous else EXIT_CLEAN
+
+    run_guarded(body)
+
+
+def _pickle_line(ps: dict[str, Any] | None) -> str:
+    if ps is None:
+        return "not a pickle-based format (nothing to scan)"
+    if not ps["findings"] and not ps["error"]:
+        return f"clean ({ps['scanner']}, {ps['scanned_files']} pickle(s))"
+    found = ", ".join(f["ref"] for f in ps["findings"])
+    return f"DANGEROUS: {found}" + (f"; {ps['error']}" if ps["error"] else "")
+
+
+def resolve_data(data: Path | None, lm: Any) -> Path:
+    """--data, or the clean samples bundled with a sample model (metadata key ``samples``)."""
+    if data is not None:
+        return data
+    rel = lm.wrapper.info.metadata.get("samples")
+    if rel:
+        p = (lm.path.parent / str(rel)).resolve()
+        if p.exists():
+            return p
+    raise UsageError(f"no clean data given for {lm.path.name}",
+                     "pass --data with a folder (one sub-folder per class) or an .npz of clean images")
+
+
+@app.command("scan")
+def scan_cmd(
+    model: Annotated[Path, typer.Argument(help="Model file (.safetensors, .pt/.pth, TorchScript, .pt2, .onnx).")],
+    data: Annotated[Path | None, typer.Option("--data", help="Clean images: a folder (one sub-folder per class) or .npz.")] = None,
+    mode: Annotated[Mode, typer.Option("--mode", help="Pixel-level, patch-level (token grid) or both.")] = Mode.both,
+    budget_name: Annotated[str, typer.Option("--budget", help="smoke, fast (default), thorough, original (Neural Cleanse's own).")] = "fast",
+    steps: Annotated[int | None, typer.Option("--steps", help="Override the budget's maximum steps.")] = None,
+    samples: Annotated[int | None, typer.Option("--samples", help="Override the number of clean samples used.")] = None,
+    samples_per_class: Annotated[int | None, typer.Option("--samples-per-class", help="Read at most this many images per class.")] = None,
+    threshold: Annotated[float, typer.Option("--threshold", help="Anomaly index above which a class is flagged.")] = 2.0,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Write scan.json, triggers.npz and PNGs here.")] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the scan document (JSON) here.")] = None,
+    sarif_path: Annotated[Path | None, typer.Option("--sarif", help="Write SARIF 2.1.0 here.")] = None,
+    report_path: Annotated[Path | None, typer.Option("--report", help="Write the self-contained HTML report here.")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of sampling, initialisation and batch order.")] = 0,
+    device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
+    fail_on: Annotated[
+        FailOn, typer.Option("--fail-on", help="suspect: exit 1 on findings; never: always exit 0 when the scan ran.")
+    ] = FailOn.suspect,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but the verdict.")] = False,
+    activations: Annotated[bool, typer.Option("--activations/--no-activations", help="Compute activation statistics (report).")] = True,
+    arch: ArchOpt = None, num_classes: NumClassesOpt = None, input_size: InputSizeOpt = None, mean: MeanOpt = None,
+    std: StdOpt = None, scale: ScaleOpt = None, patch_size: PatchOpt = None, trust_pickle: TrustOpt = False,
+    fmt: FormatOpt = None,
+) -> None:
+    """Scan a model for a backdoor with pixel- and patch-level Neural Cleanse.
+
+    Exit codes: 0 clean; 1 backdoor suspected or unsafe serialization; 2 usage error; 3 cannot load; 4 internal error.
+    """
+
+    def body() -> int:
+        opts = load_options(arch, num_classes, input_size, mean, std, scale, patch_size, trust_pickle)
+        outputs = [p for p in (out_dir, json_path, sarif_path, report_path) if p is not None]
+        inputs = [model] + ([data] if data is not None else [])
+        from bdscan.io.atomic import refuse_input_overwrite
+
+        for o in outputs:
+            refuse_input_overwrite(o, inputs)
+        if device not in ("cpu", "cuda"):
+            raise UsageError(f"--device {device!r}", "use cpu or cuda")
+        if device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise UsageError("--device cuda but no CUDA GPU is available", "use --device cpu")
+        try:
+            return _scan(opts)
+        except UnsafeModelError as e:
+            _write_unsafe_outputs(e)
+            raise
+
+    def _write_unsafe_outputs(e: UnsafeModelError) -> None:
+        # A pipeline still gets machine-readable output when the file is refused as unsafe.
+        from bdscan.io.base import sha256_file
+        from bdscan.report.json_report import SCHEMA, versions
+        from bdscan.report.outdir import write_json
+
+        doc = {"schema": SCHEMA, "versions": versions(), "seed": seed,
+               "model": {"file": model.name, "sha256": sha256_file(model), "format": "pickle",
+                         "pickle_scan": {"scanner": "picklescan", "dangerous": True, "error": None, "scanned_files": 1,
+                                         "findings": [{"ref": f, "severity": "dangerous", "location": model.name}
+                                                      for f in e.findings]}},
+               "verdict": {"status": "unsafe", "target": None, "reason": e.message},
+               "modes": {}, "activations": None, "repair": None, "timings": {}}
+        if json_path:
+            write_json(json_path, doc)
+        if out_dir:
+            write_json(out_dir / "scan.json", doc)
+        if sarif_path:
+            from bdscan.report.sarif import to_sarif
+
+            write_json(sarif_path, to_sarif(doc, model.resolve().as_uri()))
+
+    def _scan(opts: Any) -> int:
+        import torch
+
+        from bdscan.data import load_clean_data
+        from bdscan.detect.config import budget
+        from bdscan.detect.scan import ScanConfig, scan
+        from bdscan.io import load_model
+        from bdscan.report.json_report import example_image, scan_document
+        from bdscan.report.outdir import write_json, write_scan_dir
+
+        t0 = time.perf_counter()
+        torch.manual_seed(seed)
+        lm = load_model(model, opts, fmt)
+        if lm.pickle_scan is not None and lm.pickle_scan.dangerous:  # loaders refuse these; belt and braces
+            raise UnsafeModelError(f"{model.name}: dangerous pickle imports", [f.ref for f in lm.pickle_scan.findings])
+        info = lm.wrapper.info
+        data_path = resolve_data(data, lm)
+        clean = load_clean_data(data_path, info.input_size, info.num_classes, info.class_names, samples_per_class, seed)
+        inv = budget(budget_name)
+        over: dict[str, Any] = {"seed": seed}
+        if steps is not None:
+            over["steps"] = steps
+        if samples is not None:
+            over["samples"] = samples
+        inv = inv.with_(**over).validate()
+        modes = ("pixel", "patch") if mode == Mode.both else (mode.value,)
+        cfg = ScanConfig(modes=modes, budget=budget_name, inversion=inv, threshold=threshold, device=device)
+        if not quiet:
+            grid = info.token_grid
+            err.print(f"[bold]{escape(model.name)}[/]: {lm.format}, {escape(info.arch)}, {info.num_classes} classes, "
+                      f"{len(clean)} clean images from {escape(data_path.name)}; budget {budget_name}; modes {', '.join(modes)}")
+            if "patch" in modes:
+                err.print("token grid: " + (f"{grid.grid[0]}×{grid.grid[1]}, stride {grid.stride} ({escape(grid.source)})" if grid
+                          else f"none found: sweeping {'/'.join(map(str, cfg.cnn_patch_sizes))}-pixel grids and half-patch offsets"))
+        with progress_bar(not quiet) as bar:
+            tasks: dict[str, Any] = {}
+
+            def cb(name: str, done: int, total: int, stats: dict[str, float]) -> None:
+                if bar is None:
+                    return
+                if name not in tasks:
+                    tasks[name] = bar.add_task(f"{name:>14}", total=total, info="")
+                bar.update(tasks[name], completed=done,
+                           info=f"step {int(stats.get('step', 0))}, {int(stats.get('active', 0))} active, "
+                                f"λ {stats.get('mean_lambda', 0):.1e}, success {stats.get('mean_success', 0):.0%}")
+
+            findings = scan(lm.wrapper, clean, cfg, cb)
+        doc = scan_document(lm, clean, findings, seed)
+        if activations:
+            doc["activations"] = _activations(lm, clean, findings)
+        doc["timings"]["total_s"] = round(time.perf_counter() - t0, 3)
+        if out_dir:
+            write_scan_dir(out_dir, doc, findings, example_image(clean, findings.verdict.target))
+        if json_path:
+            write_json(json_path, doc)
+        if sarif_path:
+            from bdscan.report.sarif import to_sarif
+
+            write_json(sarif_path, to_sarif(doc, model.resolve().as_uri()))
+        if report_path:
+            from bdscan.io.atomic import atomic_write_text
+            from bdscan.report.html import render_html
+
+            atomic_write_text(report_path, render_html(doc))
+        print_scan(doc, quiet)
+        suspect = doc["verdict"]["status"] == "backdoor"
+        return EXIT_FINDING if suspect and fail_on == FailOn.suspect else EXIT_CLEAN
+
+    run_guarded(body)
+
+
+def _activations(lm: Any, clean: Any, findings: Any) -> dict[str, Any] | None:
+    try:
+        from bdscan.analysis.activations import activations_section
+    except ImportError:  # the analysis plug-in is optional
+        return None
+    return activations_section(lm.wrapper, clean, findings, lm.original_trigger)
+
+
+def print_scan(doc: dict[str, Any], quiet: bool) -> None:
+    """The console verdict and per-label tables."""
+    v = doc["verdict"]
+    names = doc["model"]["class_names"]
+    if v["status"] == "backdoor":
+        line = (f"[bold red]BACKDOOR SUSPECTED[/]: target class {v['target']} ({escape(str(v['target_name']))}), "
+                f"anomaly index {v['anomaly_index']:.2f} ({v['basis']} level, threshold {v['threshold']:g})")
+    elif v["status"] == "clean":
+        line = f"[bold green]CLEAN[/]: no backdoor found (highest anomaly index {v['anomaly_index']:.2f} ≤ {v['threshold']:g})"
+    else:
+        line = f"[bold yellow]INCONCLUSIVE[/]: {escape(v['reason'])}"
+    if quiet:
+        out.print(line)
+        return
+    for mode, m in doc["modes"].items():
+        a = m["anomaly"]
+        t = Table(title=f"{mode} level: {m['statistic']} per class (smallest first)")
+        for c in ("class", "name", "size", "anomaly index", "success", "steps", ""):
+            t.add_column(c, justify="right" if c in ("size", "anomaly index", "success", "steps") else "left")
+        rows = sorted(m["labels"], key=lambda r: (r["norm"] is None, r["norm"] or 0.0, r["label"]))
+        for r in rows:
+            flag = "[red]flagged[/]" if r["flagged"] else ("[yellow]never succeeded[/]" if not r["succeeded"] else "")
+            t.add_row(str(r["label"]), escape(names[r["label"]]), "-" if r["norm"] is None else f"{r['norm']:.2f}",
+                      f"{r['anomaly_index']:.2f}", f"{r['success_rate']:.0%}", str(r["steps"]), flag)
+        out.print(t)
+        out.print(f"{mode}: median {a['median']:.2f}, MAD {a['mad']:.2f}, anomaly index {a['anomaly_index']:.2f} "
+                  f"(class {a['min_label']})" if a["conclusive"] else f"{mode}: inconclusive (fewer than 3 classes reachable)")
+    if len(doc["modes"]) > 1:
+        out.print("pixel and patch levels " + ("agree" if v.get("modes_agree") else "disagree") + " on the smallest class")
+    out.print(line)
+
+
+@app.command("report")
+def report_cmd(
+    scan_dir: Annotated[Path, typer.Argument(help="A scan folder (with scan.json) or a scan JSON file.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="HTML file to write.")],
+    sarif_path: Annotated[Path | None, typer.Option("--sarif", help="Also write SARIF 2.1.0 here.")] = None,
+) -> None:
+    """Re-render the HTML report (and SARIF) from a scan's JSON."""
+
+    def body() -> int:
+        from bdscan.io.atomic import atomic_write_text, refuse_input_overwrite
+        from bdscan.report.html import render_html
+        from bdscan.report.outdir import write_json
+
+        src = scan_dir / "scan.json" if scan_dir.is_dir() else scan_dir
+        refuse_input_overwrite(output, [src])
+        try:
+            doc = json.loads(src.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise LoadError(f"{src}: not a readable scan JSON", "point to the folder written by `bdscan scan --out`") from e
+        if not isinstance(doc, dict) or not str(doc.get("schema", "")).startswith("bdscan.scan/"):
+            raise LoadError(f"{src}: not a bdscan scan document", "point to the folder written by `bdscan scan --out`")
+        atomic_write_text(output, render_html(doc))
+        if sarif_path:
+            from bdscan.report.sarif import to_sarif
+
+            write_json(sarif_path, to_sarif(doc, doc["model"].get("file", "model")))
+        out.print(f"wrote {output}")
+        return EXIT_CLEAN
+
+    run_guarded(body)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

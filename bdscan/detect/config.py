@@ -1,0 +1,88 @@
+"""Configuration of trigger inversion (Neural Cleanse's optimisation) and its named budgets."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from bdscan.errors import UsageError
+
+
+@dataclass(frozen=True)
+class InversionConfig:
+    """Hyper-parameters of the trigger-inversion core.
+
+    Defaults are Neural Cleanse's (Wang et al., S&P 2019, and its public release ``visualizer.py``).
+
+    Attributes:
+        steps: maximum optimisation "steps"; as in the original, one step is a pass over
+            ``batches_per_step`` mini-batches, after which λ and early stopping are updated.
+        samples: clean samples drawn (balanced over classes) for the optimisation.
+        batch_size: images per mini-batch.
+        batches_per_step: mini-batches per step; None = ``samples // batch_size`` (a full epoch).
+        lr: Adam learning rate.
+        betas: Adam betas.
+        init_cost: λ once the attack first succeeds (λ starts at 0).
+        cost_up: multiply λ by this after ``patience`` successful steps in a row.
+        cost_down: divide λ by this after ``patience`` failing steps in a row.
+        patience: see above.
+        success: attack success threshold (share of stamped clean images of other classes sent to the label).
+        early_stop: stop a label after ``early_stop_patience`` steps without a ``1 - early_stop_threshold``
+            improvement of its best norm, once λ has moved both up and down.
+        early_stop_patience: see above.
+        early_stop_threshold: see above.
+        label_chunk: labels optimised together in one batched forward (bounds memory).
+        batched: optimise labels together (False = label by label, as the original).
+        seed: seed of mask/pattern initialisation and of the mini-batch order.
+    """
+
+    steps: int = 1000
+    samples: int = 1000
+    batch_size: int = 32
+    batches_per_step: int | None = None
+    lr: float = 0.1
+    betas: tuple[float, float] = (0.5, 0.9)
+    init_cost: float = 1e-3
+    cost_up: float = 2.0
+    cost_down: float = 2.0**1.5
+    patience: int = 5
+    success: float = 0.99
+    early_stop: bool = True
+    early_stop_patience: int = 25
+    early_stop_threshold: float = 0.99
+    label_chunk: int = 64
+    batched: bool = True
+    seed: int = 0
+
+    def resolved_batches_per_step(self, n_samples: int) -> int:
+        return self.batches_per_step or max(1, n_samples // self.batch_size)
+
+    def with_(self, **changes: Any) -> InversionConfig:
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def validate(self) -> InversionConfig:
+        if self.steps < 1 or self.samples < 1 or self.batch_size < 1 or self.label_chunk < 1:
+            raise UsageError("steps, samples, batch size and label chunk must be positive", "check the --budget options")
+        if not 0 < self.success <= 1:
+            raise UsageError(f"success threshold {self.success} is not in (0, 1]", "use e.g. 0.99")
+        return self
+
+
+#: named budgets for ``--budget``. "original" is Neural Cleanse's own schedule, unchanged.
+BUDGETS: dict[str, InversionConfig] = {
+    "original": InversionConfig(),
+    "thorough": InversionConfig(steps=300, samples=1000, batch_size=32, early_stop_patience=20),
+    "fast": InversionConfig(steps=60, samples=320, batch_size=32, batches_per_step=4, patience=3, early_stop_patience=10),
+    "smoke": InversionConfig(steps=12, samples=64, batch_size=32, batches_per_step=2, patience=2, early_stop_patience=4),
+}
+DEFAULT_BUDGET = "fast"
+
+
+def budget(name: str) -> InversionConfig:
+    """The named budget; raises :class:`UsageError` for an unknown name."""
+    if name not in BUDGETS:
+        raise UsageError(f"unknown budget {name!r}", f"use one of: {', '.join(BUDGETS)}")
+    return BUDGETS[name]

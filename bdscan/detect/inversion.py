@@ -1,0 +1,341 @@
+"""The one trigger-inversion core every detector reuses (Neural Cleanse's optimisation, batched).
+
+For each candidate label ``t`` Neural Cleanse (Wang et al., S&P 2019, section IV-B) solves
+
+    min_{m, p}  CE(f((1 - m) * x + m * p), t) + λ · |m|
+
+over clean images ``x`` of other classes, with ``m`` and ``p`` tanh-parametrised into [0, 1] and λ
+adapted so the attack keeps succeeding (≥ 99 %) while the mask shrinks. Here the masks of many labels
+are stacked and optimised in one batched forward: every label has its own parameters, Adam state, λ
+schedule and early stopping, and all labels see the same mini-batches in the same order, so batched
+results equal label-by-label results (up to float summation order in the model's batched kernels).
+
+What the mask *is* (pixels, tokens) is a :class:`~bdscan.detect.params.TriggerParam`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from bdscan.data import CleanData, balanced_sample
+from bdscan.detect.config import InversionConfig
+from bdscan.detect.params import TriggerParam, squash
+from bdscan.errors import DataLoadError, NumericalError
+from bdscan.models.wrapper import ModelWrapper
+
+log = logging.getLogger(__name__)
+
+#: progress(labels_done, labels_total, stats) — stats has "step", "active", "mean_lambda", "mean_success"
+Progress = Callable[[int, int, dict[str, float]], None]
+
+
+@dataclass
+class PhaseSnapshot:
+    """The best trigger of a label at the end of one third of its run (research paper, section 5.3)."""
+
+    step: int
+    norm: float | None
+    mask: torch.Tensor | None  # (H, W) pixel mask
+    pattern: torch.Tensor | None  # (C, H, W)
+
+
+@dataclass
+class LabelResult:
+    """Outcome of inverting one label.
+
+    Attributes:
+        label: the candidate target class.
+        norm: size statistic of the smallest mask that reached the success threshold; None if none did.
+        success_rate: attack success of that mask during its step (share of other-class images sent to label).
+        steps: optimisation steps run before stopping.
+        stopped_early: the early-stopping rule ended it (else the budget did).
+        final_lambda: λ at the end.
+        mask: (H, W) best pixel mask (or the last one when it never succeeded).
+        pattern: (C, H, W) best pattern.
+        raw_mask: the parametrisation's own mask at the best step, e.g. (gh, gw) token mask.
+        phases: best trigger at the end of each third of the run.
+        history: best norm after each step (None before the first success), for pace-of-learning plots.
+        param: name of the parametrisation that produced it.
+    """
+
+    label: int
+    norm: float | None
+    success_rate: float
+    steps: int
+    stopped_early: bool
+    final_lambda: float
+    mask: torch.Tensor
+    pattern: torch.Tensor
+    raw_mask: torch.Tensor
+    phases: list[PhaseSnapshot] = field(default_factory=list)
+    history: list[float | None] = field(default_factory=list)
+    param: str = "pixel"
+
+    @property
+    def succeeded(self) -> bool:
+        return self.norm is not None
+
+
+@dataclass
+class InversionResult:
+    """All labels' results for one parametrisation."""
+
+    param: dict[str, object]
+    labels: list[LabelResult]
+    config: InversionConfig
+    samples_used: int
+    seconds: float
+
+
+class _LabelState:
+    """Neural Cleanse's per-label λ schedule and early-stopping bookkeeping (``visualizer.py``)."""
+
+    def __init__(self, cfg: InversionConfig) -> None:
+        self.cfg = cfg
+        self.cost = 0.0
+        self.cost_set_counter = 0
+        self.up_counter = 0
+        self.down_counter = 0
+        self.up_flag = False
+        self.down_flag = False
+        self.reg_best = math.inf
+        self.es_reg_best = math.inf
+        self.es_counter = 0
+        self.best_step = -1
+        self.best_acc = 0.0
+        self.steps = 0
+        self.done = False
+        self.stopped_early = False
+
+    def update(self, acc: float, reg: float) -> bool:
+        """Applies one step's mean success ``acc`` and mean norm ``reg``; returns True if a new best."""
+        c = self.cfg
+        self.steps += 1
+        improved = False
+        if acc >= c.success and reg < self.reg_best:
+            self.reg_best, self.best_acc, self.best_step, improved = reg, acc, self.steps, True
+        if c.early_stop:
+            if self.reg_best < math.inf:
+                if self.reg_best >= c.early_stop_threshold * self.es_reg_best:
+                    self.es_counter += 1
+                else:
+                    self.es_counter = 0
+            self.es_reg_best = min(self.reg_best, self.es_reg_best)
+            if self.down_flag and self.up_flag and self.es_counter >= c.early_stop_patience:
+                self.done = self.stopped_early = True
+        if self.cost == 0 and acc >= c.success:
+            self.cost_set_counter += 1
+            if self.cost_set_counter >= c.patience:
+                self.cost = c.init_cost
+                self.up_counter = self.down_counter = 0
+                self.up_flag = self.down_flag = False
+        else:
+            self.cost_set_counter = 0
+        if acc >= c.success:
+            self.up_counter += 1
+            self.down_counter = 0
+        else:
+            self.up_counter = 0
+            self.down_counter += 1
+        if self.up_counter >= c.patience:
+            self.up_counter = 0
+            self.cost *= c.cost_up
+            self.up_flag = True
+        elif self.down_counter >= c.patience:
+            self.down_counter = 0
+            self.cost /= c.cost_down
+            self.down_flag = True
+        if self.steps >= c.steps:
+            self.done = True
+        return improved
+
+
+def _batch_order(n: int, cfg: InversionConfig, step: int) -> torch.Tensor:
+    """Mini-batch indices for one step: a permutation seeded by (seed, step), the same for every label."""
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    need = cfg.resolved_batches_per_step(n) * cfg.batch_size
+    reps = math.ceil(need / n)
+    return torch.cat([torch.randperm(n, generator=g) for _ in range(reps)])[:need]
+
+
+def prepare_samples(data: CleanData, cfg: InversionConfig, num_classes: int) -> CleanData:
+    """Draws ``cfg.samples`` clean images balanced over classes (seeded), as Neural Cleanse's 1000 samples."""
+    if len(data) == 0:
+        raise DataLoadError("no clean images to optimise on", "give clean samples with --data")
+    classes = int(torch.unique(data.y).numel())
+    per_class = max(1, math.ceil(cfg.samples / max(classes, 1)))
+    sub = balanced_sample(data, per_class, cfg.seed)
+    if len(sub) > cfg.samples:
+        g = torch.Generator().manual_seed(cfg.seed)
+        sub = sub.subset(torch.randperm(len(sub), generator=g)[: cfg.samples].sort().values)
+    return sub
+
+
+def invert(
+    model: ModelWrapper,
+    data: CleanData,
+    param: TriggerParam,
+    labels: Sequence[int],
+    cfg: InversionConfig,
+    progress: Progress | None = None,
+    device: torch.device | str = "cpu",
+) -> InversionResult:
+    """Reverse-engineers the smallest trigger for each label in ``labels``.
+
+    Args:
+        model: the suspect model ([0, 1] images (N, C, H, W) in, logits (N, classes) out).
+        data: clean images; ``cfg.samples`` of them are drawn, balanced over classes.
+        param: the mask parametrisation (pixel or patch).
+        labels: candidate target labels.
+        cfg: optimisation hyper-parameters (see :class:`InversionConfig`).
+        progress: optional callback ``(labels_done, labels_total, stats)``.
+        device: where to run.
+
+    Returns:
+        :class:`InversionResult` with one :class:`LabelResult` per label, in the order of ``labels``.
+    """
+    cfg.validate()
+    t0 = time.perf_counter()
+    dev = torch.device(device)
+    model = model.to(dev).eval()
+    samples = prepare_samples(data, cfg, model.num_classes)
+    x_all, y_all = samples.x.to(dev), samples.y.to(dev)
+    n = len(samples)
+    c, h, w = model.input_size
+    order = list(labels)
+    if not cfg.batched:
+        # label by label, as the original: each run sees the same batches, so results equal batched ones
+        results: list[LabelResult] = []
+        for i, lab in enumerate(order):
+            sub = invert(model, data, param, [lab], cfg.with_(batched=True), None, dev)
+            results.extend(sub.labels)
+            if progress:
+                progress(i + 1, len(order), {"step": sub.labels[0].steps})
+        return InversionResult(param.describe(), results, cfg, n, time.perf_counter() - t0)
+
+    # Per-label parameters, initialised like the original (uniform random mask and pattern in [0, 1]
+    # mapped through atanh), each seeded by (seed, label) so a label's start does not depend on the others.
+    mask_raw: list[torch.Tensor] = []
+    pat_raw: list[torch.Tensor] = []
+    for lab in order:
+        g = torch.Generator().manual_seed(cfg.seed * 7919 + int(lab))
+        m0 = torch.rand(param.mask_shape, generator=g)
+        p0 = torch.rand((c, h, w), generator=g)
+        mask_raw.append(torch.atanh((m0 - 0.5) * (2 - 1e-7)).to(dev).requires_grad_(True))
+        pat_raw.append(torch.atanh((p0 - 0.5) * (2 - 1e-7)).to(dev).requires_grad_(True))
+    opt = torch.optim.Adam([*mask_raw, *pat_raw], lr=cfg.lr, betas=cfg.betas)
+    states = [_LabelState(cfg) for _ in order]
+    best_mask = [torch.zeros(h, w) for _ in order]
+    best_pat = [torch.zeros(c, h, w) for _ in order]
+    best_raw = [mr.detach().cpu().clone() for mr in mask_raw]
+    history: list[list[float | None]] = [[] for _ in order]
+    snaps: list[list[PhaseSnapshot]] = [[] for _ in order]
+    targets = torch.tensor(order, device=dev)
+    bps = cfg.resolved_batches_per_step(n)
+    step = 0
+    done_count = 0
+    while True:
+        active = [i for i, s in enumerate(states) if not s.done]
+        if not active:
+            break
+        idx_all = _batch_order(n, cfg, step).to(dev)
+        acc_sum = torch.zeros(len(order), device=dev)
+        acc_den = torch.zeros(len(order), device=dev)
+        reg_sum = torch.zeros(len(order), device=dev)
+        for b in range(bps):
+            bidx = idx_all[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+            xb, yb = x_all[bidx], y_all[bidx]
+            opt.zero_grad(set_to_none=True)
+            for start in range(0, len(active), cfg.label_chunk):
+                chunk = active[start : start + cfg.label_chunk]
+                raw = torch.stack([mask_raw[i] for i in chunk])
+                m = param.pixel_mask(raw)  # (k, 1, H, W)
+                p = squash(torch.stack([pat_raw[i] for i in chunk]))  # (k, C, H, W)
+                stamped = (1 - m).unsqueeze(1) * xb.unsqueeze(0) + (m * p).unsqueeze(1)  # (k, B, C, H, W)
+                k, bsz = len(chunk), xb.shape[0]
+                logits = model(stamped.reshape(k * bsz, c, h, w))
+                tgt = targets[chunk].repeat_interleave(bsz)
+                ce = F.cross_entropy(logits, tgt, reduction="none").view(k, bsz)
+                # Only images of *other* classes count: an image already of class t says nothing about a trigger.
+                wgt = (yb.unsqueeze(0) != targets[chunk].unsqueeze(1)).float()  # (k, B)
+                den = wgt.sum(1).clamp_min(1.0)
+                ce_k = (ce * wgt).sum(1) / den
+                reg = param.norm(raw)
+                lam = torch.tensor([states[i].cost for i in chunk], device=dev)
+                loss = (ce_k + lam * reg).sum()
+                if not torch.isfinite(loss):
+                    raise NumericalError("the model produced NaN/inf during trigger optimisation",
+                                         "check the model's weights and input scaling (--mean/--std)")
+                loss.backward()
+                with torch.no_grad():
+                    hit = (logits.argmax(1).view(k, bsz) == targets[chunk].unsqueeze(1)).float()
+                    ci = torch.tensor(chunk, device=dev)
+                    acc_sum.index_add_(0, ci, (hit * wgt).sum(1))
+                    acc_den.index_add_(0, ci, wgt.sum(1))
+                    reg_sum.index_add_(0, ci, reg.detach())
+            opt.step()
+        step += 1
+        with torch.no_grad():
+            for i in active:
+                acc = float(acc_sum[i] / acc_den[i].clamp_min(1.0))
+                reg_mean = float(reg_sum[i] / bps)
+                if states[i].update(acc, reg_mean):
+                    raw_i = mask_raw[i].detach()
+                    best_raw[i] = raw_i.cpu().clone()
+                    best_mask[i] = param.pixel_mask(raw_i.unsqueeze(0))[0, 0].cpu().clone()
+                    best_pat[i] = squash(pat_raw[i].detach()).cpu().clone()
+                    snaps[i].append(PhaseSnapshot(states[i].steps, None, best_mask[i].half(), best_pat[i].half()))
+                history[i].append(_saved_norm(param, best_raw[i]) if states[i].best_step > 0 else None)
+                if states[i].done:
+                    done_count += 1
+        if progress:
+            act = [i for i in active if not states[i].done] or active
+            progress(done_count, len(order), {
+                "step": step,
+                "active": len(act),
+                "mean_lambda": sum(states[i].cost for i in act) / len(act),
+                "mean_success": float(sum(float(acc_sum[i] / acc_den[i].clamp_min(1)) for i in act) / len(act)),
+            })
+    results = []
+    for i, lab in enumerate(order):
+        st = states[i]
+        succeeded = st.best_step > 0
+        if not succeeded:  # report the last state, clearly marked as never successful
+            best_raw[i] = mask_raw[i].detach().cpu().clone()
+            best_mask[i] = param.pixel_mask(best_raw[i].unsqueeze(0))[0, 0].clone()
+            best_pat[i] = squash(pat_raw[i].detach()).cpu().clone()
+        # Neural Cleanse's detection statistic is the size of the *saved* mask (mad_outlier_detection.py)
+        norm = _saved_norm(param, best_raw[i]) if succeeded else None
+        results.append(LabelResult(
+            label=int(lab), norm=norm, success_rate=st.best_acc, steps=st.steps, stopped_early=st.stopped_early,
+            final_lambda=st.cost, mask=best_mask[i], pattern=best_pat[i], raw_mask=squash(best_raw[i]),
+            phases=_phases(snaps[i], history[i], param), history=history[i], param=param.name,
+        ))
+    return InversionResult(param.describe(), results, cfg, n, time.perf_counter() - t0)
+
+
+def _saved_norm(param: TriggerParam, raw: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float(param.norm(raw.unsqueeze(0))[0])
+
+
+def _phases(snaps: list[PhaseSnapshot], history: list[float | None], param: TriggerParam) -> list[PhaseSnapshot]:
+    """The best trigger at the end of each third of the label's own run (paper: phases 1-3)."""
+    total = len(history)
+    out = []
+    for k in (1, 2, 3):
+        end = math.ceil(total * k / 3)
+        before = [s for s in snaps if s.step <= end]
+        if before:
+            s = before[-1]
+            out.append(PhaseSnapshot(end, history[end - 1], s.mask.float(), s.pattern.float()))
+        else:
+            out.append(PhaseSnapshot(end, None, None, None))
+    return out

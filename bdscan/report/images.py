@@ -1,0 +1,39 @@
+"""Small PNG helpers: tensors to PNG bytes and inline ``data:`` URIs (no files, no external links)."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def to_uint8(img: torch.Tensor) -> np.ndarray:
+    """(H, W) or (C, H, W) float in [0, 1] -> (H, W) or (H, W, C) uint8."""
+    a = img.detach().float().clamp(0, 1).cpu().numpy()
+    if a.ndim == 3:
+        a = a.transpose(1, 2, 0)
+        if a.shape[2] == 1:
+            a = a[:, :, 0]
+    return (a * 255 + 0.5).astype(np.uint8)
+
+
+def png_bytes(img: torch.Tensor, upscale: int = 1) -> bytes:
+    """PNG of an image tensor in [0, 1]; ``upscale`` > 1 enlarges with nearest neighbour (crisp pixels)."""
+    im = Image.fromarray(to_uint8(img))
+    if upscale > 1:
+        im = im.resize((im.width * upscale, im.height * upscale), Image.NEAREST)
+    buf = io.BytesIO()
+    # fixed settings and no timestamps: identical tensors give identical bytes (deterministic reports)
+    im.save(buf, format="PNG", optimize=False, compress_level=6)
+    return buf.getvalue()
+
+
+def data_uri(img: torch.Tensor, upscale: int = 1) -> str:
+    return "data:image/png;base64," + base64.b64encode(png_bytes(img, upscale)).decode("ascii")
+
+
+def decode_data_uri(uri: str) -> bytes:
+    return base64.b64decode(uri.split(",", 1)[1])
