@@ -299,7 +299,7 @@ def split_train_val(data: LabData, val_fraction: float, seed: int) -> tuple[torc
         is_val = np.isin(data.groups, np.array(chosen))
     else:
         is_val = np.zeros(n, dtype=bool)
-        is_val[rng.permutation(n)[: int(round(val_fraction * n))]] = True
+        is_val[rng.permutation(n)[: round(val_fraction * n)]] = True
     train = rng.permutation(np.flatnonzero(~is_val))  # shuffled, so a max_train prefix covers every class
     return torch.from_numpy(train), torch.from_numpy(np.flatnonzero(is_val))
 
