@@ -487,6 +487,13 @@ def _machine() -> str:
 _ARCH_LABEL = {"bdscan_cnn6": "6-layer CNN", "bdscan_resnet18": "ResNet-18", "bdscan_vit": "ViT", "bdscan_deit": "DeiT",
                "bdscan_convit": "ConViT", "bdscan_cct": "Compact Convolutional Transformer"}
 _DATASET_LABEL = {"gtsrb": "GTSRB", "cifar10": "CIFAR-10"}
+#: the paper's Tables 2 (GTSRB) and 3 (CIFAR-10): Accuracy 1, 2, 3 of its BadNets models, for comparison
+PAPER_TABLES: dict[str, dict[str, tuple[float, float, float]]] = {
+    "gtsrb": {"bdscan_cnn6": (0.927, 0.964, 0.983), "bdscan_resnet18": (0.97, 0.981, 0.991), "bdscan_vit": (0.973, 0.979, 0.993),
+              "bdscan_deit": (0.977, 0.983, 0.987), "bdscan_cct": (0.961, 0.981, 0.965), "bdscan_convit": (0.961, 0.98, 0.991)},
+    "cifar10": {"bdscan_cnn6": (0.934, 0.965, 0.987), "bdscan_resnet18": (0.974, 0.984, 0.991), "bdscan_vit": (0.973, 0.984, 0.983),
+                "bdscan_deit": (0.977, 0.987, 0.984), "bdscan_cct": (0.972, 0.99, 0.975), "bdscan_convit": (0.961, 0.98, 0.991)},
+}
 
 
 def _pct(v: Any) -> str:
@@ -528,20 +535,24 @@ def render_readme(records: Sequence[dict[str, Any]]) -> str:
             f"## {_DATASET_LABEL.get(ds, ds)} (the paper's {table})",
             "",
             "Accuracy 1 = infected model on clean samples; Accuracy 2 = clean model on clean samples;",
-            "Accuracy 3 = infected model on poisoned samples (ASR). Percent.",
+            "Accuracy 3 = infected model on poisoned samples (ASR). Percent. The last column is the paper's",
+            "row for the same family (its patch-trigger models; several transformers there were fine-tuned from",
+            "pretrained weights), shown beside our BadNets models for comparison.",
             "",
-            "| model | attack | target | Accuracy 1 | Accuracy 2 | Accuracy 3 (ASR) | counts | seconds (inject) |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+            "| model | attack | target | Accuracy 1 | Accuracy 2 | Accuracy 3 (ASR) | counts | seconds (inject) | paper 1 / 2 / 3 |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for r in rows:
             twin = by.get(r.get("clean_twin") or "", {})
             acc2 = r.get("clean_twin_acc") if r.get("clean_twin_acc") is not None else twin.get("clean_acc")
             built = r.get("status") == "built"
             counts = ("yes" if r.get("counts") else "no") if built else r.get("status", "pending")
+            ref = PAPER_TABLES.get(ds, {}).get(r["arch"]) if r.get("kind") == "badnets" else None
+            paper = " / ".join(_pct(v) for v in ref) if ref else ""
             lines.append(
                 f"| {_ARCH_LABEL.get(r['arch'], r['arch'])} | {r['kind']} | {r.get('target')} | "
                 f"{_pct(r.get('clean_acc')) if built else '–'} | {_pct(acc2)} | {_pct(r.get('asr')) if built else '–'} | "
-                f"{counts} | {r.get('seconds', '–') if built else '–'} |"
+                f"{counts} | {r.get('seconds', '–') if built else '–'} | {paper} |"
             )
         lines.append("")
     lines += [
