@@ -386,6 +386,52 @@ def _mean_activation(model: ModelWrapper, head: torch.nn.Module, x: torch.Tensor
     return float(_features(model, head, xs)[:, neurons].mean())
 
 
+def parse_attack_params(name: str, items: Sequence[str]) -> dict[str, Any]:
+    """``["size=4", "position=24,24", "colour=1,1,0"]`` -> ``{"size": 4, "position": (24, 24), ...}`` for the CLI.
+
+    Values are read as JSON when they parse (numbers, lists), as tuples of numbers when comma-separated
+    (parentheses optional), else as strings. Unknown keys raise :class:`UsageError` naming the known ones.
+    """
+    if name not in ATTACKS:
+        raise UsageError(f"unknown attack {name!r}", f"use one of: {', '.join(sorted(ATTACKS))}")
+    known = {f.name for f in fields(ATTACKS[name].Params)}
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise UsageError(f"attack parameter {item!r} is not key=value", "write e.g. size=4 or position=bottom-right")
+        if key not in known:
+            raise UsageError(f"{name}: unknown parameter {key!r}", f"known: {', '.join(sorted(known))}")
+        out[key] = _parse_value(raw.strip())
+    return out
+
+
+def _parse_value(raw: str) -> Any:
+    import json
+
+    try:
+        v = json.loads(raw)
+        return tuple(v) if isinstance(v, list) else v
+    except json.JSONDecodeError:
+        pass
+    inner = raw.strip("()[] ")
+    if "," in inner:
+        try:
+            nums = [float(p) for p in inner.split(",")]
+        except ValueError:
+            return raw
+        return tuple(int(n) if n.is_integer() and "." not in p else n for n, p in zip(nums, inner.split(","), strict=True))
+    return raw
+
+
+def attack_params_help(name: str) -> dict[str, Any]:
+    """Each parameter of attack ``name`` with its default (for ``--help`` texts)."""
+    if name not in ATTACKS:
+        raise UsageError(f"unknown attack {name!r}", f"use one of: {', '.join(sorted(ATTACKS))}")
+    return _jsonable(ATTACKS[name].Params())
+
+
 def make_trigger(
     attack: AttackConfig,
     input_size: tuple[int, int, int],

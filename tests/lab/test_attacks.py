@@ -99,3 +99,19 @@ def test_trojan_pattern_excites_the_strongest_neuron(lab_tiny) -> None:  # type:
     p = t.params
     assert len(p["neuron_indices"]) == 1 and p["activation_triggered"] > p["activation_clean"]
     assert all(torch.equal(a, b) for a, b in zip(before, wrapper.parameters(), strict=True))  # model untouched
+
+
+def test_parse_attack_params_for_the_cli() -> None:
+    from bdscan.lab.attacks import attack_params_help, parse_attack_params
+
+    got = parse_attack_params("badnets", ["size=4", "position=24,24", "colour=(1,1,0)", "pattern=solid"])
+    assert got == {"size": 4, "position": (24, 24), "colour": (1, 1, 0), "pattern": "solid"}
+    assert parse_attack_params("blended", ["alpha=0.2"]) == {"alpha": 0.2}
+    assert parse_attack_params("badnets", ["position=bottom-left"]) == {"position": "bottom-left"}
+    t = make_trigger(AttackConfig("badnets", 0, got), SIZE)
+    assert t.pattern[:, 24, 24].tolist() == [1.0, 1.0, 0.0]
+    with pytest.raises(UsageError):
+        parse_attack_params("badnets", ["alpha=0.1"])
+    with pytest.raises(UsageError):
+        parse_attack_params("badnets", ["size"])
+    assert attack_params_help("trojan")["steps"] == 300
