@@ -1,0 +1,217 @@
+"""The HTML report: content, section order, self-containment and robustness to missing fields."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from html.parser import HTMLParser
+from typing import Any
+
+import pytest
+
+from bdscan.report.html import num, render_html, render_report_from_dir, safe_image
+from tests.conftest import TARGET
+from tests.report.scans import as_clean, as_inconclusive, unsafe_doc
+
+SECTIONS = ["Verdict", "Model card", "Norm per class", "Reversed triggers", "Pace of learning", "Activation statistics",
+            "Repair", "Configuration and reproducibility"]
+#: the brief's plain-text checks on the raw HTML (text from the document is escaped, so it cannot match these)
+EXTERNAL = [
+    re.compile(r"""(src|href)=["']https?:""", re.I),
+    re.compile(r"<script", re.I),
+    re.compile(r"<link", re.I),
+    re.compile(r"@import", re.I),
+    re.compile(r"url\(\s*['\"]?\s*(https?:|//)", re.I),
+]
+ACTIVE_TAGS = {"script", "link", "iframe", "object", "embed", "base", "frame", "applet", "form"}
+URL_ATTRS = {"src", "href", "xlink:href", "action", "formaction", "poster", "data", "srcset", "background"}
+
+
+class _Tags(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.tags: list[tuple[str, list[tuple[str, str | None]]]] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append((tag, attrs))
+
+
+def assert_self_contained(html: str, text_urls: bool = False) -> None:
+    """No external or active content; unless ``text_urls``, no absolute URL at all but the SVG namespace."""
+    for rx in EXTERNAL:
+        m = rx.search(html)
+        assert m is None, f"external/active content {m.group(0)!r} near: {html[max(0, m.start() - 80):m.end() + 80]!r}"
+    p = _Tags()
+    p.feed(html)
+    p.close()
+    for tag, attrs in p.tags:
+        assert tag not in ACTIVE_TAGS, tag
+        for k, v in attrs:
+            assert not k.startswith("on"), (tag, k)
+            if k in URL_ATTRS:
+                assert v is not None and (v.startswith("#") or v.startswith("data:image/png;base64,")), (tag, k, (v or "")[:60])
+        if tag == "meta":
+            assert "http-equiv" not in dict(attrs), attrs
+    if not text_urls:
+        for url in re.findall(r"https?://[^\s\"'<>)]+", html):
+            assert url == "http://www.w3.org/2000/svg", url
+    for src in re.findall(r"<img[^>]*\bsrc=\"([^\"]*)\"", html):
+        assert src.startswith("data:image/png;base64,"), src[:60]
+
+
+def section(html: str, heading: str) -> str:
+    """The text of one <section> (from its <h2> to the next section)."""
+    start = html.index(f"<h2>{heading}</h2>")
+    end = html.find("</section>", start)
+    return html[start:end]
+
+
+def headings(html: str) -> list[str]:
+    return re.findall(r"<h2>([^<]+)</h2>", html)
+
+
+def test_flagged_report(flagged_doc: dict[str, Any]) -> None:
+    assert flagged_doc["verdict"]["status"] == "backdoor", flagged_doc["verdict"]
+    assert flagged_doc["verdict"]["target"] == TARGET
+    html = render_html(flagged_doc)
+    assert headings(html) == SECTIONS
+    v = section(html, "Verdict")
+    assert "Backdoor suspected" in v
+    assert f"<strong>class{TARGET}</strong> (index {TARGET})" in v
+    assert "Do not deploy" in v and "bdscan repair bd.safetensors --data" in v
+    for mode in ("Pixel level", "Patch level"):  # both anomaly indices side by side
+        assert f"{mode} anomaly index" in v
+    assert num(flagged_doc["modes"]["pixel"]["anomaly"]["anomaly_index"]) in v
+    assert num(flagged_doc["modes"]["patch"]["anomaly"]["anomaly_index"]) in v
+    assert "the scan named the right class" in v
+    assert_self_contained(html)
+    assert "@media print" in html and "@page" in html
+    # images: every reversed trigger's 4 images and the original's 3, all inline
+    n_imgs = sum(len(t["images"]) for m in flagged_doc["modes"].values() for t in m["triggers"])
+    n_imgs += len(flagged_doc["modes"]) * len(flagged_doc["model"]["original_trigger"]["images"])
+    assert html.count('<img src="data:image/png;base64,') == n_imgs
+    # charts: one norm chart per mode + 3 phase charts per mode + the layer chart
+    assert html.count("<svg ") == 2 + 2 * 3 + 1
+    t = section(html, "Reversed triggers")
+    assert "Original trigger" in t and "distance to original" in t and "badnets" in t
+    a = section(html, "Activation statistics")
+    assert "Precision@k" in a and "phase 1" in a and "final trigger" in a and "not computed" not in a
+    assert "No repair was run" in section(html, "Repair")
+    c = section(html, "Configuration and reproducibility")
+    assert "Seed" in c and flagged_doc["versions"]["torch"] in c and "total_s" in c
+
+
+def test_clean_report(flagged_doc: dict[str, Any]) -> None:
+    html = render_html(as_clean(flagged_doc))
+    v = section(html, "Verdict")
+    assert "No backdoor found" in v and "Backdoor suspected" not in v
+    assert "does not prove" in v  # what clean does not guarantee
+    assert "Suspected target" not in v
+    assert headings(html) == SECTIONS
+    assert_self_contained(html)
+
+
+def test_inconclusive_report(flagged_doc: dict[str, Any]) -> None:
+    doc = as_inconclusive(flagged_doc)
+    html = render_html(doc)
+    v = section(html, "Verdict")
+    assert "Inconclusive" in v and "larger budget" in v
+    assert "inconclusive: too few classes reached" in v
+    n = section(html, "Norm per class")
+    assert "Never reached" in n and "✕" in n and "fewer than 3 classes" in n
+    assert "were not computed" in section(html, "Activation statistics")
+    assert_self_contained(html)
+
+
+def test_pixel_only_scan_without_original_trigger(pixel_only_doc: dict[str, Any]) -> None:
+    assert list(pixel_only_doc["modes"]) == ["pixel"]
+    assert pixel_only_doc["model"]["original_trigger"] is None
+    html = render_html(pixel_only_doc)
+    assert headings(html) == SECTIONS
+    assert "Patch level" not in html
+    assert "Pixel level anomaly index" in section(html, "Verdict")
+    t = section(html, "Reversed triggers")
+    assert "Original trigger" not in t and "distance to original" not in t
+    assert "were not computed" in section(html, "Activation statistics")
+    assert html.count("<svg ") == 1 + 3
+    assert_self_contained(html)
+
+
+def test_unsafe_minimal_document() -> None:
+    """The CLI's document for a refused pickle file has no modes, config or classes; it still renders."""
+    html = render_html(unsafe_doc())
+    assert headings(html) == SECTIONS
+    v = section(html, "Verdict")
+    assert "Unsafe file" in v and "torch.load" in v
+    m = section(html, "Model card")
+    assert "os.system" in m and "builtins.exec" in m and "dangerous" in m
+    assert_self_contained(html)
+
+
+def test_empty_document_renders() -> None:
+    html = render_html({})
+    assert headings(html) == SECTIONS and "Inconclusive" in html
+    assert_self_contained(html)
+
+
+def test_repair_section(flagged_doc: dict[str, Any]) -> None:
+    doc = copy.deepcopy(flagged_doc)
+    doc["repair"] = {"method": "unlearning", "epochs": 2, "output": "bd.repaired.safetensors",
+                     "before": {"clean_accuracy": 0.95, "asr_reversed": 1.0, "asr_original": 0.99},
+                     "after": {"clean_accuracy": 0.93, "asr_reversed": 0.02, "asr_original": 0.04}}
+    r = section(render_html(doc), "Repair")
+    for text in ("Clean accuracy", "95.0 %", "93.0 %", "Attack success, reversed trigger", "2.0 %",
+                 "Attack success, original trigger", "99.0 %", "4.0 %", "unlearning", "bd.repaired.safetensors"):
+        assert text in r, text
+    assert "No repair was run" not in r
+
+
+def test_activations_failed_and_absent(flagged_doc: dict[str, Any]) -> None:
+    doc = copy.deepcopy(flagged_doc)
+    doc["activations"] = {"computed": False, "reason": "cannot attach forward hooks to this model"}
+    assert "cannot attach forward hooks" in section(render_html(doc), "Activation statistics")
+    del doc["activations"]
+    assert "were not computed" in section(render_html(doc), "Activation statistics")
+
+
+def test_hostile_document_is_escaped_and_never_links_out(flagged_doc: dict[str, Any]) -> None:
+    doc = copy.deepcopy(flagged_doc)
+    doc["model"]["class_names"][TARGET] = '<script>alert("x")</script>'
+    doc["verdict"]["target_name"] = '<img src=x onerror=alert(1)>'
+    doc["model"]["file"] = 'a"><link rel=stylesheet href="https://evil.example/x.css">'
+    doc["modes"]["pixel"]["triggers"][0]["images"]["mask"] = "https://evil.example/track.png"
+    doc["modes"]["pixel"]["triggers"][0]["images"]["pattern"] = "javascript:alert(1)"
+    doc["data"]["source"] = "$(rm -rf ~)"
+    html = render_html(doc)
+    assert_self_contained(html, text_urls=True)  # the hostile file name is shown as (escaped) text
+    assert "evil.example/track.png" not in html and "javascript:" not in html
+    assert "&lt;script&gt;" in html
+    assert "rm -rf" not in section(html, "Verdict")  # not pasted into the suggested command
+
+
+def test_failed_labels_and_infinite_index(flagged_doc: dict[str, Any]) -> None:
+    doc = copy.deepcopy(flagged_doc)
+    m = doc["modes"]["pixel"]
+    r = next(r for r in m["labels"] if r["label"] != TARGET)
+    r.update(norm=None, succeeded=False)
+    m["anomaly"]["failed"] = [r["label"]]
+    m["anomaly"]["anomaly_index"] = 1e9
+    html = render_html(doc)
+    assert f"Never reached (✕): class{r['label']} ({r['label']})" in section(html, "Norm per class")
+    assert "∞" in section(html, "Verdict")
+
+
+def test_deterministic_and_from_dir(flagged_doc: dict[str, Any], tmp_path) -> None:  # type: ignore[no-untyped-def]
+    html = render_html(flagged_doc)
+    assert render_html(copy.deepcopy(flagged_doc)) == html
+    (tmp_path / "scan.json").write_text(json.dumps(flagged_doc), encoding="utf-8")
+    assert render_report_from_dir(tmp_path) == html
+    assert render_report_from_dir(str(tmp_path)) == html
+
+
+@pytest.mark.parametrize("uri,ok", [("data:image/png;base64,iVBORw0KGgo=", True), ("https://x/y.png", False),
+                                    ("data:text/html;base64,PGI+", False), ("data:image/png;base64,<x>", False), (None, False)])
+def test_safe_image(uri: Any, ok: bool) -> None:
+    assert (safe_image(uri) is not None) is ok
+
