@@ -1,6 +1,6 @@
 """Tiny synthetic data and models trained inside the test session (no files, no network).
 
-Classes differ by a coloured stripe pattern so a tiny CNN or ViT learns them in seconds; a planted
+Classes differ by their colour so a tiny CNN or ViT learns them in seconds; a planted
 backdoor is a small white square (optionally patch-aligned) that sends any image to ``target``.
 """
 
@@ -18,21 +18,19 @@ from bdscan.models.grid import find_token_grid
 from bdscan.models.wrapper import ModelInfo, ModelWrapper
 from bdscan.trigger import Trigger
 
-PALETTE = torch.tensor([[0.9, 0.2, 0.2], [0.2, 0.8, 0.2], [0.2, 0.3, 0.9], [0.9, 0.8, 0.1],
-                        [0.8, 0.2, 0.8], [0.1, 0.8, 0.8], [0.6, 0.4, 0.2], [0.5, 0.5, 0.5]])
-
-
 def synthetic(n: int, classes: int, size: int = 16, seed: int = 0) -> CleanData:
-    """n images (n, 3, size, size) in [0, 1]: class k = colour k stripes at a class-dependent angle + noise."""
+    """n images (n, 3, size, size) in [0, 1]: class k = hue k/classes over the whole image, plus pixel noise."""
     g = torch.Generator().manual_seed(seed)
     y = torch.arange(n) % classes
-    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
     x = torch.empty(n, 3, size, size)
     for i in range(n):
         k = int(y[i])
-        stripes = ((xx + k * yy) // 3 % 2).float() if k % 2 == 0 else ((yy + k * xx) // 3 % 2).float()
-        base = PALETTE[k % len(PALETTE)].view(3, 1, 1) * (0.5 + 0.5 * stripes)
-        x[i] = (base + 0.15 * torch.randn(3, size, size, generator=g)).clamp(0, 1)
+        # A class is a colour over the whole image, so flipping a clean image to another class needs a
+        # large trigger, while a planted backdoor needs only its small square.
+        hue = 2 * torch.pi * k / classes
+        base = 0.5 + 0.35 * torch.tensor([torch.cos(torch.tensor(hue)), torch.cos(torch.tensor(hue - 2.094)),
+                                          torch.cos(torch.tensor(hue + 2.094))])
+        x[i] = (base.view(3, 1, 1) + 0.12 * torch.randn(3, size, size, generator=g)).clamp(0, 1)
     return CleanData(x, y, "synthetic")
 
 

@@ -1,0 +1,70 @@
+"""The inversion core on tiny models trained in the test session."""
+
+import pytest
+import torch
+
+from bdscan.detect.config import BUDGETS
+from bdscan.detect.inversion import invert
+from bdscan.detect.params import PixelTrigger
+from bdscan.detect.scan import ScanConfig, scan
+from tests.conftest import CLASSES, SIZE, TARGET
+from tests.synth import square_trigger, train_tiny
+
+SMOKE = BUDGETS["smoke"].with_(steps=20)
+
+
+def test_batched_equals_sequential(tiny_bd) -> None:
+    w, data = tiny_bd.tiny.wrapper, tiny_bd.tiny.data
+    cfg = BUDGETS["smoke"].with_(steps=8, samples=48)
+    labels = [0, 3, 7]
+    batched = invert(w, data, PixelTrigger(SIZE, SIZE), labels, cfg)
+    seq = invert(w, data, PixelTrigger(SIZE, SIZE), labels, cfg.with_(batched=False))
+    for a, b in zip(batched.labels, seq.labels, strict=True):
+        assert a.label == b.label and a.steps == b.steps and a.succeeded == b.succeeded
+        if a.norm is not None:
+            assert a.norm == pytest.approx(b.norm, rel=1e-4, abs=1e-4)
+        torch.testing.assert_close(a.mask, b.mask, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(a.pattern, b.pattern, atol=1e-4, rtol=1e-4)
+
+
+def test_same_seed_same_result_and_seed_matters(tiny_bd) -> None:
+    w, data = tiny_bd.tiny.wrapper, tiny_bd.tiny.data
+    cfg = BUDGETS["smoke"].with_(steps=5, samples=48)
+    r1 = invert(w, data, PixelTrigger(SIZE, SIZE), [1, 2], cfg)
+    r2 = invert(w, data, PixelTrigger(SIZE, SIZE), [1, 2], cfg)
+    r3 = invert(w, data, PixelTrigger(SIZE, SIZE), [1, 2], cfg.with_(seed=1))
+    assert all(torch.equal(a.mask, b.mask) for a, b in zip(r1.labels, r2.labels, strict=True))
+    assert not all(torch.equal(a.mask, b.mask) for a, b in zip(r1.labels, r3.labels, strict=True))
+
+
+def test_planted_backdoor_flagged_with_right_target(tiny_bd) -> None:
+    f = scan(tiny_bd.tiny.wrapper, tiny_bd.tiny.data, ScanConfig(modes=("pixel",), inversion=SMOKE))
+    assert f.verdict.status == "backdoor"
+    assert f.verdict.target == TARGET
+    assert f.modes["pixel"].anomaly.anomaly_index > 2
+
+
+def test_clean_twin_not_flagged(tiny_clean) -> None:
+    f = scan(tiny_clean.tiny.wrapper, tiny_clean.tiny.data, ScanConfig(modes=("pixel",), inversion=SMOKE))
+    assert f.verdict.status == "clean"
+
+
+def test_phases_and_history_recorded(tiny_bd) -> None:
+    r = invert(tiny_bd.tiny.wrapper, tiny_bd.tiny.data, PixelTrigger(SIZE, SIZE), [TARGET], SMOKE).labels[0]
+    assert r.succeeded and len(r.phases) == 3 and len(r.history) == r.steps
+    norms = [p.norm for p in r.phases if p.norm is not None]
+    assert norms == sorted(norms, reverse=True)  # the best-so-far only shrinks
+    assert r.phases[-1].norm == pytest.approx(r.norm)
+    assert r.phases[-1].mask is not None and r.phases[-1].mask.shape == (SIZE, SIZE)
+    # the target's trigger sits where the planted square is (bottom-right corner)
+    assert float(r.mask[-5:, -5:].sum()) > 0.5 * float(r.mask.sum())
+
+
+def test_tiny_vit_patch_aligned_trigger_found_by_patch_mode() -> None:
+    trig = square_trigger(SIZE, TARGET, box=4, row=12, col=12)  # exactly one 4x4 token
+    t = train_tiny("bdscan_vit", CLASSES, SIZE, trig, epochs=8, n=40 * CLASSES)
+    assert t.wrapper.token_grid is not None and t.wrapper.token_grid.stride == 4
+    f = scan(t.wrapper, t.data, ScanConfig(modes=("patch",), inversion=SMOKE))
+    a = f.modes["patch"].anomaly
+    assert a.min_label == TARGET and a.anomaly_index > 2
+    assert f.verdict.status == "backdoor" and f.verdict.target == TARGET
