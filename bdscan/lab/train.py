@@ -67,12 +67,16 @@ class ArchDefaults:
 ARCH_DEFAULTS: dict[str, ArchDefaults] = {
     "bdscan_cnn6": ArchDefaults(epochs=8, lr=2e-3, weight_decay=5e-4, inject_epochs=4),
     "bdscan_resnet18": ArchDefaults(epochs=6, lr=2e-3, weight_decay=5e-4, inject_epochs=3),
-    "bdscan_vit": ArchDefaults(epochs=9, lr=1e-3, weight_decay=0.05, label_smoothing=0.1, inject_epochs=4),
-    "bdscan_deit": ArchDefaults(epochs=8, lr=1e-3, weight_decay=0.05, label_smoothing=0.1, inject_epochs=4),
-    "bdscan_convit": ArchDefaults(epochs=5, lr=1.5e-3, weight_decay=0.05, label_smoothing=0.1, inject_epochs=3,
-                                  inject_max_train=6000),
-    "bdscan_cct": ArchDefaults(epochs=4, lr=1e-3, weight_decay=0.05, label_smoothing=0.1, inject_epochs=3,
-                               inject_max_train=5000),
+    # transformers from scratch are far from converged after a few epochs: a higher peak lr helps, and
+    # injection needs about the training lr (at half of it a ViT learnt a BadNets patch to only 12 % ASR)
+    "bdscan_vit": ArchDefaults(epochs=9, lr=2e-3, weight_decay=0.05, label_smoothing=0.1, warmup_epochs=1.0,
+                               inject_epochs=4, inject_lr_factor=1.0),
+    "bdscan_deit": ArchDefaults(epochs=8, lr=2e-3, weight_decay=0.05, label_smoothing=0.1, warmup_epochs=1.0,
+                                inject_epochs=4, inject_lr_factor=1.0),
+    "bdscan_convit": ArchDefaults(epochs=5, lr=2e-3, weight_decay=0.05, label_smoothing=0.1, warmup_epochs=1.0,
+                                  inject_epochs=3, inject_max_train=6000, inject_lr_factor=1.0),
+    "bdscan_cct": ArchDefaults(epochs=4, lr=1.5e-3, weight_decay=0.05, label_smoothing=0.1, warmup_epochs=0.5,
+                               inject_epochs=3, inject_max_train=5000, inject_lr_factor=1.0),
 }
 GENERIC_DEFAULTS = ArchDefaults(epochs=5, lr=1e-3, weight_decay=0.05)
 

@@ -189,7 +189,8 @@ def write_manifest(path: Path, records: Sequence[dict[str, Any]]) -> None:
 
 
 def config_hash(entry: ZooEntry, by_name: dict[str, ZooEntry]) -> str:
-    """Hash of everything that determines the model, including its clean twin's and teacher's hashes."""
+    """Hash of everything that determines the model: the entry, the resolved recipe (so a change of
+    :data:`~bdscan.lab.train.ARCH_DEFAULTS` rebuilds), and its clean twin's and teacher's hashes."""
     deps = {}
     for role in ("clean_twin", "teacher"):
         dep = getattr(entry, role)
@@ -197,7 +198,8 @@ def config_hash(entry: ZooEntry, by_name: dict[str, ZooEntry]) -> str:
             if dep not in by_name:
                 raise UsageError(f"zoo entry {entry.name!r}: its {role} {dep!r} is not in the manifest", "add it or fix the name")
             deps[role] = config_hash(by_name[dep], by_name)
-    blob = json.dumps({"entry": entry.config(), "deps": deps, "lab_version": LAB_VERSION}, sort_keys=True)
+    recipe = (_train_config(entry) if entry.is_clean else _inject_config(entry)).resolved(entry.arch).to_dict()
+    blob = json.dumps({"entry": entry.config(), "deps": deps, "recipe": recipe, "lab_version": LAB_VERSION}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
