@@ -58,8 +58,9 @@ app = typer.Typer(
 lab_app = typer.Typer(help="The backdoor lab: train models and inject backdoors (positive controls).", no_args_is_help=True)
 app.add_typer(lab_app, name="lab")
 
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+# soft_wrap: a verdict or error line is never broken, so pipelines can grep it
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 T = TypeVar("T")
 
 

@@ -18,6 +18,7 @@ from bdscan.models.grid import find_token_grid
 from bdscan.models.wrapper import ModelInfo, ModelWrapper
 from bdscan.trigger import Trigger
 
+
 def synthetic(n: int, classes: int, size: int = 16, seed: int = 0) -> CleanData:
     """n images (n, 3, size, size) in [0, 1]: class k = hue k/classes over the whole image, plus pixel noise."""
     g = torch.Generator().manual_seed(seed)

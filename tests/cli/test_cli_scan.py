@@ -1,0 +1,156 @@
+"""The command line as a CI pipeline uses it: exit codes, JSON, one-line errors, no tracebacks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from bdscan.cli import app
+from tests.conftest import TARGET
+
+runner = CliRunner()
+SMOKE = ["--budget", "smoke", "--steps", "20", "--mode", "pixel", "--no-activations"]
+
+
+def run(*args: str | Path) -> tuple[int, str]:
+    r = runner.invoke(app, [str(a) for a in args])
+    return r.exit_code, r.output
+
+
+def assert_one_line_error(output: str) -> None:
+    assert "Traceback" not in output
+    lines = [ln for ln in output.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, output
+    assert lines[0].startswith("bdscan error:") or lines[0].startswith("bdscan finding:")
+
+
+def test_backdoor_exit_1_json_and_out_dir(tiny_bd, tmp_path: Path) -> None:
+    out, js = tmp_path / "scan", tmp_path / "scan.json"
+    code, output = run("scan", tiny_bd.model, "--data", tiny_bd.data, *SMOKE, "--out", out, "--json", js)
+    assert code == 1, output
+    assert "BACKDOOR SUSPECTED" in output
+    doc = json.loads(js.read_text())
+    assert doc["schema"] == "bdscan.scan/1"
+    assert doc["verdict"]["status"] == "backdoor" and doc["verdict"]["target"] == TARGET
+    assert doc["verdict"]["true_target"] == TARGET  # the tiny model carries its original trigger
+    assert doc["seed"] == 0 and doc["config"]["inversion"]["steps"] == 20 and doc["config"]["budget"] == "smoke"
+    assert len(doc["model"]["sha256"]) == 64 and doc["versions"]["bdscan"]
+    labels = doc["modes"]["pixel"]["labels"]
+    assert [r["label"] for r in labels] == list(range(10))
+    assert all({"norm", "success_rate", "steps", "anomaly_index", "phases"} <= set(r) for r in labels)
+    assert json.loads((out / "scan.json").read_text())["verdict"] == doc["verdict"]
+    assert (out / "triggers.npz").exists()
+    assert (out / "triggers" / "pixel" / f"label{TARGET:03d}_mask.png").exists()
+    assert (out / "triggers" / "pixel" / f"label{TARGET:03d}_stamped.png").exists()
+
+
+def test_fail_on_never_and_quiet(tiny_bd) -> None:
+    code, output = run("scan", tiny_bd.model, "--data", tiny_bd.data, *SMOKE, "--fail-on", "never", "--quiet")
+    assert code == 0
+    assert output.strip().startswith("BACKDOOR SUSPECTED") and len(output.strip().splitlines()) == 1
+
+
+def test_clean_model_exit_0(tiny_clean) -> None:
+    code, output = run("scan", tiny_clean.model, "--data", tiny_clean.data, *SMOKE, "-q")
+    assert code == 0, output
+    assert output.startswith("CLEAN")
+
+
+def test_same_seed_same_json_apart_from_timings(tiny_bd, tmp_path: Path) -> None:
+    docs = []
+    for i in range(2):
+        js = tmp_path / f"{i}.json"
+        run("scan", tiny_bd.model, "--data", tiny_bd.data, *SMOKE, "--steps", "6", "--json", js, "-q")
+        d = json.loads(js.read_text())
+        d.pop("timings")
+        docs.append(d)
+    assert docs[0] == docs[1]
+
+
+def test_no_data_for_non_sample_model_is_usage_error(tiny_bd) -> None:
+    code, output = run("scan", tiny_bd.model, *SMOKE)
+    assert code == 2
+    assert_one_line_error(output)
+    assert "--data" in output
+
+
+@pytest.mark.parametrize("opt", ["--json", "--out", "--report", "--sarif"])
+def test_output_equal_to_input_refused(tiny_bd, opt: str) -> None:
+    before = tiny_bd.model.read_bytes()
+    code, output = run("scan", tiny_bd.model, "--data", tiny_bd.data, *SMOKE, opt, tiny_bd.model)
+    assert code == 2
+    assert_one_line_error(output)
+    assert tiny_bd.model.read_bytes() == before
+
+
+def test_corrupt_and_missing_model_exit_3(tiny_bd, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(tiny_bd.model.read_bytes()[:500])
+    for path in (bad, tmp_path / "missing.safetensors"):
+        code, output = run("scan", path, "--data", tiny_bd.data, *SMOKE)
+        assert code == 3, output
+        assert_one_line_error(output)
+
+
+def test_bad_data_exit_3(tiny_bd, tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    notnpz = tmp_path / "x.npz"
+    notnpz.write_bytes(b"not a zip")
+    for data in (empty, notnpz, tmp_path / "nope"):
+        code, output = run("scan", tiny_bd.model, "--data", data, *SMOKE)
+        assert code == 3, output
+        assert_one_line_error(output)
+
+
+def test_class_count_mismatch_exit_3(tiny_bd, tmp_path: Path) -> None:
+    import numpy as np
+
+    d = np.load(tiny_bd.data)
+    y = d["y"].copy()
+    y[0] = 25
+    p = tmp_path / "mismatch.npz"
+    np.savez(p, x=d["x"], y=y)
+    code, output = run("scan", tiny_bd.model, "--data", p, *SMOKE)
+    assert code == 3
+    assert_one_line_error(output)
+    assert "classes" in output
+
+
+def test_bad_options_exit_2(tiny_bd) -> None:
+    for extra in (["--budget", "nope"], ["--mean", "a,b"], ["--device", "tpu"], ["--input-size", "3,32"]):
+        code, output = run("scan", tiny_bd.model, "--data", tiny_bd.data, *extra)
+        assert code == 2, (extra, output)
+        assert "Traceback" not in output
+    code, output = run("scan", tiny_bd.model, "--mode", "voxel")
+    assert code == 2
+
+
+def test_inspect_json_and_models(tiny_bd) -> None:
+    code, output = run("inspect", tiny_bd.model, "--json")
+    assert code == 0
+    d = json.loads(output)
+    assert d["arch"] == "bdscan_cnn6" and d["num_classes"] == 10 and d["format"] == "safetensors"
+    assert d["original_trigger"]["target"] == TARGET
+    code, output = run("models", "--json")
+    assert code == 0
+    rows = json.loads(output)
+    assert {r["name"] for r in rows} >= {"bdscan_cnn6", "bdscan_resnet18", "bdscan_vit", "bdscan_deit", "bdscan_convit", "bdscan_cct"}
+    vit = next(r for r in rows if r["name"] == "bdscan_vit")
+    assert vit["token_grid"]["grid"] == [8, 8]
+
+
+def test_report_rerender(tiny_bd, tmp_path: Path) -> None:
+    out = tmp_path / "scan"
+    run("scan", tiny_bd.model, "--data", tiny_bd.data, *SMOKE, "--out", out, "-q")
+    html, sarif = tmp_path / "r.html", tmp_path / "r.sarif"
+    code, output = run("report", out, "-o", html, "--sarif", sarif)
+    assert code == 0, output
+    assert "<html" in html.read_text().lower()
+    assert json.loads(sarif.read_text())["version"] == "2.1.0"
+    code, output = run("report", tmp_path / "nothing", "-o", tmp_path / "x.html")
+    assert code == 3
+    assert_one_line_error(output)
