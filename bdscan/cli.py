@@ -507,6 +507,96 @@ def report_cmd(
     run_guarded(body)
 
 
+def _progress_cb(bar: Progress | None, title: str) -> Callable[[int, int, dict[str, Any]], None]:
+    """A ``progress(done, total, stats)`` callback drawing one rich bar."""
+    task: list[Any] = []
+
+    def cb(done: int, total: int, stats: dict[str, Any]) -> None:
+        if bar is None:
+            return
+        if not task:
+            task.append(bar.add_task(title, total=total, info=""))
+        info = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in list(stats.items())[:4])
+        bar.update(task[0], completed=done, total=total, info=info)
+
+    return cb
+
+
+@lab_app.command("train")
+def lab_train_cmd(
+    arch: Annotated[str, typer.Option("--arch", help="Architecture (see `bdscan models`).")],
+    data: Annotated[Path, typer.Option("--data", help="Training .npz with x_train/y_train/x_test/y_test (uint8 NHWC).")],
+    out_path: Annotated[Path, typer.Option("--out", help="Output .safetensors.")],
+    epochs: Annotated[int | None, typer.Option("--epochs", help="Default: per architecture.")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="Default: per architecture.")] = None,
+    teacher: Annotated[Path | None, typer.Option("--teacher", help="CNN teacher for DeiT's distillation token.")] = None,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    threads: Annotated[int | None, typer.Option("--threads", help="torch threads while training.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+) -> None:
+    """Train a clean model from scratch (seeded; held-out accuracy stored in its metadata)."""
+
+    def body() -> int:
+        from bdscan.io import load_model, save_safetensors
+        from bdscan.io.atomic import refuse_input_overwrite
+        from bdscan.lab import TrainConfig, train_clean
+
+        refuse_input_overwrite(out_path, [data, teacher])
+        if out_path.suffix != ".safetensors":
+            raise UsageError(f"--out {out_path.name}: the lab writes .safetensors", "use a .safetensors file name")
+        t = load_model(teacher).wrapper if teacher else None
+        cfg = TrainConfig(epochs=epochs, lr=lr, seed=seed, threads=threads, teacher=t)
+        with progress_bar(not quiet) as bar:
+            res = train_clean(arch, data, cfg, _progress_cb(bar, f"training {arch}"))
+        save_safetensors(res.wrapper, out_path)
+        out.print(f"wrote {out_path}: clean test accuracy {res.clean_acc:.1%} ({res.seconds:.0f} s)")
+        return EXIT_CLEAN
+
+    run_guarded(body)
+
+
+@lab_app.command("inject")
+def lab_inject_cmd(
+    model: Annotated[Path, typer.Option("--model", help="The clean model (.safetensors made by `bdscan lab train`).")],
+    data: Annotated[Path, typer.Option("--data", help="The training .npz the clean model was trained on.")],
+    attack: Annotated[str, typer.Option("--attack", help="badnets, blended or trojan.")],
+    target: Annotated[int, typer.Option("--target", help="Target class.")],
+    out_path: Annotated[Path, typer.Option("--out", help="Output .safetensors (carries the original trigger).")],
+    param: Annotated[list[str] | None, typer.Option("--param", "-p", help="Attack parameter key=value, repeatable "
+                                                   "(e.g. size=4, position=bottom-right, pattern=checkerboard, alpha=0.1).")] = None,
+    poison_rate: Annotated[float, typer.Option("--poison-rate", help="Share of poisoned fine-tuning images.")] = 0.1,
+    epochs: Annotated[int | None, typer.Option("--epochs", help="Default: per architecture.")] = None,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    threads: Annotated[int | None, typer.Option("--threads", help="torch threads while training.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+) -> None:
+    """Inject a backdoor (BadNets, Blended, Trojan attack) by fine-tuning on poisoned data."""
+
+    def body() -> int:
+        from bdscan.io import load_model, save_safetensors
+        from bdscan.io.atomic import refuse_input_overwrite
+        from bdscan.lab import AttackConfig, InjectConfig, inject, parse_attack_params
+
+        refuse_input_overwrite(out_path, [model, data])
+        if out_path.suffix != ".safetensors":
+            raise UsageError(f"--out {out_path.name}: the lab writes .safetensors", "use a .safetensors file name")
+        if not 0 < poison_rate < 1:
+            raise UsageError(f"--poison-rate {poison_rate} is not in (0, 1)", "e.g. --poison-rate 0.1")
+        clean = load_model(model).wrapper
+        if not 0 <= target < clean.num_classes:
+            raise UsageError(f"--target {target} is not a class of the model (0..{clean.num_classes - 1})", "pick a class index")
+        cfg = AttackConfig(attack, target, parse_attack_params(attack, param or []))
+        icfg = InjectConfig(poison_rate=poison_rate, epochs=epochs, seed=seed, threads=threads)
+        with progress_bar(not quiet) as bar:
+            res = inject(clean, data, cfg, icfg, _progress_cb(bar, f"injecting {attack}"))
+        save_safetensors(res.wrapper, out_path, trigger=res.trigger)
+        out.print(f"wrote {out_path}: clean accuracy {res.clean_acc:.1%} (clean twin {res.clean_twin_acc:.1%}), "
+                  f"attack success {res.asr:.1%}")
+        return EXIT_CLEAN
+
+    run_guarded(body)
+
+
 def main() -> None:
     """Console-script entry point."""
     app()
