@@ -1,0 +1,117 @@
+"""Speed: the default scan against Neural Cleanse's original schedule, on the same model, data and machine.
+
+Usage:
+    python benchmarks/bench_speed.py MODEL [MODEL ...] [--labels-sample 5] [--full-original] [--threads 2]
+                                     [--device cpu|cuda] [--out benchmarks/results/speed.json]
+
+For each model, in one run:
+* the default scan (``--mode both``, budget ``fast``, labels batched);
+* the original schedule (budget ``original``: 1000 samples, batch 32, up to 1000 epochs, early stop 25), run
+  label by label as the original does, at the pixel level. The original takes hours on a CPU, so by default it
+  runs on a sample of ``--labels-sample`` labels (the true target among them) and its wall time is extrapolated
+  per label to all labels; the output says so. ``--full-original`` runs every label (then the verdict and target
+  of the original schedule are real, not extrapolated).
+Each measurement runs in its own subprocess so peak memory (max RSS) is per measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def child(model: str, which: str, labels: list[int] | None, threads: int, device: str) -> dict:
+    """Runs one measurement in this process (called through a subprocess)."""
+    torch.set_num_threads(threads)
+    from bdscan.data import load_clean_data
+    from bdscan.detect.config import budget
+    from bdscan.detect.scan import ScanConfig, scan
+    from bdscan.io import load_model
+
+    lm = load_model(model)
+    info = lm.wrapper.info
+    data = load_clean_data(Path(model).parent / info.metadata["samples"], info.input_size, info.num_classes, info.class_names)
+    if which == "default":
+        cfg = ScanConfig(budget="fast", inversion=budget("fast"), device=device)
+    else:
+        cfg = ScanConfig(modes=("pixel",), budget="original", inversion=budget("original").with_(batched=False),
+                         labels=tuple(labels) if labels else None, device=device)
+    t = time.perf_counter()
+    f = scan(lm.wrapper, data, cfg)
+    secs = time.perf_counter() - t
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"which": which, "seconds": secs, "labels": len(cfg.labels) if cfg.labels else info.num_classes,
+            "num_classes": info.num_classes, "peak_rss_mb": round(rss_mb), "verdict": f.verdict.status,
+            "target": f.verdict.target, "true_target": lm.original_trigger.target if lm.original_trigger else None,
+            "ai": {m: round(r.anomaly.anomaly_index, 2) for m, r in f.modes.items()},
+            "min_label": {m: r.anomaly.min_label for m, r in f.modes.items()}}
+
+
+def run_child(*args: str) -> dict:
+    p = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True, check=False)
+    if p.returncode != 0:
+        raise SystemExit(p.stderr[-2000:])
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("models", nargs="*")
+    ap.add_argument("--labels-sample", type=int, default=5)
+    ap.add_argument("--full-original", action="store_true")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/speed.json"))
+    ap.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        model, which, labels, threads, device = args.child
+        lab = [int(v) for v in labels.split(",")] if labels != "-" else None
+        print(json.dumps(child(model, which, lab, int(threads), device)))
+        return
+    rows = []
+    for m in args.models:
+        from bdscan.io import load_model
+
+        lm = load_model(m)
+        k = lm.wrapper.num_classes
+        target = lm.original_trigger.target if lm.original_trigger else 0
+        if args.full_original:
+            labels = "-"
+        else:
+            others = [c for c in range(k) if c != target][: args.labels_sample - 1]
+            labels = ",".join(map(str, sorted([target, *others])))
+        d = run_child(m, "default", "-", str(args.threads), args.device)
+        o = run_child(m, "original", labels, str(args.threads), args.device)
+        per_label = o["seconds"] / o["labels"]
+        orig_full = per_label * k
+        row = {"model": Path(m).name, "classes": k, "default": d, "original": o,
+               "original_extrapolated": not args.full_original, "original_seconds_all_labels": round(orig_full, 1),
+               "speedup": round(orig_full / d["seconds"], 1)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    machine = f"{platform.machine()}, {args.threads} torch threads, torch {torch.__version__}, device {args.device}"
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"machine": machine, "rows": rows}, indent=1) + "\n")
+    print(f"\nmachine: {machine}\n")
+    print("| model | classes | default scan s | default verdict (target) | default peak MB | original s (all labels) | "
+          "original verdict (target) | speed-up |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        d, o = r["default"], r["original"]
+        ext = f" (extrapolated from {o['labels']} labels)" if r["original_extrapolated"] else ""
+        ov = "n/a (label sample)" if r["original_extrapolated"] else f"{o['verdict']} ({o['target']})"
+        print(f"| {r['model']} | {r['classes']} | {d['seconds']:.0f} | {d['verdict']} ({d['target']}) | {d['peak_rss_mb']} | "
+              f"{r['original_seconds_all_labels']:.0f}{ext} | {ov} | {r['speedup']}× |")
+
+
+if __name__ == "__main__":
+    main()
