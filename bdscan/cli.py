@@ -368,71 +368,90 @@ def scan_cmd(
         import torch
 
         from bdscan.data import load_clean_data
-        from bdscan.detect.config import budget
-        from bdscan.detect.scan import ScanConfig, scan
         from bdscan.io import load_model
-        from bdscan.report.json_report import example_image, scan_document
+        from bdscan.report.json_report import example_image
         from bdscan.report.outdir import write_json, write_scan_dir
 
         t0 = time.perf_counter()
         torch.manual_seed(seed)
         lm = load_model(model, opts, fmt)
-        if lm.pickle_scan is not None and lm.pickle_scan.dangerous:  # loaders refuse these; belt and braces
-            raise UnsafeModelError(f"{model.name}: dangerous pickle imports", [f.ref for f in lm.pickle_scan.findings])
         info = lm.wrapper.info
         data_path = resolve_data(data, lm)
         clean = load_clean_data(data_path, info.input_size, info.num_classes, info.class_names, samples_per_class, seed)
-        inv = budget(budget_name)
-        over: dict[str, Any] = {"seed": seed}
-        if steps is not None:
-            over["steps"] = steps
-        if samples is not None:
-            over["samples"] = samples
-        inv = inv.with_(**over).validate()
-        modes = ("pixel", "patch") if mode == Mode.both else (mode.value,)
-        cfg = ScanConfig(modes=modes, budget=budget_name, inversion=inv, threshold=threshold, device=device)
-        if not quiet:
-            grid = info.token_grid
-            err.print(f"[bold]{escape(model.name)}[/]: {lm.format}, {escape(info.arch)}, {info.num_classes} classes, "
-                      f"{len(clean)} clean images from {escape(data_path.name)}; budget {budget_name}; modes {', '.join(modes)}")
-            if "patch" in modes:
-                err.print("token grid: " + (f"{grid.grid[0]}×{grid.grid[1]}, stride {grid.stride} ({escape(grid.source)})" if grid
-                          else f"none found: sweeping {'/'.join(map(str, cfg.cnn_patch_sizes))}-pixel grids and half-patch offsets"))
-        with progress_bar(not quiet) as bar:
-            tasks: dict[str, Any] = {}
-
-            def cb(name: str, done: int, total: int, stats: dict[str, float]) -> None:
-                if bar is None:
-                    return
-                if name not in tasks:
-                    tasks[name] = bar.add_task(f"{name:>14}", total=total, info="")
-                bar.update(tasks[name], completed=done,
-                           info=f"step {int(stats.get('step', 0))}, {int(stats.get('active', 0))} active, "
-                                f"λ {stats.get('mean_lambda', 0):.1e}, success {stats.get('mean_success', 0):.0%}")
-
-            findings = scan(lm.wrapper, clean, cfg, cb)
-        doc = scan_document(lm, clean, findings, seed)
-        if activations:
-            doc["activations"] = _activations(lm, clean, findings)
+        doc, findings = scan_pipeline(lm, clean, data_path, mode, budget_name, steps, samples, threshold, device, seed,
+                                      quiet, activations)
         doc["timings"]["total_s"] = round(time.perf_counter() - t0, 3)
         if out_dir:
             write_scan_dir(out_dir, doc, findings, example_image(clean, findings.verdict.target))
         if json_path:
             write_json(json_path, doc)
-        if sarif_path:
-            from bdscan.report.sarif import to_sarif
-
-            write_json(sarif_path, to_sarif(doc, model.resolve().as_uri()))
-        if report_path:
-            from bdscan.io.atomic import atomic_write_text
-            from bdscan.report.html import render_html
-
-            atomic_write_text(report_path, render_html(doc))
+        write_renderings(doc, model, sarif_path, report_path)
         print_scan(doc, quiet)
         suspect = doc["verdict"]["status"] == "backdoor"
         return EXIT_FINDING if suspect and fail_on == FailOn.suspect else EXIT_CLEAN
 
     run_guarded(body)
+
+
+def scan_pipeline(lm: Any, clean: Any, data_path: Path, mode: Mode, budget_name: str, steps: int | None, samples: int | None,
+                  threshold: float, device: str, seed: int, quiet: bool, activations: bool) -> tuple[dict[str, Any], Any]:
+    """Runs the scan with progress bars and returns (scan document, findings)."""
+    from bdscan.detect.config import budget
+    from bdscan.detect.scan import ScanConfig, scan
+    from bdscan.errors import UnsafeModelError
+    from bdscan.report.json_report import scan_document
+
+    if lm.pickle_scan is not None and lm.pickle_scan.dangerous:  # loaders refuse these; belt and braces
+        raise UnsafeModelError(f"{lm.path.name}: dangerous pickle imports", [f.ref for f in lm.pickle_scan.findings])
+    info = lm.wrapper.info
+    over: dict[str, Any] = {"seed": seed}
+    if steps is not None:
+        over["steps"] = steps
+    if samples is not None:
+        over["samples"] = samples
+    inv = budget(budget_name).with_(**over).validate()
+    modes = ("pixel", "patch") if mode == Mode.both else (mode.value,)
+    cfg = ScanConfig(modes=modes, budget=budget_name, inversion=inv, threshold=threshold, device=device)
+    if not quiet:
+        grid = info.token_grid
+        err.print(f"[bold]{escape(lm.path.name)}[/]: {lm.format}, {escape(info.arch)}, {info.num_classes} classes, "
+                  f"{len(clean)} clean images from {escape(data_path.name)}; budget {budget_name}; modes {', '.join(modes)}")
+        if "patch" in modes:
+            sweep = "/".join(map(str, cfg.cnn_patch_sizes))
+            err.print("token grid: " + (f"{grid.grid[0]}×{grid.grid[1]}, stride {grid.stride} ({escape(grid.source)})" if grid
+                                        else f"none found: sweeping {sweep}-pixel grids and half-patch offsets"))
+    with progress_bar(not quiet) as bar:
+        tasks: dict[str, Any] = {}
+
+        def cb(name: str, done: int, total: int, stats: dict[str, float]) -> None:
+            if bar is None:
+                return
+            if name not in tasks:
+                tasks[name] = bar.add_task(f"{name:>14}", total=total, info="")
+            bar.update(tasks[name], completed=done,
+                       info=f"step {int(stats.get('step', 0))}, {int(stats.get('active', 0))} active, "
+                            f"λ {stats.get('mean_lambda', 0):.1e}, success {stats.get('mean_success', 0):.0%}")
+
+        findings = scan(lm.wrapper, clean, cfg, cb)
+    doc = scan_document(lm, clean, findings, seed)
+    if activations:
+        doc["activations"] = _activations(lm, clean, findings)
+    return doc, findings
+
+
+def write_renderings(doc: dict[str, Any], model: Path, sarif_path: Path | None, report_path: Path | None) -> None:
+    """SARIF and HTML renderings of a scan document (atomic writes)."""
+    from bdscan.io.atomic import atomic_write_text
+    from bdscan.report.outdir import write_json
+
+    if sarif_path:
+        from bdscan.report.sarif import to_sarif
+
+        write_json(sarif_path, to_sarif(doc, model.resolve().as_uri()))
+    if report_path:
+        from bdscan.report.html import render_html
+
+        atomic_write_text(report_path, render_html(doc))
 
 
 def _activations(lm: Any, clean: Any, findings: Any) -> dict[str, Any] | None:
@@ -505,6 +524,137 @@ def report_cmd(
         return EXIT_CLEAN
 
     run_guarded(body)
+
+
+@app.command("repair")
+def repair_cmd(
+    model: Annotated[Path, typer.Argument(help="The backdoored model file.")],
+    out_path: Annotated[Path, typer.Option("--out", help="Repaired model: .safetensors, .onnx or .pt (TorchScript).")],
+    data: Annotated[Path | None, typer.Option("--data", help="Clean images (folder or .npz); split into repair and held-out parts.")] = None,
+    scan_dir: Annotated[Path | None, typer.Option("--scan", help="A scan folder (bdscan scan --out) of this model; else a scan runs first.")] = None,
+    trigger: Annotated[str, typer.Option("--trigger", help="reversed (the scan's), original (a lab model's own), or an .npz file.")] = "reversed",
+    level: Annotated[str | None, typer.Option("--level", help="pixel or patch reversed trigger (default: the one the verdict rests on).")] = None,
+    label: Annotated[int | None, typer.Option("--label", help="Repair this class's reversed trigger instead of the suspected target.")] = None,
+    method: Annotated[str, typer.Option("--method", help="unlearn (fine-tune with the stamped trigger) or prune (penultimate neurons).")] = "unlearn",
+    epochs: Annotated[int, typer.Option("--epochs", help="Unlearning epochs over the repair images.")] = 8,
+    lr: Annotated[float, typer.Option("--lr", help="Unlearning learning rate.")] = 1e-3,
+    stamp_fraction: Annotated[float, typer.Option("--stamp-fraction", help="Share of repair images stamped (true labels kept).")] = 0.2,
+    holdout: Annotated[float, typer.Option("--holdout", help="Share of the clean images held out for measuring.")] = 0.3,
+    tolerance: Annotated[float, typer.Option("--tolerance", help="Refuse to export if clean accuracy drops by more points.")] = 3.0,
+    force: Annotated[bool, typer.Option("--force", help="Export even when the accuracy drop exceeds the tolerance.")] = False,
+    mode: Annotated[Mode, typer.Option("--mode", help="Levels of the scan run when --scan is not given.")] = Mode.both,
+    budget_name: Annotated[str, typer.Option("--budget", help="Budget of the scan run when --scan is not given.")] = "fast",
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the scan document with its repair section here.")] = None,
+    report_path: Annotated[Path | None, typer.Option("--report", help="Write the HTML report (with a repair section) here.")] = None,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the before/after line.")] = False,
+    arch: ArchOpt = None, num_classes: NumClassesOpt = None, input_size: InputSizeOpt = None, mean: MeanOpt = None,
+    std: StdOpt = None, scale: ScaleOpt = None, patch_size: PatchOpt = None, trust_pickle: TrustOpt = False,
+    fmt: FormatOpt = None,
+) -> None:
+    """Unlearn (or prune) a backdoor, measure it before and after, and export the repaired model.
+
+    Exit codes: 0 repaired and exported; 1 unsafe serialization; 2 usage error (also: export refused because
+    clean accuracy dropped more than --tolerance; --force overrides); 3 cannot load; 4 internal error.
+    """
+
+    def body() -> int:
+        import torch
+
+        from bdscan.data import load_clean_data
+        from bdscan.io import load_model
+        from bdscan.io.atomic import refuse_input_overwrite
+        from bdscan.repair import (
+            RepairConfig,
+            export_repaired,
+            repair,
+            reversed_trigger_from_findings,
+            reversed_trigger_from_scan,
+            trigger_from_file,
+        )
+        from bdscan.report.outdir import write_json
+
+        opts = load_options(arch, num_classes, input_size, mean, std, scale, patch_size, trust_pickle)
+        inputs = [model, data, scan_dir] + ([Path(trigger)] if trigger not in ("reversed", "original") else [])
+        for o in (out_path, json_path, report_path):
+            if o is not None:
+                refuse_input_overwrite(o, inputs)
+        if device not in ("cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
+            raise UsageError(f"--device {device!r} is not available", "use --device cpu")
+        if not 0 <= tolerance <= 100:
+            raise UsageError(f"--tolerance {tolerance:g} is not in [0, 100] points", "e.g. --tolerance 3")
+        cfg = RepairConfig(method=method, epochs=epochs, lr=lr, stamp_fraction=stamp_fraction, holdout_fraction=holdout,
+                           seed=seed, max_acc_drop=tolerance / 100, device=device).validate()
+        torch.manual_seed(seed)
+        lm = load_model(model, opts, fmt)
+        info = lm.wrapper.info
+        data_path = resolve_data(data, lm)
+        clean = load_clean_data(data_path, info.input_size, info.num_classes, info.class_names, None, seed)
+        doc: dict[str, Any] | None = None
+        if trigger == "original":
+            if lm.original_trigger is None:
+                raise UsageError(f"{model.name} carries no original trigger", "only lab models do; use --trigger reversed")
+            trig = lm.original_trigger
+        elif trigger == "reversed":
+            if scan_dir is not None:
+                trig = reversed_trigger_from_scan(scan_dir, level, expected_sha256=lm.sha256, label=label)
+                try:
+                    src = scan_dir / "scan.json" if scan_dir.is_dir() else scan_dir
+                    doc = json.loads(src.read_text(encoding="utf-8"))
+                except (OSError, ValueError):
+                    doc = None
+            else:
+                doc, findings = scan_pipeline(lm, clean, data_path, mode, budget_name, None, None, 2.0, device, seed, quiet, False)
+                trig = reversed_trigger_from_findings(findings, level, label=label)
+        else:
+            trig = trigger_from_file(Path(trigger))
+        with progress_bar(not quiet) as bar:
+            result = repair(lm.wrapper, clean, trig, cfg, original=lm.original_trigger, progress=_progress_cb(bar, f"{method}"))
+        print_repair(result.to_dict(), quiet)
+        rep = result.to_dict()
+        if doc is not None:
+            doc["repair"] = rep
+        else:  # a repair without a scan still gets a document the report can render
+            from bdscan.report.json_report import SCHEMA, model_section, versions
+
+            doc = {"schema": SCHEMA, "versions": versions(), "seed": seed, "model": model_section(lm),
+                   "data": {"source": str(data_path), "images": len(clean)}, "config": {}, "modes": {},
+                   "verdict": {"status": "inconclusive", "target": trig.target, "reason": "No scan was run; repair only."},
+                   "activations": None, "repair": rep, "timings": {}}
+        if json_path:
+            write_json(json_path, doc)
+        write_renderings(doc, model, None, report_path)
+        export_repaired(result, out_path, lm.path, lm.sha256,
+                        {"scan": str(scan_dir) if scan_dir else None, "trigger_source": trigger}, force=force)
+        if not quiet:
+            out.print(f"wrote {out_path}")
+        return EXIT_CLEAN
+
+    run_guarded(body)
+
+
+def print_repair(rep: dict[str, Any], quiet: bool) -> None:
+    b, a = rep["before"], rep["after"]
+
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{v:.1%}"
+
+    line = (f"repair ({rep['method']}): clean accuracy {pct(b['clean_accuracy'])} → {pct(a['clean_accuracy'])}, "
+            f"attack success (reversed trigger) {pct(b['asr_reversed'])} → {pct(a['asr_reversed'])}"
+            + (f", (original trigger) {pct(b['asr_original'])} → {pct(a['asr_original'])}" if b.get("asr_original") is not None else ""))
+    if quiet:
+        out.print(line)
+        return
+    t = Table(title=f"repair by {rep['method']} on {rep['holdout_images']} held-out images")
+    for c in ("", "before", "after"):
+        t.add_column(c, justify="right" if c else "left")
+    t.add_row("clean accuracy", pct(b["clean_accuracy"]), pct(a["clean_accuracy"]))
+    t.add_row("attack success, reversed trigger", pct(b["asr_reversed"]), pct(a["asr_reversed"]))
+    if b.get("asr_original") is not None:
+        t.add_row("attack success, original trigger", pct(b["asr_original"]), pct(a["asr_original"]))
+    out.print(t)
+    out.print(line)
 
 
 def _progress_cb(bar: Progress | None, title: str) -> Callable[[int, int, dict[str, Any]], None]:
