@@ -76,7 +76,7 @@ BUDGETS: dict[str, InversionConfig] = {
     "original": InversionConfig(),
     "thorough": InversionConfig(steps=300, samples=1000, batch_size=32, early_stop_patience=20),
     # The default: measured on the sample zoo (benchmarks/README.md); a step is 2 mini-batches, not an epoch.
-    "fast": InversionConfig(steps=40, samples=256, batch_size=32, batches_per_step=2, patience=3, early_stop_patience=8),
+    "fast": InversionConfig(steps=30, samples=160, batch_size=16, batches_per_step=2, patience=2, early_stop_patience=6),
     "smoke": InversionConfig(steps=12, samples=64, batch_size=32, batches_per_step=2, patience=2, early_stop_patience=4),
 }
 DEFAULT_BUDGET = "fast"
