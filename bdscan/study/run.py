@@ -1,0 +1,628 @@
+"""The paper's study over a model zoo, resumable, written as JSON, Markdown and a self-contained HTML page.
+
+:func:`run_study` goes through every *built* model of a zoo manifest (``sample_models/zoo.json``) and, per model,
+saves ``out_dir/models/<name>.json`` atomically; a model whose file is already there with the same
+configuration hash is not computed again (so an interrupted study resumes). :func:`write_study` turns the
+per-model dicts into ``study.json``, ``study.md``, ``study.html`` and ``figures/*.png``.
+
+Per model (see :func:`study_model`):
+
+* **scan** (Table 1): every configured mode; anomaly index, norm of the true target's reversed mask, smallest-norm
+  label, whether the target was identified (that label is the true target and the mode flags it).
+* **manifest** (Tables 2-3): clean accuracy, attack success, clean twin's accuracy, as the zoo recorded them.
+* **repair** (Tables 4-5, backdoored models with an original trigger): unlearning on a copy with the reversed
+  trigger of the verdict's suspect in the verdict's basis mode (when the scan named no suspect: the true
+  target's reversed trigger, marked ``fallback``) and, separately, with the original trigger.
+* **activations** (Table 6): % of Conv2d/Linear neurons activated by the original trigger and by the target
+  class's reversed trigger (each mode), in the poisoned model and in its clean twin (the same triggers stamped).
+* **precision** (Tables 7-9): precision@k between the neuron rankings under the original trigger and under the
+  target class's best reversed trigger at the end of each third of the inversion (``LabelResult.phases``).
+* **phase norms** (Figures 3-5): smallest norm per class at the end of each third.
+* **distance** (section 5.4): :meth:`Trigger.distance` between the original and the target's reversed trigger.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import html
+import json
+import logging
+import math
+import os
+import platform
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bdscan.analysis.activations import PAPER_KS, activation_profile, compare_profiles, precision_at_k, probe_images
+from bdscan.data import CleanData, load_clean_data
+from bdscan.detect.config import budget as budget_config
+from bdscan.detect.scan import MODES, ModeResult, ScanConfig, ScanFindings, scan
+from bdscan.errors import BdscanError, UsageError
+from bdscan.io import load_model
+from bdscan.io.atomic import atomic_write_bytes, atomic_write_text
+from bdscan.models.wrapper import ModelWrapper
+from bdscan.repair import RepairConfig, repair, reversed_trigger_from_findings
+from bdscan.study.tables import FIGURE_OF_ARCH, Table, all_tables
+from bdscan.trigger import Trigger
+
+log = logging.getLogger(__name__)
+
+SCHEMA = "bdscan.study/1"
+#: progress(model name, models done, models total)
+StudyProgress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """What the study does.
+
+    Attributes:
+        budget: the inversion budget's name (:data:`bdscan.detect.config.BUDGETS`).
+        modes: scan modes, a subset of ("pixel", "patch").
+        seed: seed of the inversion and of the repair.
+        repair: run the unlearning experiments (Tables 4-5).
+        repair_epochs: unlearning epochs (RepairConfig.epochs).
+        repair_lr: unlearning learning rate.
+        models: only these manifest names (None = every built model); not part of the configuration hash.
+        activation_threshold: share of a layer's largest clean activation a neuron must rise by (Table 6).
+        activation_images: clean images (none of the target class) the activation statistics average over.
+        ks: the k of precision@k (Tables 7-9).
+        threshold: anomaly-index threshold.
+        device: "cpu" or "cuda".
+    """
+
+    budget: str = "fast"
+    modes: tuple[str, ...] = MODES
+    seed: int = 0
+    repair: bool = True
+    repair_epochs: int = 8
+    repair_lr: float = 1e-3
+    models: tuple[str, ...] | None = None
+    activation_threshold: float = 0.1
+    activation_images: int = 128
+    ks: tuple[int, ...] = PAPER_KS
+    threshold: float = 2.0
+    device: str = "cpu"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["modes"] = list(self.modes)
+        d["ks"] = list(self.ks)
+        d["models"] = None if self.models is None else list(self.models)
+        return d
+
+    def validate(self) -> StudyConfig:
+        budget_config(self.budget)
+        bad = [m for m in self.modes if m not in MODES]
+        if bad or not self.modes:
+            raise UsageError(f"unknown scan mode {bad[0] if bad else '(none)'!r}", "use pixel, patch or both")
+        if self.repair_epochs < 1 or self.activation_images < 1 or any(k < 1 for k in self.ks):
+            raise UsageError("repair epochs, activation images and every k must be positive", "check the study options")
+        return self
+
+    def hash_for(self, entry: dict[str, Any]) -> str:
+        """The hash a saved model result must carry to be reused: this configuration (less ``models``) and the
+        manifest entry's own build hash (a rebuilt model is studied again)."""
+        d = self.to_dict()
+        d.pop("models")
+        key = json.dumps({"study": d, "model": entry.get("config_hash"), "file": entry.get("file")}, sort_keys=True)
+        return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+    def scan_config(self) -> ScanConfig:
+        return ScanConfig(modes=tuple(self.modes), budget=self.budget, inversion=budget_config(self.budget).with_(seed=self.seed),
+                          threshold=self.threshold, device=self.device)
+
+    def repair_config(self) -> RepairConfig:
+        return RepairConfig(epochs=self.repair_epochs, lr=self.repair_lr, seed=self.seed, device=self.device)
+
+
+@dataclass
+class StudyResult:
+    """What :func:`run_study` produced.
+
+    Attributes:
+        config: the configuration.
+        manifest: the manifest's path.
+        models: per-model result dicts, in manifest order (computed now or reused).
+        computed: names computed in this run.
+        reused: names whose saved result was reused.
+        skipped: name -> why it was left out (not built, file missing).
+        machine: platform, cores, torch version, threads.
+        seconds: wall time of this run.
+    """
+
+    config: StudyConfig
+    manifest: Path
+    models: list[dict[str, Any]]
+    computed: list[str] = field(default_factory=list)
+    reused: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    machine: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def compute_seconds(self) -> float:
+        """Wall time of all models' computations, including those of earlier (resumed) runs."""
+        return float(sum(m.get("seconds") or 0.0 for m in self.models))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema": SCHEMA, "config": self.config.to_dict(), "manifest": str(self.manifest), "machine": self.machine,
+                "seconds": round(self.seconds, 3), "compute_seconds": round(self.compute_seconds, 3), "computed": self.computed,
+                "reused": self.reused, "skipped": self.skipped, "models": self.models}
+
+
+def machine_info() -> dict[str, Any]:
+    return {"platform": platform.platform(), "machine": platform.machine(), "processor": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()}
+
+
+def _num(x: float | None, nd: int = 6) -> float | str | None:
+    """A JSON-safe number: rounded, "inf" for infinities, None for None/NaN."""
+    if x is None:
+        return None
+    x = float(x)
+    if math.isnan(x):
+        return None
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    return round(x, nd)
+
+
+def load_manifest(path: Path) -> list[dict[str, Any]]:
+    """The zoo manifest's entries (a JSON list, or an object with a ``models`` list)."""
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UsageError(f"{path}: not a readable zoo manifest ({type(e).__name__})", "give sample_models/zoo.json") from e
+    entries = doc.get("models") if isinstance(doc, dict) else doc
+    if not isinstance(entries, list) or not all(isinstance(e, dict) and "name" in e for e in entries):
+        raise UsageError(f"{path}: not a zoo manifest (expected a list of models with names)", "give sample_models/zoo.json")
+    return entries
+
+
+def is_built(entry: dict[str, Any], root: Path) -> str | None:
+    """None when the entry can be studied, else why not."""
+    if entry.get("status") != "built":
+        return f"status {entry.get('status') or 'not built'}"
+    if not entry.get("file") or not (root / entry["file"]).is_file():
+        return f"file {entry.get('file')} missing"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One model
+
+
+def _samples(wrapper: ModelWrapper, root: Path, name: str) -> CleanData:
+    rel = (wrapper.info.metadata or {}).get("samples")
+    if not rel:
+        raise UsageError(f"{name}: its metadata names no bundled clean samples (extra.samples)", "rebuild it with the zoo")
+    return load_clean_data(root / rel, wrapper.input_size, wrapper.num_classes, wrapper.info.class_names)
+
+
+def _mode_summary(mr: ModeResult, target: int | None) -> dict[str, Any]:
+    an = mr.anomaly
+    norms = {r.label: r.norm for r in mr.labels}
+    ok = sorted((n, k) for k, n in norms.items() if n is not None)
+    tnorm = norms.get(target) if target is not None else None
+    rank = None if tnorm is None else 1 + sum(1 for n, _ in ok if n < tnorm)
+    return {
+        "statistic": mr.statistic,
+        "anomaly_index": _num(an.anomaly_index),
+        "min_label": an.min_label,
+        "min_norm": _num(an.min_norm),
+        "median": _num(an.median),
+        "suspected": an.suspected,
+        "flagged": list(an.flagged),
+        "conclusive": an.conclusive,
+        "target_norm": _num(tnorm),
+        "target_rank": rank,
+        "target_index": _num(an.indices.get(target)) if target is not None else None,
+        "identified": None if target is None else bool(an.suspected and an.min_label == target),
+        "norms": [_num(norms[r.label]) for r in mr.labels],
+        "labels": [r.label for r in mr.labels],
+        "phase_norms": [[_num(r.phases[i].norm) if i < len(r.phases) else None for r in mr.labels] for i in range(3)],
+        "phase_steps": [[r.phases[i].step if i < len(r.phases) else None for r in mr.labels] for i in range(3)],
+        "steps": [r.steps for r in mr.labels],
+        "seconds": round(mr.seconds, 3),
+    }
+
+
+def _reversed(findings: ScanFindings, mode: str, label: int) -> Trigger | None:
+    """The final reversed trigger of ``label`` in ``mode`` (None when its inversion never succeeded)."""
+    r = findings.modes[mode].label(label)
+    if not r.succeeded:
+        return None
+    return Trigger(r.mask, r.pattern, label, f"reversed-{mode}", {"norm": r.norm, "param": r.param})
+
+
+def _repair_entry(res: Any) -> dict[str, Any]:
+    d = res.to_dict()
+    return {k: d[k] for k in ("before", "after", "acc_drop", "within_tolerance", "holdout_images", "repair_images", "seconds")}
+
+
+def _repairs(wrapper: ModelWrapper, data: CleanData, findings: ScanFindings, original: Trigger, target: int,
+             cfg: StudyConfig) -> dict[str, Any]:
+    rc = cfg.repair_config()
+    out: dict[str, Any] = {"config": rc.to_dict()}
+    v = findings.verdict
+    if v.status == "backdoor" and v.target is not None and v.basis is not None:
+        mode, label, fallback = v.basis, int(v.target), False
+    else:
+        mode = v.basis or min(findings.modes, key=lambda m: findings.modes[m].label(target).norm or math.inf)
+        label, fallback = target, True
+    try:
+        trig = reversed_trigger_from_findings(findings, mode, label=label)
+        res = repair(wrapper, data, trig, rc, original=original)
+        out["reversed"] = {"mode": mode, "label": label, "fallback": fallback, "correct_label": label == target,
+                           **_repair_entry(res)}
+        if fallback:
+            out["reversed"]["note"] = "the scan named no suspect: the true target's reversed trigger was unlearned"
+    except BdscanError as e:
+        out["reversed"] = None
+        out["skipped"] = f"reversed-trigger unlearning not run: {e}"
+    try:
+        out["original"] = _repair_entry(repair(wrapper, data, original, rc, original=original))
+    except BdscanError as e:
+        out["original"] = None
+        out["skipped"] = f"{out.get('skipped', '')}; original-trigger unlearning not run: {e}".lstrip("; ")
+    return out
+
+
+def _activation_block(wrapper: ModelWrapper, x: torch.Tensor, triggers: dict[str, Trigger | None], original: Trigger,
+                      threshold: float) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Fractions of activated neurons for the original and each mode's reversed trigger; and the rankings."""
+    clean = activation_profile(wrapper, x, None, None)
+    ranks: dict[str, torch.Tensor] = {}
+    st, ranks["original"] = compare_profiles(clean, activation_profile(wrapper, x, original, None), original, threshold, 0)
+    block: dict[str, Any] = {"neurons": clean.neurons, "layers": len(clean.layers), "original": _num(st.fraction), "reversed": {}}
+    for mode, t in triggers.items():
+        if t is None:
+            block["reversed"][mode] = None
+            continue
+        st, ranks[mode] = compare_profiles(clean, activation_profile(wrapper, x, t, None), t, threshold, 0)
+        block["reversed"][mode] = _num(st.fraction)
+    return block, ranks
+
+
+def _twin_wrapper(entry: dict[str, Any], by_name: dict[str, dict[str, Any]], root: Path) -> tuple[ModelWrapper | None, str | None]:
+    twin = entry.get("clean_twin")
+    if not twin:
+        return None, "the manifest names no clean twin"
+    te = by_name.get(twin)
+    if te is None:
+        return None, f"clean twin {twin} is not in the manifest"
+    why = is_built(te, root)
+    if why:
+        return None, f"clean twin {twin}: {why}"
+    return load_model(root / te["file"]).wrapper, None
+
+
+def study_model(entry: dict[str, Any], root: Path, cfg: StudyConfig, by_name: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Everything the study measures on one built model (a JSON-able dict; see the module docstring)."""
+    t0 = time.perf_counter()
+    name = entry["name"]
+    lm = load_model(root / entry["file"])
+    w = lm.wrapper
+    data = _samples(w, root, name)
+    original = lm.original_trigger
+    target = entry.get("target")
+    if target is None and original is not None:
+        target = original.target
+    target = None if target is None else int(target)
+    out: dict[str, Any] = {
+        "name": name, "arch": entry.get("arch"), "dataset": entry.get("dataset"), "kind": entry.get("kind"), "target": target,
+        "clean_twin": entry.get("clean_twin"), "file": entry.get("file"), "sha256": lm.sha256,
+        "samples": len(data), "classes": w.num_classes,
+        "manifest": {k: entry.get(k) for k in ("clean_acc", "asr", "clean_twin_acc", "val_acc", "counts")},
+        "original_trigger": None if original is None else {"kind": original.kind, "target": original.target,
+                                                          "l1": _num(original.l1())},
+        "timings": {},
+    }
+    ts = time.perf_counter()
+    findings = scan(w, data, cfg.scan_config())
+    out["timings"]["scan"] = round(time.perf_counter() - ts, 3)
+    v = findings.verdict
+    out["verdict"] = {"status": v.status, "target": v.target, "anomaly_index": _num(v.anomaly_index), "basis": v.basis,
+                      "agree": v.agree, "reason": v.reason}
+    out["scan"] = {mode: _mode_summary(mr, target) for mode, mr in findings.modes.items()}
+    out["repair"] = out["activations"] = out["precision"] = out["distance"] = None
+    if original is not None and target is not None and entry.get("kind") != "clean":
+        reversed_t = {mode: _reversed(findings, mode, target) for mode in findings.modes}
+        out["distance"] = {mode: None if t is None else _num(original.distance(t)) for mode, t in reversed_t.items()}
+        if cfg.repair:
+            ts = time.perf_counter()
+            out["repair"] = _repairs(w, data, findings, original, target, cfg)
+            out["timings"]["repair"] = round(time.perf_counter() - ts, 3)
+        ts = time.perf_counter()
+        try:
+            out["activations"], out["precision"] = _activations(w, data, findings, original, target, reversed_t, entry, by_name, root, cfg)
+        except ValueError as e:  # a model without hookable layers
+            out["activations"] = {"computed": False, "reason": str(e)}
+        out["timings"]["activations"] = round(time.perf_counter() - ts, 3)
+    out["seconds"] = round(time.perf_counter() - t0, 3)
+    return out
+
+
+def _activations(w: ModelWrapper, data: CleanData, findings: ScanFindings, original: Trigger, target: int,
+                 reversed_t: dict[str, Trigger | None], entry: dict[str, Any], by_name: dict[str, dict[str, Any]], root: Path,
+                 cfg: StudyConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    x = probe_images(data, [target], cfg.activation_images)
+    poisoned, ranks = _activation_block(w, x, reversed_t, original, cfg.activation_threshold)
+    acts: dict[str, Any] = {"computed": True, "threshold": cfg.activation_threshold, "images": len(x), "poisoned": poisoned, "clean": None}
+    twin, why = _twin_wrapper(entry, by_name, root)
+    if twin is not None:
+        acts["clean"], _ = _activation_block(twin, x, reversed_t, original, cfg.activation_threshold)
+    else:
+        acts["clean_reason"] = why
+    precision: dict[str, Any] = {}
+    clean = activation_profile(w, x, None, None)
+    for mode in findings.modes:
+        r = findings.modes[mode].label(target)
+        entry_p: dict[str, Any] = {"label": target, "neurons": poisoned["neurons"], "final": None, "phases": []}
+        if mode in ranks:
+            entry_p["final"] = precision_at_k(ranks["original"], ranks[mode], cfg.ks).to_list()
+        for i, p in enumerate(r.phases[:3]):
+            ph: dict[str, Any] = {"phase": i + 1, "step": p.step, "norm": _num(p.norm), "precision": None}
+            if p.mask is not None and p.pattern is not None:
+                pt = Trigger(p.mask, p.pattern, target, f"reversed-{mode}-phase{i + 1}")
+                rank = compare_profiles(clean, activation_profile(w, x, pt, None), pt, cfg.activation_threshold, 0)[1]
+                ph["precision"] = precision_at_k(ranks["original"], rank, cfg.ks).to_list()
+            else:
+                ph["reason"] = "no trigger had reached the success threshold by the end of this phase"
+            entry_p["phases"].append(ph)
+        precision[mode] = entry_p
+    return acts, precision
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The whole zoo
+
+
+def run_study(manifest: Path, out_dir: Path, cfg: StudyConfig, progress: StudyProgress | None = None) -> StudyResult:
+    """Runs the study over every built model of ``manifest`` (filtered by ``cfg.models``), resumably.
+
+    Args:
+        manifest: the zoo manifest (``sample_models/zoo.json``); model files and samples are relative to its folder.
+        out_dir: where ``models/<name>.json`` go (and, with :func:`write_study`, the documents).
+        cfg: the configuration.
+        progress: optional ``(model name, models done, models total)``, called before each model and once at the end
+            with name ``"done"``.
+
+    Returns:
+        :class:`StudyResult` (not yet written: call :func:`write_study`).
+
+    Raises:
+        UsageError: unreadable manifest, bad configuration, or a ``cfg.models`` name not in the manifest.
+    """
+    cfg = cfg.validate()
+    t0 = time.perf_counter()
+    manifest = Path(manifest)
+    root = manifest.parent
+    entries = load_manifest(manifest)
+    by_name = {e["name"]: e for e in entries}
+    if cfg.models is not None:
+        unknown = [n for n in cfg.models if n not in by_name]
+        if unknown:
+            raise UsageError(f"{unknown[0]!r} is not a model of {manifest}", f"choose from: {', '.join(by_name)}")
+        entries = [e for e in entries if e["name"] in set(cfg.models)]
+    result = StudyResult(cfg, manifest, [], machine=machine_info())
+    todo = []
+    for e in entries:
+        why = is_built(e, root)
+        if why:
+            result.skipped[e["name"]] = why
+        else:
+            todo.append(e)
+    models_dir = Path(out_dir) / "models"
+    for i, e in enumerate(todo):
+        name = e["name"]
+        if progress:
+            progress(name, i, len(todo))
+        path = models_dir / f"{name}.json"
+        h = cfg.hash_for(e)
+        saved = _read_saved(path)
+        if saved is not None and saved.get("study_hash") == h:
+            result.models.append(saved)
+            result.reused.append(name)
+            continue
+        log.info("studying %s", name)
+        d = study_model(e, root, cfg, by_name)
+        d["study_hash"] = h
+        atomic_write_text(path, json.dumps(d, indent=1))
+        result.models.append(d)
+        result.computed.append(name)
+    if progress:
+        progress("done", len(todo), len(todo))
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _read_saved(path: Path) -> dict[str, Any] | None:
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return d if isinstance(d, dict) else None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Documents
+
+#: a document block: ("h", level, text) | ("p", text) | ("table", Table) | ("img", alt, relative path) | ("ul", [items])
+Block = tuple[Any, ...]
+
+
+def figure(model: dict[str, Any], mode: str, path: Path) -> Path | None:
+    """Figures 3-5: smallest norm per class at the end of each third of the inversion (PNG, Agg backend)."""
+    s = (model.get("scan") or {}).get(mode)
+    if not s:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = s["labels"]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2), sharey=True)
+    for i, ax in enumerate(axes):
+        ys = [float(v) if isinstance(v, (int, float)) else float("nan") for v in s["phase_norms"][i]]
+        colours = ["tab:red" if k == model.get("target") else "tab:blue" for k in labels]
+        ax.bar(range(len(labels)), [0 if math.isnan(y) else y for y in ys], color=colours)
+        ax.set_title(f"phase {i + 1}")
+        ax.set_xlabel("class label")
+        if len(labels) <= 12:
+            ax.set_xticks(range(len(labels)), [str(k) for k in labels])
+    axes[0].set_ylabel(f"minimum norm ({s.get('statistic', mode)})")
+    fig.suptitle(f"{model['name']} ({mode}); red: target class {model.get('target')}")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = _png(fig)
+    plt.close(fig)
+    atomic_write_bytes(path, buf)
+    return path
+
+
+def _png(fig: Any) -> bytes:
+    import io
+
+    b = io.BytesIO()
+    fig.savefig(b, format="png", dpi=80)
+    return b.getvalue()
+
+
+def _hms(s: float) -> str:
+    s = round(s)
+    return f"{s // 3600}h {s % 3600 // 60:02d}m {s % 60:02d}s" if s >= 3600 else f"{s // 60}m {s % 60:02d}s"
+
+
+def document(result: StudyResult, figures: dict[str, list[tuple[str, str]]]) -> list[Block]:
+    """The study's document as blocks (rendered by :func:`to_markdown` and :func:`to_html`)."""
+    cfg = result.config
+    m = result.machine
+    blocks: list[Block] = [
+        ("h", 1, "Neural Cleanse on CNNs and transformers: the study"),
+        ("p", f"Models: {len(result.models)} ({', '.join(x['name'] for x in result.models) or 'none'}). "
+              f"Budget {cfg.budget}, modes {', '.join(cfg.modes)}, seed {cfg.seed}, repair epochs {cfg.repair_epochs}, "
+              f"activation threshold {cfg.activation_threshold:g}."),
+        ("ul", [f"Machine: {m.get('platform')}, {m.get('cores')} cores ({m.get('torch_threads')} torch thread(s)), "
+                f"Python {m.get('python')}, torch {m.get('torch')}",
+                f"Total wall time: {_hms(result.compute_seconds)} of model computations "
+                f"(this run: {_hms(result.seconds)}; computed {len(result.computed)}, reused {len(result.reused)})"]
+         + [f"Skipped {k}: {v}" for k, v in result.skipped.items()]),
+    ]
+    for t in all_tables(result.models, cfg.modes, cfg.ks):
+        blocks.append(("h", 2, t.title))
+        blocks.append(("table", t))
+    blocks.append(("h", 2, "Figures 3-5"))
+    blocks.append(("p", "Smallest norm per class at the end of each third of the inversion (paper: Fig. 3 6-layer CNN, "
+                        "Fig. 4 ConViT, Fig. 5 ViT; the other architectures follow). The target class is red."))
+    for model in result.models:
+        figs = figures.get(model["name"]) or []
+        if not figs:
+            continue
+        n = FIGURE_OF_ARCH.get(str(model.get("arch")))
+        blocks.append(("h", 3, f"Figure {n}: {model['name']}" if n else f"{model['name']} ({model.get('arch')})"))
+        for alt, rel in figs:
+            blocks.append(("img", alt, rel))
+    return blocks
+
+
+def _cell_md(s: str) -> str:
+    return str(s).replace("|", "\\|").replace("\n", " ")
+
+
+def to_markdown(blocks: Sequence[Block]) -> str:
+    out: list[str] = []
+    for b in blocks:
+        if b[0] == "h":
+            out.append(f"{'#' * b[1]} {b[2]}\n")
+        elif b[0] == "p":
+            out.append(f"{b[1]}\n")
+        elif b[0] == "ul":
+            out.append("\n".join(f"- {x}" for x in b[1]) + "\n")
+        elif b[0] == "img":
+            out.append(f"![{b[1]}]({b[2]})\n")
+        elif b[0] == "table":
+            t: Table = b[1]
+            lines = [t.caption, ""]
+            lines.append("| " + " | ".join(_cell_md(h) for h in t.headers) + " |")
+            lines.append("|" + "|".join("---" for _ in t.headers) + "|")
+            lines += ["| " + " | ".join(_cell_md(c) for c in row) + " |" for row in t.rows]
+            if not t.rows:
+                lines.append("| " + " | ".join(["(no models)"] + [""] * (len(t.headers) - 1)) + " |")
+            lines += [""] + [f"{n}  " for n in t.notes]
+            out.append("\n".join(lines).rstrip() + "\n")
+    return "\n".join(out)
+
+
+_CSS = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px;color:#222}"
+        "table{border-collapse:collapse;margin:.5em 0 1em;font-size:13px}"
+        "th,td{border:1px solid #bbb;padding:3px 7px;text-align:right}th{background:#eee}"
+        "td:first-child,th:first-child{text-align:left}caption{caption-side:top;text-align:left;font-size:13px;padding:4px 0}"
+        "img{max-width:100%;display:block;margin:.5em 0}.note{font-size:12px;color:#555}")
+
+
+def to_html(blocks: Sequence[Block], base: Path) -> str:
+    """A self-contained page: tables as HTML, images inline as data URIs, no external URL."""
+    e = html.escape
+    body: list[str] = []
+    for b in blocks:
+        if b[0] == "h":
+            body.append(f"<h{b[1]}>{e(b[2])}</h{b[1]}>")
+        elif b[0] == "p":
+            body.append(f"<p>{e(b[1])}</p>")
+        elif b[0] == "ul":
+            body.append("<ul>" + "".join(f"<li>{e(x)}</li>" for x in b[1]) + "</ul>")
+        elif b[0] == "img":
+            p = base / b[2]
+            if p.is_file():
+                data = base64.b64encode(p.read_bytes()).decode()
+                body.append(f'<img alt="{e(b[1])}" src="data:image/png;base64,{data}">')
+        elif b[0] == "table":
+            t: Table = b[1]
+            rows = t.rows or [["(no models)"] + [""] * (len(t.headers) - 1)]
+            body.append("<table><caption>" + e(t.caption) + "</caption><thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in t.headers)
+                        + "</tr></thead><tbody>" + "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows)
+                        + "</tbody></table>" + "".join(f'<p class="note">{e(n)}</p>' for n in t.notes))
+    title = next((b[2] for b in blocks if b[0] == "h"), "bdscan study")
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{e(title)}</title><style>{_CSS}</style></head>'
+            f"<body>\n" + "\n".join(body) + "\n</body></html>\n")
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+def write_study(result: StudyResult, out_dir: Path) -> dict[str, Path]:
+    """Writes ``study.json``, ``study.md``, ``study.html`` and ``figures/<model>_<mode>.png`` into ``out_dir``.
+
+    Returns:
+        ``{"json": ..., "markdown": ..., "html": ..., "figures": [...]}`` paths (figures as a list).
+    """
+    out_dir = Path(out_dir)
+    figs: dict[str, list[tuple[str, str]]] = {}
+    fig_paths: list[Path] = []
+    for model in result.models:
+        for mode in result.config.modes:
+            rel = f"figures/{_safe(model['name'])}_{mode}.png"
+            p = figure(model, mode, out_dir / rel)
+            if p is not None:
+                figs.setdefault(model["name"], []).append((f"{model['name']} {mode}: smallest norm per class per phase", rel))
+                fig_paths.append(p)
+    blocks = document(result, figs)
+    doc = result.to_dict()
+    doc["tables"] = [t.to_dict() for t in all_tables(result.models, result.config.modes, result.config.ks)]
+    paths = {"json": out_dir / "study.json", "markdown": out_dir / "study.md", "html": out_dir / "study.html"}
+    atomic_write_text(paths["json"], json.dumps(doc, indent=1))
+    atomic_write_text(paths["markdown"], to_markdown(blocks))
+    atomic_write_text(paths["html"], to_html(blocks, out_dir))
+    return {**paths, "figures": fig_paths}  # type: ignore[dict-item]
