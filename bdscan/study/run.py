@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from bdscan.analysis.activations import PAPER_KS, activation_profile, compare_profiles, precision_at_k, probe_images
+from bdscan.analysis.activations import PAPER_KS, ActivationProfile, activation_profile, compare_profiles, precision_at_k, probe_images
 from bdscan.data import CleanData, load_clean_data
 from bdscan.detect.config import budget as budget_config
 from bdscan.detect.scan import MODES, ModeResult, ScanConfig, ScanFindings, scan
@@ -278,8 +278,8 @@ def _repairs(wrapper: ModelWrapper, data: CleanData, findings: ScanFindings, ori
 
 
 def _activation_block(wrapper: ModelWrapper, x: torch.Tensor, triggers: dict[str, Trigger | None], original: Trigger,
-                      threshold: float) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Fractions of activated neurons for the original and each mode's reversed trigger; and the rankings."""
+                      threshold: float) -> tuple[dict[str, Any], dict[str, torch.Tensor], ActivationProfile]:
+    """Fractions of activated neurons for the original and each mode's reversed trigger; the rankings; the clean profile."""
     clean = activation_profile(wrapper, x, None, None)
     ranks: dict[str, torch.Tensor] = {}
     st, ranks["original"] = compare_profiles(clean, activation_profile(wrapper, x, original, None), original, threshold, 0)
@@ -290,7 +290,7 @@ def _activation_block(wrapper: ModelWrapper, x: torch.Tensor, triggers: dict[str
             continue
         st, ranks[mode] = compare_profiles(clean, activation_profile(wrapper, x, t, None), t, threshold, 0)
         block["reversed"][mode] = _num(st.fraction)
-    return block, ranks
+    return block, ranks, clean
 
 
 def _twin_wrapper(entry: dict[str, Any], by_name: dict[str, dict[str, Any]], root: Path) -> tuple[ModelWrapper | None, str | None]:
@@ -356,15 +356,14 @@ def _activations(w: ModelWrapper, data: CleanData, findings: ScanFindings, origi
                  reversed_t: dict[str, Trigger | None], entry: dict[str, Any], by_name: dict[str, dict[str, Any]], root: Path,
                  cfg: StudyConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     x = probe_images(data, [target], cfg.activation_images)
-    poisoned, ranks = _activation_block(w, x, reversed_t, original, cfg.activation_threshold)
+    poisoned, ranks, clean = _activation_block(w, x, reversed_t, original, cfg.activation_threshold)
     acts: dict[str, Any] = {"computed": True, "threshold": cfg.activation_threshold, "images": len(x), "poisoned": poisoned, "clean": None}
     twin, why = _twin_wrapper(entry, by_name, root)
     if twin is not None:
-        acts["clean"], _ = _activation_block(twin, x, reversed_t, original, cfg.activation_threshold)
+        acts["clean"] = _activation_block(twin, x, reversed_t, original, cfg.activation_threshold)[0]
     else:
         acts["clean_reason"] = why
     precision: dict[str, Any] = {}
-    clean = activation_profile(w, x, None, None)
     for mode in findings.modes:
         r = findings.modes[mode].label(target)
         entry_p: dict[str, Any] = {"label": target, "neurons": poisoned["neurons"], "final": None, "phases": []}
@@ -435,7 +434,12 @@ def run_study(manifest: Path, out_dir: Path, cfg: StudyConfig, progress: StudyPr
             result.reused.append(name)
             continue
         log.info("studying %s", name)
-        d = study_model(e, root, cfg, by_name)
+        try:
+            d = study_model(e, root, cfg, by_name)
+        except BdscanError as err:  # a damaged file, missing samples: the other models still run; retried next time
+            log.warning("%s: %s", name, err)
+            result.skipped[name] = f"failed: {err}"
+            continue
         d["study_hash"] = h
         atomic_write_text(path, json.dumps(d, indent=1))
         result.models.append(d)

@@ -154,3 +154,12 @@ def test_table1_and_titles() -> None:
     assert tables["Table 2"].rows == [] and [r[0] for r in tables["Table 3"].rows] == ["bd"]
     other = all_tables([{**bd, "dataset": "mnist"}], ["pixel"], [10])
     assert "Table 2–3 (mnist)" in [x.title for x in other]
+
+
+def test_failing_model_is_reported_not_saved(tmp_path: Path) -> None:
+    (tmp_path / "bad.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    m = tmp_path / "zoo.json"
+    m.write_text(json.dumps([{"name": "bad", "kind": "clean", "status": "built", "file": "bad.safetensors"}]))
+    r = run_study(m, tmp_path / "out", CFG)
+    assert r.models == [] and r.skipped["bad"].startswith("failed:")
+    assert not (tmp_path / "out" / "models" / "bad.json").exists()
