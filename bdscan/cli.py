@@ -325,10 +325,11 @@ def scan_cmd(
         opts = load_options(arch, num_classes, input_size, mean, std, scale, patch_size, trust_pickle)
         outputs = [p for p in (out_dir, json_path, sarif_path, report_path) if p is not None]
         inputs = [model] + ([data] if data is not None else [])
-        from bdscan.io.atomic import refuse_input_overwrite
+        from bdscan.io.atomic import check_output_path, refuse_input_overwrite
 
         for o in outputs:
             refuse_input_overwrite(o, inputs)
+            check_output_path(o, folder=o is out_dir)  # before the scan, not after it
         if device not in ("cpu", "cuda"):
             raise UsageError(f"--device {device!r}", "use cpu or cuda")
         if device == "cuda":
@@ -508,18 +509,28 @@ def report_cmd(
         from bdscan.report.outdir import write_json
 
         src = scan_dir / "scan.json" if scan_dir.is_dir() else scan_dir
-        refuse_input_overwrite(output, [src])
+        for o in (output, sarif_path):
+            if o is not None:
+                refuse_input_overwrite(o, [src])
         try:
             doc = json.loads(src.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise LoadError(f"{src}: not a readable scan JSON", "point to the folder written by `bdscan scan --out`") from e
         if not isinstance(doc, dict) or not str(doc.get("schema", "")).startswith("bdscan.scan/"):
             raise LoadError(f"{src}: not a bdscan scan document", "point to the folder written by `bdscan scan --out`")
-        atomic_write_text(output, render_html(doc))
-        if sarif_path:
-            from bdscan.report.sarif import to_sarif
+        try:  # a hand-edited or partial document must not crash the renderers (render both before writing either)
+            html = render_html(doc)
+            if sarif_path:
+                from bdscan.report.sarif import to_sarif
 
-            write_json(sarif_path, to_sarif(doc, doc["model"].get("file", "model")))
+                sarif = to_sarif(doc, doc["model"].get("file", "model"))
+        except (KeyError, TypeError, AttributeError, IndexError, ValueError) as e:
+            detail = str(e).strip().splitlines()[0][:100] if str(e).strip() else ""
+            raise LoadError(f"{src}: the scan document is incomplete or malformed ({type(e).__name__}: {detail})",
+                            "re-run `bdscan scan --out` to get a complete document") from e
+        atomic_write_text(output, html)
+        if sarif_path:
+            write_json(sarif_path, sarif)
         out.print(f"wrote {output}")
         return EXIT_CLEAN
 
@@ -564,7 +575,7 @@ def repair_cmd(
 
         from bdscan.data import load_clean_data
         from bdscan.io import load_model
-        from bdscan.io.atomic import refuse_input_overwrite
+        from bdscan.io.atomic import check_output_path, refuse_input_overwrite
         from bdscan.repair import (
             RepairConfig,
             export_repaired,
@@ -580,6 +591,7 @@ def repair_cmd(
         for o in (out_path, json_path, report_path):
             if o is not None:
                 refuse_input_overwrite(o, inputs)
+                check_output_path(o)
         if device not in ("cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
             raise UsageError(f"--device {device!r} is not available", "use --device cpu")
         if not 0 <= tolerance <= 100:
@@ -655,6 +667,50 @@ def print_repair(rep: dict[str, Any], quiet: bool) -> None:
         t.add_row("attack success, original trigger", pct(b["asr_original"]), pct(a["asr_original"]))
     out.print(t)
     out.print(line)
+
+
+@app.command("study")
+def study_cmd(
+    manifest: Annotated[Path, typer.Argument(help="Zoo manifest (e.g. sample_models/zoo.json).")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Study folder: study.md, study.html, study.json, figures/, models/.")],
+    models: Annotated[list[str] | None, typer.Option("--models", help="Only these zoo models (repeatable).")] = None,
+    budget_name: Annotated[str, typer.Option("--budget", help="Scan budget for every model.")] = "fast",
+    repair_epochs: Annotated[int, typer.Option("--repair-epochs", help="Unlearning epochs (Tables 4-5).")] = 8,
+    no_repair: Annotated[bool, typer.Option("--no-repair", help="Skip Tables 4-5.")] = False,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+) -> None:
+    """Rerun the research paper's experiments (Tables 1-9, Figures 3-5) on a model zoo; resumable."""
+
+    def body() -> int:
+        from bdscan.detect.config import budget
+        from bdscan.io.atomic import refuse_input_overwrite
+        from bdscan.study import StudyConfig, run_study, write_study
+
+        refuse_input_overwrite(out_dir, [manifest])
+        if not manifest.is_file():
+            raise LoadError(f"{manifest}: no such manifest", "point to a zoo manifest such as sample_models/zoo.json")
+        budget(budget_name)
+        cfg = StudyConfig(budget=budget_name, seed=seed, repair=not no_repair, repair_epochs=repair_epochs,
+                          models=tuple(models) if models else None, device=device).validate()
+        with progress_bar(not quiet) as bar:
+            task: list[Any] = []
+
+            def cb(name: str, done: int, total: int) -> None:
+                if bar is None:
+                    return
+                if not task:
+                    task.append(bar.add_task("study", total=total, info=""))
+                bar.update(task[0], completed=done, total=total, info=name)
+
+            result = run_study(manifest, out_dir, cfg, cb)
+        paths = write_study(result, out_dir)
+        out.print(f"studied {len(result.computed)} model(s), reused {len(result.reused)}, skipped {len(result.skipped)}; "
+                  f"wrote {paths['markdown']}")
+        return EXIT_CLEAN
+
+    run_guarded(body)
 
 
 def _progress_cb(bar: Progress | None, title: str) -> Callable[[int, int, dict[str, Any]], None]:
