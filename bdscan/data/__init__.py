@@ -126,7 +126,7 @@ def load_folder(path: Path, class_names: tuple[str, ...]) -> tuple[list[np.ndarr
                 continue
             try:
                 with Image.open(f) as im:
-                    images.append(np.asarray(im.convert("RGB"), dtype=np.uint8))
+                    images.append(np.array(im.convert("RGB"), dtype=np.uint8))  # a writable copy (torch.from_numpy)
             except (UnidentifiedImageError, OSError) as e:
                 raise DataLoadError(f"{f}: not a readable image", "remove or replace the file") from e
             labels.append(label)
@@ -181,7 +181,9 @@ def load_clean_data(
         y = torch.from_numpy(ya.astype(np.int64))
     if len(y) == 0:
         raise DataLoadError(f"{p}: contains no images", "give a non-empty sample of clean images")
-    if int(y.min()) < 0 or int(y.max()) >= num_classes:
+    if int(y.min()) < 0:
+        raise DataLoadError(f"{p.name}: labels include {int(y.min())}", f"labels are class indices 0..{num_classes - 1}")
+    if int(y.max()) >= num_classes:
         raise DataLoadError(
             f"{p.name}: labels go up to {int(y.max())} but the model has {num_classes} classes",
             "use data of the model's own classes, or check --num-classes",

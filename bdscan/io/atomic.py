@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -20,6 +21,23 @@ def refuse_input_overwrite(out: Path, inputs: Iterable[Path | None]) -> None:
         p = Path(p)
         if p.resolve() == out_r or (p.exists() and out.exists() and os.path.samefile(p, out)):
             raise UsageError(f"refusing to write {out}: it is an input of this command", "choose another output path")
+        if p.is_dir() and out.exists() and p.resolve() in out_r.parents:  # e.g. --json clean/3/img.png
+            raise UsageError(f"refusing to write {out}: it is part of the input folder {p}", "choose another output path")
+
+
+def check_output_path(out: Path, folder: bool = False) -> None:
+    """Raises :class:`UsageError` now, not after a long scan, when ``out`` (a file, or a folder) cannot be written."""
+    out = Path(out)
+    kind = "folder" if folder else "file"
+    if out.exists() and out.is_dir() != folder:
+        raise UsageError(f"cannot write {out}: it is {'a file' if folder else 'a folder'}", f"give a {kind} path")
+    parent = out if folder and out.is_dir() else out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"cannot write {out}: {parent} is a file, not a folder", f"give a {kind} path in a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write {out}: no permission to write in {parent}", "choose a writable output path")
 
 
 @contextlib.contextmanager
@@ -29,17 +47,34 @@ def atomic_path(path: Path) -> Iterator[Path]:
     The rename is atomic on POSIX, so readers (and a Ctrl-C) see either the old file or the whole new one.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:  # a folder that is a file, no permission, read-only file system: the user's to fix
+        raise UsageError(f"cannot write {path}: {e.strerror or e}", "choose a writable output path") from e
     os.close(fd)
     tmp_p = Path(tmp)
     try:
+        os.chmod(tmp_p, _mode_for(path))  # mkstemp makes 0600; the output gets the mode open() would give it
         yield tmp_p
-        os.replace(tmp_p, path)
+        try:
+            os.replace(tmp_p, path)
+        except IsADirectoryError as e:
+            raise UsageError(f"cannot write {path}: it is a folder", "choose a file path") from e
     except BaseException:  # KeyboardInterrupt too: leave no half-written file
         with contextlib.suppress(FileNotFoundError):
             tmp_p.unlink()
         raise
+
+
+def _mode_for(path: Path) -> int:
+    """An existing file's permission bits, else 0666 less the umask (what ``open(path, "w")`` gives)."""
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -97,8 +97,13 @@ def finalize(net: nn.Module, info: ModelInfo, options: LoadOptions, notes: list[
     for name in ("mean", "std"):
         vals = getattr(info, name)
         if len(vals) not in (1, c):
+            if getattr(options, name) is None:  # from the file: damaged metadata, not a bad option
+                raise ModelLoadError(f"the model's metadata has {len(vals)} {name} values for {c} channels",
+                                     f"the file is damaged: re-export it, or state --{name} with 1 or {c} values")
             raise UsageError(f"--{name} has {len(vals)} values but the model takes {c} channels", f"give 1 or {c} values")
     if any(s == 0 for s in info.std):
+        if options.std is None:
+            raise ModelLoadError("the model's metadata has a std of 0", "the file is damaged: re-export it, or state --std")
         raise UsageError("--std contains 0", "give the per-channel standard deviations the model was trained with")
     net.eval()
     wrapper = ModelWrapper(net, info)

@@ -199,6 +199,8 @@ def _image_input(model: onnx.ModelProto, path: Path) -> tuple[str, int | None, t
 def read_meta(model: onnx.ModelProto, path: Path) -> dict[str, Any]:
     raw: dict[str, Any] = {}
     for p in model.metadata_props:
+        if isinstance(p.key, bytes) or isinstance(p.value, bytes):  # protobuf hands back bytes for non-UTF-8 strings
+            raise ModelLoadError(f"{one_line(path.name)}: its metadata is not valid UTF-8", "the file is corrupt; re-export it")
         if p.key.startswith(META_PREFIX):
             try:
                 raw[p.key[len(META_PREFIX) :]] = json.loads(p.value)
@@ -213,7 +215,7 @@ def _ort_session(model: onnx.ModelProto) -> Any:
     so = ort.SessionOptions()
     so.intra_op_num_threads = max(1, torch.get_num_threads())
     so.inter_op_num_threads = 1
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # fatal only: a failing kernel raises anyway, its log line would only add to stderr
     return ort.InferenceSession(model.SerializeToString(), sess_options=so, providers=["CPUExecutionProvider"])
 
 

@@ -28,6 +28,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -80,6 +81,22 @@ def read_metadata(path: Path) -> dict[str, Any]:
     return out
 
 
+def _checked(meta: dict[str, Any], path: Path) -> dict[str, Any]:
+    """``meta`` with every field the loader uses of the type it needs; a damaged header is a ModelLoadError."""
+    from bdscan.io.torchscript import parse_meta
+
+    out = dict(meta)
+    out.update(parse_meta({k: meta[k] for k in _FIELDS if k in meta and k not in ("output", "arch_kwargs")}, path))
+    for k, kind in (("arch_kwargs", dict), ("extra", dict), ("trigger", dict), ("input_size", list), ("mean", list),
+                    ("std", list), ("class_names", list)):
+        if meta.get(k) is not None and not isinstance(meta[k], kind):
+            raise ModelLoadError(f"{path.name}: its bdscan metadata is malformed ({k} is not a JSON {kind.__name__})",
+                                 "the file is damaged: re-export it")
+    if meta.get("output", "logits") not in ("logits", "probs"):
+        raise ModelLoadError(f"{path.name}: its bdscan metadata is malformed (output)", "the file is damaged: re-export it")
+    return out
+
+
 @register_loader
 class SafetensorsLoader:
     """Loads ``.safetensors`` (no code can run: the format is a JSON header plus raw tensor bytes)."""
@@ -99,12 +116,19 @@ class SafetensorsLoader:
         meta = read_metadata(path)
         tensors: dict[str, torch.Tensor] = guarded("safetensors", path, lambda: load_file(str(path)))
         trig = {k[len(TRIGGER_PREFIX) :]: tensors.pop(k) for k in list(tensors) if k.startswith(TRIGGER_PREFIX)}
+        meta = _checked(meta, path)
         arch = options.arch or meta.get("arch")
         if not arch:
+            if meta:  # bdscan wrote this header, and bdscan always names the architecture: the header is damaged
+                raise ModelLoadError(f"{path.name}: its bdscan metadata names no architecture",
+                                     "the file is damaged: re-export it, or state --arch (see `bdscan models`)")
             raise UsageError(
                 f"{path.name} has no bdscan metadata naming its architecture",
                 "state it with --arch (see `bdscan models`), plus --num-classes if needed",
             )
+        if not options.arch and not timm.is_model(arch):
+            raise ModelLoadError(f"{path.name}: its metadata names architecture {arch!r}, which bdscan does not know",
+                                 "the file is damaged or from a newer bdscan: re-export it, or state --arch (see `bdscan models`)")
         num_classes = options.num_classes or meta.get("num_classes") or infer_num_classes(tensors)
         if not num_classes:
             raise UsageError(f"cannot tell how many classes {path.name} has", "state it with --num-classes")
@@ -132,7 +156,7 @@ class SafetensorsLoader:
         wrapper = finalize(net, info, options, notes)
         trigger = None
         if "mask" in trig and "pattern" in trig:
-            t = meta.get("trigger", {})
+            t = meta.get("trigger") if isinstance(meta.get("trigger"), dict) else {}
             trigger = Trigger(trig["mask"].float(), trig["pattern"].float(), t.get("target"), t.get("attack", "original"), t)
         return LoadedModel(wrapper, self.name, path, sha256_file(path), None, trigger, notes)
 

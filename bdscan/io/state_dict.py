@@ -25,8 +25,10 @@ claimed by suffix only.
 
 from __future__ import annotations
 
+import importlib.util
 import pickle
 import re
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -36,7 +38,7 @@ import torch
 from bdscan.errors import ModelLoadError, UsageError
 from bdscan.io.base import LoadedModel, LoadOptions, PickleScan, guarded, register_loader, sha256_file
 from bdscan.io.build import create_net, finalize, infer_num_classes, load_state_into
-from bdscan.io.picklescan_io import ZIP_MAGIC, refuse_if_unsafe, scan_pickles, torch_zip_kind, zip_names
+from bdscan.io.picklescan_io import ZIP_MAGIC, one_line, refuse_if_unsafe, scan_pickles, torch_zip_kind, zip_names
 from bdscan.models.wrapper import ModelInfo
 
 #: keys under which training scripts nest the state dict, in the order they are tried
@@ -44,7 +46,8 @@ NESTED_KEYS = ("state_dict", "model_state_dict", "model", "net", "module", "ema"
 #: key prefixes added by wrappers, stripped when every key has them
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl")
-_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+#: the name as torch prints it (up to its fixed text: a damaged name may hold spaces or control characters)
+_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (.+?) was not an allowed global|Unsupported global: GLOBAL (\S+)")
 _UNPICKLER_ERROR = re.compile(r"WeightsUnpickler error:\s*([^\n]+)")
 
 
@@ -72,8 +75,15 @@ def weights_only_load(path: Path, fmt: str = "PyTorch weights") -> Any:
         except pickle.UnpicklingError as e:
             text = str(e)
             m = _UNSUPPORTED_GLOBAL.search(text)
+            ref = (m.group(1) or m.group(2)) if m else ""
+            missing = missing_global(ref) if m else None
+            if m and missing:  # e.g. torch.FloatStorage with a flipped bit: damage, not Python objects
+                hint = ("the file is damaged: re-download or re-export it" if "not installed" not in missing else
+                        "a damaged file (re-download it), or objects of code that is not installed here: save the model's "
+                        "state_dict() as .safetensors where that code is (safetensors.torch.save_file)")
+                raise ModelLoadError(f"{path.name}: its pickle names {one_line(ref, 120)}, {missing}", hint) from None
             if m:
-                return False, m.group(1)
+                return False, ref
             w = _UNPICKLER_ERROR.search(text)
             if w:  # torch's long advice (to load with weights_only=False) is wrong for a damaged file
                 raise pickle.UnpicklingError(f"not a valid weights pickle ({w.group(1).strip()[:150]})") from None
@@ -83,6 +93,39 @@ def weights_only_load(path: Path, fmt: str = "PyTorch weights") -> Any:
     if not ok:
         raise PickledObjectsError(value)
     return value
+
+
+def missing_global(ref: str) -> str | None:
+    """Why ``ref`` (``module.name``, from a pickle) cannot be imported here, or None if it can (or may).
+
+    Imports nothing: an attribute is looked up only in modules already in ``sys.modules``, other modules are
+    only searched for (``importlib.util.find_spec``), so a damaged name (``torch.FloatStoraoe``, ``torbh.LongStorage``)
+    is told apart from a real class of an installed package.
+    """
+    parts = ref.split(".")
+    if not all(p.isidentifier() for p in parts):
+        return "which is not a Python name"
+    if parts[0] == "__main__":
+        return "defined in the script that saved it (__main__), which is not installed here"
+    for i in range(len(parts) - 1, 0, -1):
+        mod = sys.modules.get(".".join(parts[:i]))
+        if mod is None:
+            continue
+        head = f"{mod.__name__}.{parts[i]}"
+        if parts[i] in vars(mod) or head in sys.modules:
+            return None
+        if getattr(mod, "__path__", None) is not None:  # a package: the name may be a submodule not imported yet
+            try:
+                if importlib.util.find_spec(head) is not None:
+                    return None
+            except (ImportError, ValueError):
+                pass
+        return "which does not exist"
+    try:
+        found = importlib.util.find_spec(parts[0]) is not None
+    except (ImportError, ValueError):
+        found = False
+    return None if found else f"from module {parts[0]!r}, which is not installed"
 
 
 def _all_tensors(d: dict) -> bool:

@@ -37,6 +37,7 @@ import ast
 import contextlib
 import io
 import json
+import logging
 import os
 import re
 import threading
@@ -208,6 +209,19 @@ def check_programs(path: Path) -> None:
             )
 
 
+class _LogCatcher(logging.Filter):
+    """Drops a logger's records, keeping the exceptions they carry."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.errors: list[BaseException] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            self.errors.append(record.exc_info[1])
+        return False
+
+
 class _WeightsOnlyPickle:
     """Stands in for the ``pickle`` module inside torch's archive reader: weights-only ``loads``."""
 
@@ -330,9 +344,20 @@ class TorchExportLoader:
         extra: dict[str, Any] = {META_FILE: ""}
 
         def _load() -> Any:
-            with warnings.catch_warnings(), weights_only_unpickling():
-                warnings.simplefilter("ignore")
-                return torch.export.load(str(path), extra_files=extra)
+            # torch.export.load logs a damaged archive's traceback and raises "check the warnings above":
+            # keep the log off stderr and raise its error instead
+            caught = _LogCatcher()
+            logging.getLogger("torch.export").addFilter(caught)
+            try:
+                with warnings.catch_warnings(), weights_only_unpickling():
+                    warnings.simplefilter("ignore")
+                    return torch.export.load(str(path), extra_files=extra)
+            except RuntimeError as e:
+                if caught.errors:
+                    raise caught.errors[-1] from e
+                raise
+            finally:
+                logging.getLogger("torch.export").removeFilter(caught)
 
         ep = guarded("torch.export", path, _load)
         if not hasattr(ep, "module"):
