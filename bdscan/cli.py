@@ -360,10 +360,7 @@ def scan_cmd(
             write_json(json_path, doc)
         if out_dir:
             write_json(out_dir / "scan.json", doc)
-        if sarif_path:
-            from bdscan.report.sarif import to_sarif
-
-            write_json(sarif_path, to_sarif(doc, model.resolve().as_uri()))
+        write_renderings(doc, model, sarif_path, report_path)
 
     def _scan(opts: Any) -> int:
         import torch
