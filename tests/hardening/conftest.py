@@ -3,7 +3,6 @@ a small clean data set fitting them, and the loader tests' hostile pickle corpus
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -11,14 +10,6 @@ import pytest
 import torch
 
 from tests.io.helpers import Checkpoints, Corpus, payloads, write_checkpoints
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")

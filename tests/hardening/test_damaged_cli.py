@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import struct
 import time
 import zipfile
@@ -24,7 +23,7 @@ from tests.hardening.clirun import TINY_SCAN, bdscan, bdscan_process, lines, no_
 from tests.io import helpers as h
 from tests.io.helpers import Checkpoints
 from tests.io.test_io_corrupt import _safetensors
-from tests.io.test_io_formats import _gap_model
+from tests.io.test_io_formats import external_data_outside
 
 # ----------------------------------------------------------------------------------------------------------
 # lying safetensors headers, ONNX external data outside the model's folder
@@ -103,17 +102,7 @@ def test_lying_safetensors_header_exit_3(ckpts: Checkpoints, npz4: Path, tmp_pat
 
 @pytest.mark.parametrize("location", ["../w.bin", "/etc/passwd", "sub/../../w.bin", "link.bin"])
 def test_onnx_external_data_outside_folder_exit_3(npz4: Path, tmp_path: Path, location: str) -> None:
-    d = tmp_path / "model"
-    d.mkdir()
-    p = _gap_model(d / "ext.onnx", external=True)
-    shutil.copy(d / "w.bin", tmp_path / "w.bin")
-    if location == "link.bin":
-        (d / "link.bin").symlink_to(tmp_path / "w.bin")
-    m = onnx.load(str(p), load_external_data=False)
-    for e in m.graph.initializer[0].external_data:
-        if e.key == "location":
-            e.value = location
-    onnx.save(m, str(p))
+    p = external_data_outside(tmp_path, location)
     for args in (["inspect", p], ["scan", p, "--data", npz4, *TINY_SCAN]):
         line = one_line(bdscan(*args), 3)
         assert "outside the model's folder" in line, line

@@ -236,8 +236,9 @@ def test_onnx_external_data_inside_folder_loads(tmp_path: Path) -> None:
     assert load_model(p).wrapper.num_classes == 3
 
 
-@pytest.mark.parametrize("location", ["../w.bin", "/etc/passwd", "sub/../../w.bin", "link.bin"])
-def test_onnx_external_data_outside_folder_refused(tmp_path: Path, location: str) -> None:
+def external_data_outside(tmp_path: Path, location: str) -> Path:
+    """An ONNX model in ``tmp_path/model`` whose external weights point at ``location`` (outside its folder;
+    ``link.bin`` is a symlink leading out)."""
     d = tmp_path / "model"
     d.mkdir()
     p = _gap_model(d / "ext.onnx", external=True)
@@ -249,6 +250,12 @@ def test_onnx_external_data_outside_folder_refused(tmp_path: Path, location: str
         if e.key == "location":
             e.value = location
     onnx.save(m, str(p))
+    return p
+
+
+@pytest.mark.parametrize("location", ["../w.bin", "/etc/passwd", "sub/../../w.bin", "link.bin"])
+def test_onnx_external_data_outside_folder_refused(tmp_path: Path, location: str) -> None:
+    p = external_data_outside(tmp_path, location)
     with pytest.raises(ModelLoadError, match="outside the model's folder") as e:
         load_model(p)
     assert one_line(e.value)
