@@ -350,8 +350,8 @@ def scan_cmd(
         from bdscan.report.outdir import write_json
 
         doc = {"schema": SCHEMA, "versions": versions(), "seed": seed,
-               "model": {"file": model.name, "sha256": sha256_file(model), "format": "pickle",
-                         "pickle_scan": {"scanner": "picklescan", "dangerous": True, "error": None, "scanned_files": 1,
+               "model": {"file": model.name, "sha256": sha256_file(model), "format": e.fmt,
+                         "pickle_scan": {"scanner": e.scanner, "dangerous": True, "error": None, "scanned_files": 1,
                                          "findings": [{"ref": f, "severity": "dangerous", "location": model.name}
                                                       for f in e.findings]}},
                "verdict": {"status": "unsafe", "target": None, "reason": e.message},
@@ -400,7 +400,8 @@ def scan_pipeline(lm: Any, clean: Any, data_path: Path, mode: Mode, budget_name:
     from bdscan.report.json_report import scan_document
 
     if lm.pickle_scan is not None and lm.pickle_scan.dangerous:  # loaders refuse these; belt and braces
-        raise UnsafeModelError(f"{lm.path.name}: dangerous pickle imports", [f.ref for f in lm.pickle_scan.findings])
+        raise UnsafeModelError(f"{lm.path.name}: dangerous pickle imports", [f.ref for f in lm.pickle_scan.findings],
+                               fmt=lm.format, scanner=lm.pickle_scan.scanner)
     info = lm.wrapper.info
     over: dict[str, Any] = {"seed": seed}
     if steps is not None:

@@ -45,11 +45,16 @@ class UnsafeModelError(BdscanError):
 
     Attributes:
         findings: the scanner's findings as ``"module.name"`` strings.
+        fmt: the file's format as the refusing loader read it (e.g. "state_dict", "torch.export").
+        scanner: what found the problem (e.g. "picklescan 1.0.5 + bdscan deny-list").
     """
 
-    def __init__(self, message: str, findings: list[str], hint: str | None = None) -> None:
+    def __init__(self, message: str, findings: list[str], hint: str | None = None, *, fmt: str = "pickle",
+                 scanner: str = "picklescan") -> None:
         super().__init__(message, hint)
         self.findings = findings
+        self.fmt = fmt
+        self.scanner = scanner
 
 
 class NumericalError(BdscanError):

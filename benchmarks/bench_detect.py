@@ -36,18 +36,28 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/detect.json"))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--set", default="", help="budget overrides, e.g. 'steps=20,batches_per_step=1'")
+    ap.add_argument("--histories", action="store_true", help="also store every label's best size per step (for bench_schedule.py)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     entries = json.loads(args.manifest.read_text())
-    rows = []
+    over = {k: int(v) if v.isdigit() else float(v) for k, v in (kv.split("=") for kv in args.set.split(",") if kv)}
+    rows: list[dict] = []
+    if args.out.exists():  # resumable: a long run over the zoo survives interruptions
+        prev = json.loads(args.out.read_text())
+        if prev.get("budget") == args.budget and prev.get("set") == args.set:
+            rows = prev["rows"]
+    done = {r["model"] for r in rows}
     for e in entries:
+        if e["name"] in done:
+            continue
         f = args.manifest.parent / e["file"]
         if (args.only and e["name"] not in args.only) or not f.exists():
             continue
         lm = load_model(f)
         info = lm.wrapper.info
         data = load_clean_data(args.manifest.parent / info.metadata["samples"], info.input_size, info.num_classes, info.class_names)
-        cfg = ScanConfig(budget=args.budget, inversion=budget(args.budget).with_(seed=args.seed))
+        cfg = ScanConfig(budget=args.budget, inversion=budget(args.budget).with_(seed=args.seed, **over))
         t = time.perf_counter()
         fd = scan(lm.wrapper, data, cfg)
         secs = time.perf_counter() - t
@@ -57,10 +67,12 @@ def main() -> None:
             row[f"{m}_ai"] = round(r.anomaly.anomaly_index, 2)
             row[f"{m}_min_label"] = r.anomaly.min_label
             row[f"{m}_flagged"] = list(r.anomaly.flagged)
+            if args.histories:
+                row.setdefault("histories", {})[m] = {p: {str(k): h for k, h in hs.items()} for p, hs in r.histories.items()}
         rows.append(row)
-        print(json.dumps(row), flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"machine": machine(), "budget": args.budget, "rows": rows}, indent=1) + "\n")
+        print(json.dumps({k: v for k, v in row.items() if k != "histories"}), flush=True)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"machine": machine(), "budget": args.budget, "set": args.set, "rows": rows}, indent=1) + "\n")
     print(f"\nmachine: {machine()}; budget {args.budget}\n")
     print("| model | kind | true target | pixel AI | pixel min class | patch AI | patch min class | verdict | target | s |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")

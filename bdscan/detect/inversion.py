@@ -239,6 +239,7 @@ def invert(
     snaps: list[list[PhaseSnapshot]] = [[] for _ in order]
     targets = torch.tensor(order, device=dev)
     bps = cfg.resolved_batches_per_step(n)
+    chunk_len = cfg.resolved_label_chunk(dev.type)
     step = 0
     done_count = 0
     while True:
@@ -253,8 +254,8 @@ def invert(
             bidx = idx_all[b * cfg.batch_size : (b + 1) * cfg.batch_size]
             xb, yb = x_all[bidx], y_all[bidx]
             opt.zero_grad(set_to_none=True)
-            for start in range(0, len(active), cfg.label_chunk):
-                chunk = active[start : start + cfg.label_chunk]
+            for start in range(0, len(active), chunk_len):
+                chunk = active[start : start + chunk_len]
                 raw = torch.stack([mask_raw[i] for i in chunk])
                 m = param.pixel_mask(raw)  # (k, 1, H, W)
                 p = squash(torch.stack([pat_raw[i] for i in chunk]))  # (k, C, H, W)

@@ -66,6 +66,8 @@ class ModeResult:
         labels: per label, its best result (for a sweep, the parametrisation with the smallest size).
         anomaly: the outlier test over the sizes.
         seconds: wall time.
+        histories: per parametrisation (its ``name``), per label, the best size after each step; lets a
+            benchmark replay the verdict a shorter run would have given (benchmarks/bench_schedule.py).
     """
 
     mode: str
@@ -74,6 +76,7 @@ class ModeResult:
     labels: list[LabelResult]
     anomaly: AnomalyResult
     seconds: float
+    histories: dict[str, dict[int, list[float | None]]] = field(default_factory=dict)
 
     def label(self, k: int) -> LabelResult:
         return next(r for r in self.labels if r.label == k)
@@ -171,6 +174,7 @@ def scan(model: ModelWrapper, data: CleanData, cfg: ScanConfig, progress: ScanPr
         tm = time.perf_counter()
         params = params_for(model, mode, cfg.cnn_patch_sizes)
         best: dict[int, LabelResult] = {}
+        histories: dict[str, dict[int, list[float | None]]] = {}
         for pi, param in enumerate(params):
             name = mode if len(params) == 1 else f"{mode} ({pi + 1}/{len(params)})"
 
@@ -180,6 +184,7 @@ def scan(model: ModelWrapper, data: CleanData, cfg: ScanConfig, progress: ScanPr
 
             res = invert(model, data, param, labels, cfg.inversion, cb, cfg.device)
             samples_used = res.samples_used
+            histories[name] = {r.label: r.history for r in res.labels}
             for r in res.labels:
                 cur = best.get(r.label)
                 if cur is None or _smaller(r, cur):
@@ -188,7 +193,7 @@ def scan(model: ModelWrapper, data: CleanData, cfg: ScanConfig, progress: ScanPr
         floor = PATCH_MAD_FLOOR if mode == "patch" else 0.0
         an = anomaly({r.label: r.norm for r in ordered}, cfg.threshold, floor)
         results[mode] = ModeResult(mode, params[0].statistic, [p.describe() for p in params], ordered, an,
-                                   time.perf_counter() - tm)
+                                   time.perf_counter() - tm, histories)
         log.info("%s: anomaly index %.2f (min label %s)", mode, an.anomaly_index, an.min_label)
     verdict = combine(results, cfg.threshold)
     return ScanFindings(cfg, results, verdict, samples_used, time.perf_counter() - t0)

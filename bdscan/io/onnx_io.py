@@ -209,14 +209,16 @@ def read_meta(model: onnx.ModelProto, path: Path) -> dict[str, Any]:
     return parse_meta(raw, path) if raw else {}
 
 
-def _ort_session(model: onnx.ModelProto) -> Any:
+def ort_session(model: onnx.ModelProto | bytes) -> Any:
+    """A CPU onnxruntime session for ``model`` with torch's thread count; used by loading and by export checks."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = max(1, torch.get_num_threads())
     so.inter_op_num_threads = 1
     so.log_severity_level = 4  # fatal only: a failing kernel raises anyway, its log line would only add to stderr
-    return ort.InferenceSession(model.SerializeToString(), sess_options=so, providers=["CPUExecutionProvider"])
+    data = model if isinstance(model, bytes) else model.SerializeToString()
+    return ort.InferenceSession(data, sess_options=so, providers=["CPUExecutionProvider"])
 
 
 def _ort_run(sess: Any, name: str, x: np.ndarray, batch: int | None) -> np.ndarray:
@@ -235,7 +237,7 @@ def check_parity(net: nn.Module, model: onnx.ModelProto, input_name: str, input_
     """Max |difference| between ``net`` and onnxruntime on 4 random inputs; raises above :data:`PARITY_TOL`."""
     g = torch.Generator().manual_seed(1)
     x = torch.rand((PARITY_SAMPLES, *input_size), generator=g)
-    sess = guarded("ONNX", path, lambda: _ort_session(model))
+    sess = guarded("ONNX", path, lambda: ort_session(model))
     ref = guarded("ONNX", path, lambda: _ort_run(sess, input_name, x.numpy(), batch))
     with torch.no_grad():
         out = net(x)

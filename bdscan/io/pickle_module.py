@@ -60,7 +60,7 @@ class PickleModuleLoader:
         return self.load_scanned(path, options, scan_pickles(path))
 
     def load_scanned(self, path: Path, options: LoadOptions, scan: PickleScan) -> LoadedModel:
-        refuse_if_unsafe(path, scan, "a pickled model")
+        refuse_if_unsafe(path, scan, "a pickled model", "pickle")
         if not options.trust_pickle:
             raise untrusted_pickle_error(path)
 

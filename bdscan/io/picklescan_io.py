@@ -447,11 +447,12 @@ def refs(scan: PickleScan, severity: str = "dangerous") -> list[str]:
     return out
 
 
-def refuse_if_unsafe(path: Path, scan: PickleScan, fmt: str) -> None:
+def refuse_if_unsafe(path: Path, scan: PickleScan, fmt: str, loader: str) -> None:
     """Raises when the scan found a dangerous import (:class:`UnsafeModelError`) or could not finish.
 
     A scan that could not finish (corrupt archive, malformed pickle) is refused with a
     :class:`ModelLoadError`: the file was not unpickled, and it is damaged or built to confuse scanners.
+    ``fmt`` names the format in words for the message, ``loader`` is the refusing loader's name (reports).
     """
     from bdscan.errors import ModelLoadError, UnsafeModelError
 
@@ -462,6 +463,7 @@ def refuse_if_unsafe(path: Path, scan: PickleScan, fmt: str) -> None:
             f"{one_line(path.name)}: the static pickle scan found dangerous imports: {shown}; the file was not loaded",
             findings=bad,
             hint="do not load this file; ask its publisher for a .safetensors export",
+            fmt=loader, scanner=scanner_name(),
         )
     if scan.error is not None:
         raise ModelLoadError(

@@ -204,7 +204,7 @@ class StateDictLoader:
 
     def load(self, path: Path, options: LoadOptions) -> LoadedModel:
         scan = scan_pickles(path)
-        refuse_if_unsafe(path, scan, "a PyTorch checkpoint")
+        refuse_if_unsafe(path, scan, "a PyTorch checkpoint", "state-dict")
         try:
             obj = weights_only_load(path)
         except PickledObjectsError as e:

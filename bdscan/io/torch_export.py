@@ -206,6 +206,7 @@ def check_programs(path: Path) -> None:
                 f"{problems[0]}" + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""),
                 findings=problems,
                 hint="do not load this file; re-export the model with torch.export.save from a trusted source",
+                fmt="torch-export", scanner="bdscan exported-program validator",
             )
 
 
@@ -339,7 +340,7 @@ class TorchExportLoader:
 
     def load(self, path: Path, options: LoadOptions) -> LoadedModel:
         scan = scan_pickles(path)
-        refuse_if_unsafe(path, scan, "a torch.export program")
+        refuse_if_unsafe(path, scan, "a torch.export program", "torch-export")
         check_programs(path)
         extra: dict[str, Any] = {META_FILE: ""}
 

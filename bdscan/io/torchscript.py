@@ -319,7 +319,7 @@ class TorchScriptLoader:
 
     def load(self, path: Path, options: LoadOptions) -> LoadedModel:
         scan = scan_pickles(path)
-        refuse_if_unsafe(path, scan, "TorchScript")
+        refuse_if_unsafe(path, scan, "TorchScript", "torchscript")
         extra: dict[str, Any] = {META_FILE: ""}
 
         def _load() -> nn.Module:

@@ -198,13 +198,9 @@ def _write_safetensors(result: RepairResult, tmp: Path, prov: dict[str, Any], x:
 
 
 def _ort_logits(model_bytes: bytes, x: np.ndarray) -> np.ndarray:
-    import onnxruntime as ort
+    from bdscan.io.onnx_io import ort_session
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = max(1, torch.get_num_threads())
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(model_bytes, sess_options=so, providers=["CPUExecutionProvider"])
+    sess = ort_session(model_bytes)
     name = sess.get_inputs()[0].name
     return np.asarray(sess.run(None, {name: x})[0])
 

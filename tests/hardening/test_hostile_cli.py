@@ -75,6 +75,8 @@ CASES: list[tuple[str, Builder, str]] = (
        ("TorchScript constants.pkl", _torchscript, "builtins.eval"),
        ("torch.export node target", _pt2, "")]
 )
+EXPECTED_FORMAT = {"claims state dict": "state-dict", "legacy state dict": "state-dict",
+                   "TorchScript constants.pkl": "torchscript", "torch.export node target": "torch-export"}
 IDS = [f"{kind}: {name}" if name else kind for kind, _, name in CASES]
 
 
@@ -130,6 +132,10 @@ def test_inspect_and_scan_refuse(ckpts: Checkpoints, corpus: Corpus, npz4: Path,
         assert not corpus.marker.exists(), "the payload ran"
         doc = json.loads(js.read_text(encoding="utf-8"))
         check_doc(doc, model, ref)
+        # the document names the loader that refused the file and the scanner that found the problem
+        assert doc["model"]["format"] == EXPECTED_FORMAT.get(kind, doc["model"]["format"])
+        assert doc["model"]["format"] in {"state-dict", "torchscript", "torch-export", "pickle"}, doc["model"]["format"]
+        assert doc["model"]["pickle_scan"]["scanner"].startswith(("picklescan", "bdscan")), doc["model"]["pickle_scan"]
         assert json.loads((scan_dir / "scan.json").read_text(encoding="utf-8")) == doc
         check_sarif(sarif_validator, sarif, ref)
     if kind == "raw pickle":

@@ -1,0 +1,111 @@
+"""Replays recorded scans to ask: what verdict would a shorter schedule have given?
+
+Usage:
+    python benchmarks/bench_detect.py --histories --out benchmarks/results/detect_hist.json   # record (slow)
+    python benchmarks/bench_schedule.py benchmarks/results/detect_hist.json [--steps 10 15 20 25 30]
+                                        [--two-stage 10:0.25]
+
+Every label's optimisation is independent of the others' (its own parameters, Adam state, λ schedule and
+early stop; all labels see the same mini-batches), so the best size a label had after step ``s`` of a long
+run is exactly what a run with ``steps=s`` would have reported. From one recorded run per model this script
+recomputes, for each step budget, each mode's anomaly index and the combined verdict, and the share of
+optimisation work it needs. ``--two-stage S1:FRAC`` also replays a K-Arm-like schedule: every label runs
+``S1`` steps, then only the lowest ``FRAC`` of labels (by size after ``S1``) run on to the end; the others keep
+their size after ``S1``.
+
+This is the evidence behind the step budget of the ``fast`` preset (benchmarks/README.md, "Speed").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+from bdscan.detect.anomaly import PATCH_MAD_FLOOR, anomaly
+from bdscan.detect.scan import combine
+
+
+def at(h: list[float | None], s: int) -> float | None:
+    """Best size after step ``s`` (a label that stopped early keeps its last value)."""
+    return h[min(s, len(h)) - 1] if h else None
+
+
+def smin(vals: list[float | None]) -> float | None:
+    ok = [v for v in vals if v is not None]
+    return min(ok) if ok else None
+
+
+def replay(row: dict, steps_of: dict[int, int] | int) -> tuple[object, float]:
+    """The verdict (and work in label-steps) when label ``k`` runs ``steps_of[k]`` steps."""
+    modes, work = {}, 0.0
+    for mode, per_param in row["histories"].items():
+        labels = sorted({int(k) for hs in per_param.values() for k in hs})
+        norms = {}
+        for k in labels:
+            s = steps_of if isinstance(steps_of, int) else steps_of[k]
+            norms[k] = smin([at(hs[str(k)], s) for hs in per_param.values()])
+            work += sum(min(s, len(hs[str(k)])) for hs in per_param.values())
+        an = anomaly(norms, 2.0, PATCH_MAD_FLOOR if mode == "patch" else 0.0)
+        modes[mode] = SimpleNamespace(anomaly=an)
+    return combine(modes, 2.0), work
+
+
+def cell(v: object, row: dict) -> str:
+    tgt = row["true_target"]
+    if v.status == "backdoor":
+        mark = "✔" if tgt is not None and v.target == tgt else "✘"
+        return f"{v.anomaly_index:.2f} {mark}({v.target})"
+    mark = "✘" if tgt is not None else "✔"
+    return f"{v.anomaly_index:.2f} {mark}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("results", type=Path)
+    ap.add_argument("--steps", type=int, nargs="*", default=[10, 15, 20, 25, 30])
+    ap.add_argument("--two-stage", nargs="*", default=[], help="S1:FRAC, e.g. 10:0.25")
+    args = ap.parse_args()
+    data = json.loads(args.results.read_text())
+    rows = [r for r in data["rows"] if "histories" in r]
+    cols = [f"{s} steps" for s in args.steps] + [f"2-stage {t}" for t in args.two_stage]
+    print(f"machine of the recording: {data['machine']}; budget {data['budget']} {data.get('set', '')}\n")
+    print("Cell: highest anomaly index, then ✔ / ✘ for a right / wrong verdict (with the flagged class).\n")
+    print("| model | true target | " + " | ".join(cols) + " |")
+    print("| --- | --- | " + " | ".join("---" for _ in cols) + " |")
+    totals = {c: [0, 0.0] for c in cols}
+    full = max(args.steps)
+    for r in rows:
+        cells = []
+        _, full_work = replay(r, full)
+        for s in args.steps:
+            v, w = replay(r, s)
+            cells.append(cell(v, r))
+            totals[f"{s} steps"][0] += cells[-1].split()[1].startswith("✔")
+            totals[f"{s} steps"][1] += w / full_work
+        for t in args.two_stage:
+            s1, frac = t.split(":")
+            s1, frac = int(s1), float(frac)
+            per_mode_steps: dict[int, int] = {}
+            # rank labels by their smallest size after s1 over all modes' ranks (a label low in any mode continues)
+            keep: set[int] = set()
+            for per_param in r["histories"].values():
+                labels = sorted({int(k) for hs in per_param.values() for k in hs})
+                size = {k: smin([at(hs[str(k)], s1) for hs in per_param.values()]) for k in labels}
+                order = sorted(labels, key=lambda k: (size[k] is None, size[k] or 0.0))
+                keep |= set(order[: max(3, math.ceil(frac * len(labels)))])
+                per_mode_steps = {k: (full if k in keep else s1) for k in labels}
+            v, w = replay(r, per_mode_steps)
+            cells.append(cell(v, r))
+            totals[f"2-stage {t}"][0] += cells[-1].split()[1].startswith("✔")
+            totals[f"2-stage {t}"][1] += w / full_work
+        print(f"| {r['model']} | {r['true_target'] if r['true_target'] is not None else '-'} | " + " | ".join(cells) + " |")
+    n = len(rows)
+    print("| **right verdicts** | | " + " | ".join(f"**{totals[c][0]}/{n}**" for c in cols) + " |")
+    print("| **work vs full** | | " + " | ".join(f"{totals[c][1] / max(n, 1):.2f}" for c in cols) + " |")
+
+
+if __name__ == "__main__":
+    main()
