@@ -64,12 +64,28 @@ def cell(v: object, row: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("results", type=Path)
+    ap.add_argument("results", type=Path, nargs="+", help="bench_detect.py --histories outputs (rows are merged)")
     ap.add_argument("--steps", type=int, nargs="*", default=[10, 15, 20, 25, 30])
     ap.add_argument("--two-stage", nargs="*", default=[], help="S1:FRAC, e.g. 10:0.25")
+    ap.add_argument("--sweep", default=None,
+                    help="replay a CNN's patch sweep with only these parametrisations, e.g. '1,3' (1-based, in sweep order)")
     args = ap.parse_args()
-    data = json.loads(args.results.read_text())
-    rows = [r for r in data["rows"] if "histories" in r]
+    docs = [json.loads(p.read_text()) for p in args.results]
+    data = docs[0]
+    seen: set[str] = set()
+    rows = []
+    for d in docs:
+        for r in d["rows"]:
+            if "histories" in r and r["model"] not in seen:
+                seen.add(r["model"])
+                rows.append(r)
+    if args.sweep:
+        keep = {int(v) for v in args.sweep.split(",")}
+        for r in rows:
+            pp = r["histories"].get("patch", {})
+            if len(pp) > 1:
+                names = list(pp)
+                r["histories"]["patch"] = {n: pp[n] for i, n in enumerate(names, 1) if i in keep}
     cols = [f"{s} steps" for s in args.steps] + [f"2-stage {t}" for t in args.two_stage]
     print(f"machine of the recording: {data['machine']}; budget {data['budget']} {data.get('set', '')}\n")
     print("Cell: highest anomaly index, then ✔ / ✘ for a right / wrong verdict (with the flagged class).\n")

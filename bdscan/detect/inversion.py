@@ -15,10 +15,11 @@ What the mask *is* (pixels, tokens) is a :class:`~bdscan.detect.params.TriggerPa
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -202,6 +203,33 @@ def invert(
         :class:`InversionResult` with one :class:`LabelResult` per label, in the order of ``labels``.
     """
     cfg.validate()
+    with frozen(model):
+        return _invert(model, data, param, labels, cfg, progress, device)
+
+
+@contextlib.contextmanager
+def frozen(model: torch.nn.Module) -> Iterator[None]:
+    """Turns off the model's parameter gradients for the duration: inversion differentiates the input only,
+    and weight gradients would cost about a third of every backward pass (and a .grad per weight)."""
+    saved = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in saved:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, rq in saved:
+            p.requires_grad_(rq)
+
+
+def _invert(
+    model: ModelWrapper,
+    data: CleanData,
+    param: TriggerParam,
+    labels: Sequence[int],
+    cfg: InversionConfig,
+    progress: Progress | None,
+    device: torch.device | str,
+) -> InversionResult:
     t0 = time.perf_counter()
     dev = torch.device(device)
     model = model.to(dev).eval()
@@ -214,7 +242,7 @@ def invert(
         # label by label, as the original: each run sees the same batches, so results equal batched ones
         results: list[LabelResult] = []
         for i, lab in enumerate(order):
-            sub = invert(model, data, param, [lab], cfg.with_(batched=True), None, dev)
+            sub = _invert(model, data, param, [lab], cfg.with_(batched=True), None, dev)
             results.extend(sub.labels)
             if progress:
                 progress(i + 1, len(order), {"step": sub.labels[0].steps})

@@ -68,3 +68,57 @@ def test_tiny_vit_patch_aligned_trigger_found_by_patch_mode() -> None:
     a = f.modes["patch"].anomaly
     assert a.min_label == TARGET and a.anomaly_index > 2
     assert f.verdict.status == "backdoor" and f.verdict.target == TARGET
+
+
+def test_history_replays_a_shorter_run(tiny_bd) -> None:
+    """benchmarks/bench_schedule.py rests on this: a label's best size after step s of a long run is what a run
+    of s steps reports, whatever the other labels do (each has its own Adam state, λ and early stop)."""
+    w, data = tiny_bd.tiny.wrapper, tiny_bd.tiny.data
+    cfg = BUDGETS["smoke"].with_(steps=10, samples=48)
+    long = invert(w, data, PixelTrigger(SIZE, SIZE), [0, TARGET, 7], cfg)
+    short = invert(w, data, PixelTrigger(SIZE, SIZE), [TARGET, 7], cfg.with_(steps=6))
+    for s in short.labels:
+        lg = next(r for r in long.labels if r.label == s.label)
+        assert s.steps == min(6, lg.steps)
+        assert s.history == pytest.approx(lg.history[: s.steps])
+        want = lg.history[s.steps - 1]
+        assert (s.norm is None) == (want is None)
+        if want is not None:
+            assert s.norm == pytest.approx(want, rel=1e-5)
+    assert any(r.norm is not None for r in short.labels)
+
+
+@pytest.mark.parametrize(("chunk", "device", "want"), [(None, "cpu", 4), (None, "cuda", 64), (3, "cpu", 3)])
+def test_label_chunk_resolution(chunk: int | None, device: str, want: int) -> None:
+    assert BUDGETS["smoke"].with_(label_chunk=chunk).resolved_label_chunk(device) == want  # smoke: batch 32
+
+
+def test_label_chunk_does_not_change_results(tiny_bd) -> None:
+    w, data = tiny_bd.tiny.wrapper, tiny_bd.tiny.data
+    cfg = BUDGETS["smoke"].with_(steps=6, samples=48)
+    a = invert(w, data, PixelTrigger(SIZE, SIZE), [0, 3, 5, 7], cfg.with_(label_chunk=1))
+    b = invert(w, data, PixelTrigger(SIZE, SIZE), [0, 3, 5, 7], cfg.with_(label_chunk=4))
+    for x, y in zip(a.labels, b.labels, strict=True):
+        assert x.steps == y.steps
+        torch.testing.assert_close(x.mask, y.mask, atol=1e-4, rtol=1e-4)
+
+
+def test_scan_keeps_every_parametrisations_history(tiny_bd) -> None:
+    f = scan(tiny_bd.tiny.wrapper, tiny_bd.tiny.data, ScanConfig(modes=("patch",), inversion=BUDGETS["smoke"].with_(steps=4)))
+    m = f.modes["patch"]
+    assert len(m.histories) == len(m.params) > 1  # a CNN's patch sweep
+    for hs in m.histories.values():
+        assert sorted(hs) == list(range(CLASSES)) and all(len(h) <= 4 for h in hs.values())
+
+
+def test_inversion_never_touches_weight_gradients(tiny_bd) -> None:
+    w, data = tiny_bd.tiny.wrapper, tiny_bd.tiny.data
+    before = [p.requires_grad for p in w.parameters()]
+    w.requires_grad_(True)  # e.g. a model straight from training
+    try:
+        invert(w, data, PixelTrigger(SIZE, SIZE), [TARGET], BUDGETS["smoke"].with_(steps=2, samples=32))
+        assert all(p.grad is None for p in w.parameters())  # no weight gradient was computed
+        assert all(p.requires_grad for p in w.parameters())  # and the caller's setting is restored
+    finally:
+        for p, rq in zip(w.parameters(), before, strict=True):
+            p.requires_grad_(rq)
