@@ -115,6 +115,7 @@ def test_inversion_never_touches_weight_gradients(tiny_bd) -> None:
     w, data = tiny_bd.tiny.wrapper, tiny_bd.tiny.data
     before = [p.requires_grad for p in w.parameters()]
     w.requires_grad_(True)  # e.g. a model straight from training
+    w.zero_grad(set_to_none=True)
     try:
         invert(w, data, PixelTrigger(SIZE, SIZE), [TARGET], BUDGETS["smoke"].with_(steps=2, samples=32))
         assert all(p.grad is None for p in w.parameters())  # no weight gradient was computed
