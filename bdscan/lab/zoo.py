@@ -26,7 +26,7 @@ import platform
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -157,7 +157,8 @@ def default_manifest() -> list[ZooEntry]:
         _clean(c, "bdscan_convit"),
         _badnets(c, "bdscan_convit", 1, 4, [24, 8], "random", seed=7),            # aligned
         _clean(c, "bdscan_cct"),
-        _badnets(c, "bdscan_cct", 7, 4, [28, 28]),                                 # aligned, corner
+        # 3 epochs at 10 % poison reached only 68 % ASR on this weak (49 %) CCT: it gets 6 epochs at 15 %
+        replace(_badnets(c, "bdscan_cct", 7, 4, [28, 28]), inject={"epochs": 6, "poison_rate": 0.15}),  # aligned, corner
     ]
 
 
@@ -505,6 +506,7 @@ def _pct(v: Any) -> str:
 def render_readme(records: Sequence[dict[str, Any]]) -> str:
     """``sample_models/README.md``: the paper's Tables 2-3 for this zoo, then every model with its command."""
     by = {r["name"]: r for r in records}
+    overrides = [f"{r['name']} ({', '.join(f'{k} {v}' for k, v in r['inject'].items())})" for r in records if r.get("inject")]
     lines = [
         "# bdscan sample models",
         "",
@@ -519,7 +521,8 @@ def render_readme(records: Sequence[dict[str, Any]]) -> str:
         "  a backdoored model and its clean twin. ASR = share of stamped test images *not of the target class*",
         "  classified as the target.",
         "* Backdoors are injected as in the paper (\"pretrained backdoor attack\"): the clean model is fine-tuned",
-        "  on training data where 10 % of the images carry the trigger and the target label.",
+        "  on training data where 10 % of the images carry the trigger and the target label"
+        + (f"; the manifest overrides this recipe for {'; '.join(overrides)}." if overrides else "."),
         f"* A backdoored model **counts** when ASR ≥ {COUNT_MIN_ASR:.0%} and its clean accuracy is at most"
         f" {100 * COUNT_MAX_DROP:.0f} points below its clean twin's.",
         "* Weights are stored as float16 and load as float32; accuracies were measured after the rounding.",
