@@ -38,6 +38,9 @@ def smin(vals: list[float | None]) -> float | None:
     return min(ok) if ok else None
 
 
+LOG = False
+
+
 def replay(row: dict, steps_of: dict[int, int] | int) -> tuple[object, float]:
     """The verdict (and work in label-steps) when label ``k`` runs ``steps_of[k]`` steps."""
     modes, work = {}, 0.0
@@ -48,7 +51,11 @@ def replay(row: dict, steps_of: dict[int, int] | int) -> tuple[object, float]:
             s = steps_of if isinstance(steps_of, int) else steps_of[k]
             norms[k] = smin([at(hs[str(k)], s) for hs in per_param.values()])
             work += sum(min(s, len(hs[str(k)])) for hs in per_param.values())
-        an = anomaly(norms, 2.0, PATCH_MAD_FLOOR if mode == "patch" else 0.0)
+        if LOG:  # the same MAD test on log sizes (scale-free); the token floor has no meaning there
+            norms = {k: (math.log(max(v, 1e-6)) if v is not None else None) for k, v in norms.items()}
+            an = anomaly(norms, 2.0, 0.0)
+        else:
+            an = anomaly(norms, 2.0, PATCH_MAD_FLOOR if mode == "patch" else 0.0)
         modes[mode] = SimpleNamespace(anomaly=an)
     return combine(modes, 2.0), work
 
@@ -69,7 +76,10 @@ def main() -> None:
     ap.add_argument("--two-stage", nargs="*", default=[], help="S1:FRAC, e.g. 10:0.25")
     ap.add_argument("--sweep", default=None,
                     help="replay a CNN's patch sweep with only these parametrisations, e.g. '1,3' (1-based, in sweep order)")
+    ap.add_argument("--log", action="store_true", help="replay the outlier test on log sizes instead of sizes")
     args = ap.parse_args()
+    global LOG
+    LOG = args.log
     docs = [json.loads(p.read_text()) for p in args.results]
     data = docs[0]
     seen: set[str] = set()

@@ -7,9 +7,10 @@ from typing import Any
 
 from bdscan.errors import UsageError
 
-#: images per batched forward on a CPU: forward+backward throughput of the zoo's models peaks between 64 and 128
-#: images and falls by up to 2.6× at 688 (43 labels × 16 images), as memory traffic outgrows the caches
-CPU_CHUNK_IMAGES = 128
+#: images per batched forward and per torch thread on a CPU. Measured forward+backward throughput of the zoo's
+#: models (benchmarks/README.md, "Label chunks"): with 2 threads it peaks at 32-64 images per forward; with
+#: 1 thread 16 images run 1.7× faster than 128 (the activations of a bigger chunk outgrow the core's caches)
+CPU_CHUNK_IMAGES_PER_THREAD = 32
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,9 @@ class InversionConfig:
             return self.label_chunk
         if str(device).startswith("cuda"):
             return 64
-        return max(1, CPU_CHUNK_IMAGES // self.batch_size)
+        import torch  # here, so that configurations stay importable without loading torch
+
+        return max(1, CPU_CHUNK_IMAGES_PER_THREAD * torch.get_num_threads() // self.batch_size)
 
     def with_(self, **changes: Any) -> InversionConfig:
         return replace(self, **changes)

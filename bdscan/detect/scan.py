@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from bdscan.data import CleanData
@@ -164,6 +164,8 @@ def scan(model: ModelWrapper, data: CleanData, cfg: ScanConfig, progress: ScanPr
         :class:`ScanFindings`.
     """
     t0 = time.perf_counter()
+    # resolve the label chunk now, so that the findings (and every report) carry the value that ran
+    cfg = replace(cfg, inversion=cfg.inversion.with_(label_chunk=cfg.inversion.resolved_label_chunk(cfg.device)))
     labels = list(cfg.labels) if cfg.labels is not None else list(range(model.num_classes))
     bad = [k for k in labels if not 0 <= k < model.num_classes]
     if bad:

@@ -38,7 +38,7 @@ def _f(x: float | None, nd: int = 6) -> float | None:
 
 def versions() -> dict[str, str]:
     return {"bdscan": bdscan.__version__, "python": platform.python_version(), "torch": torch.__version__,
-            "timm": timm.__version__}
+            "timm": timm.__version__, "torch_threads": str(torch.get_num_threads())}
 
 
 def model_section(lm: LoadedModel) -> dict[str, Any]:

@@ -88,8 +88,10 @@ def test_history_replays_a_shorter_run(tiny_bd) -> None:
     assert any(r.norm is not None for r in short.labels)
 
 
-@pytest.mark.parametrize(("chunk", "device", "want"), [(None, "cpu", 4), (None, "cuda", 64), (3, "cpu", 3)])
-def test_label_chunk_resolution(chunk: int | None, device: str, want: int) -> None:
+@pytest.mark.parametrize(("chunk", "device", "threads", "want"),
+                         [(None, "cpu", 1, 1), (None, "cpu", 4, 4), (None, "cuda", 1, 64), (3, "cpu", 1, 3)])
+def test_label_chunk_resolution(chunk: int | None, device: str, threads: int, want: int, monkeypatch) -> None:
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     assert BUDGETS["smoke"].with_(label_chunk=chunk).resolved_label_chunk(device) == want  # smoke: batch 32
 
 
