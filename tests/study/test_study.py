@@ -121,6 +121,18 @@ def test_hash_ignores_models_filter() -> None:
     assert CFG.hash_for(e) != CFG.hash_for({**e, "config_hash": "y"})
 
 
+def test_hash_follows_the_budgets_values(monkeypatch) -> None:
+    """A preset whose values change under the same name must not reuse results made with the old values."""
+    from bdscan.detect import config
+
+    e = {"name": "a", "config_hash": "x", "file": "a.safetensors"}
+    before = CFG.hash_for(e)
+    monkeypatch.setitem(config.BUDGETS, CFG.budget, config.BUDGETS[CFG.budget].with_(label_chunk=3))
+    assert CFG.hash_for(e) == before  # how labels are grouped per forward is not part of the result
+    monkeypatch.setitem(config.BUDGETS, CFG.budget, config.BUDGETS[CFG.budget].with_(steps=7))
+    assert CFG.hash_for(e) != before
+
+
 def _prec(ks: list[int], neurons: int, value: float = 0.5) -> list[dict[str, Any]]:
     return [{"k": k, "k_used": min(k, neurons), "capped": k > neurons, "precision": 1.0 if k >= neurons else value} for k in ks]
 
