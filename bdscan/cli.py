@@ -417,8 +417,9 @@ def scan_pipeline(lm: Any, clean: Any, data_path: Path, mode: Mode, budget_name:
                   f"{len(clean)} clean images from {escape(data_path.name)}; budget {budget_name}; modes {', '.join(modes)}")
         if "patch" in modes:
             sweep = "/".join(map(str, cfg.cnn_patch_sizes))
+            shifted = " and half-patch offsets" if cfg.cnn_patch_offsets else ""
             err.print("token grid: " + (f"{grid.grid[0]}×{grid.grid[1]}, stride {grid.stride} ({escape(grid.source)})" if grid
-                                        else f"none found: sweeping {sweep}-pixel grids and half-patch offsets"))
+                                        else f"none found: sweeping {sweep}-pixel grids{shifted}"))
     with progress_bar(not quiet) as bar:
         tasks: dict[str, Any] = {}
 

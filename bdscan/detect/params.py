@@ -143,11 +143,11 @@ class PatchTrigger:
         }
 
 
-def cnn_patch_sweep(height: int, width: int, sizes: tuple[int, ...] = (4, 8)) -> list[PatchTrigger]:
+def cnn_patch_sweep(height: int, width: int, sizes: tuple[int, ...] = (4, 8), half_offsets: bool = True) -> list[PatchTrigger]:
     """Patch parametrisations for a model without a token grid (a CNN).
 
-    A CNN has no patches of its own, so we sweep grid sizes ``sizes`` and, for each, a grid shifted by
-    half a patch; each label keeps its minimum over the sweep. Counts are expressed in units of the
+    A CNN has no patches of its own, so we sweep grid sizes ``sizes`` and, with ``half_offsets``, for each a
+    grid shifted by half a patch; each label keeps its minimum over the sweep. Counts are expressed in units of the
     finest grid's patch (``min(sizes)²`` pixels) so that different grids compare.
     """
     unit = min(sizes) ** 2
@@ -155,5 +155,6 @@ def cnn_patch_sweep(height: int, width: int, sizes: tuple[int, ...] = (4, 8)) ->
     for p in sizes:
         g = TokenGrid((height // p, width // p), p, p, 0, f"CNN sweep: {p}x{p} grid")
         out.append(PatchTrigger(g, height, width, 0, unit, name=f"patch{p}"))
-        out.append(PatchTrigger(g, height, width, -(p // 2), unit, name=f"patch{p}+half"))
+        if half_offsets:
+            out.append(PatchTrigger(g, height, width, -(p // 2), unit, name=f"patch{p}+half"))
     return out

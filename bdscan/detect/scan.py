@@ -39,6 +39,7 @@ class ScanConfig:
         labels: candidate labels (None = all).
         device: "cpu" or "cuda".
         cnn_patch_sizes: grid sizes swept in patch mode for models without a token grid.
+        cnn_patch_offsets: also sweep each grid shifted by half a patch (twice the cost).
     """
 
     modes: tuple[str, ...] = MODES
@@ -48,6 +49,7 @@ class ScanConfig:
     labels: tuple[int, ...] | None = None
     device: str = "cpu"
     cnn_patch_sizes: tuple[int, ...] = (4, 8)
+    cnn_patch_offsets: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -114,7 +116,7 @@ class ScanFindings:
     seconds: float
 
 
-def params_for(model: ModelWrapper, mode: str, cnn_sizes: tuple[int, ...]) -> list[TriggerParam]:
+def params_for(model: ModelWrapper, mode: str, cnn_sizes: tuple[int, ...], cnn_offsets: bool = True) -> list[TriggerParam]:
     """The parametrisations a mode uses on ``model``."""
     _, h, w = model.input_size
     if mode == "pixel":
@@ -122,7 +124,7 @@ def params_for(model: ModelWrapper, mode: str, cnn_sizes: tuple[int, ...]) -> li
     if mode == "patch":
         grid = model.token_grid
         if grid is None:
-            return list(cnn_patch_sweep(h, w, cnn_sizes))
+            return list(cnn_patch_sweep(h, w, cnn_sizes, cnn_offsets))
         return [PatchTrigger(grid, h, w)]
     raise UsageError(f"unknown scan mode {mode!r}", "use pixel, patch or both")
 
@@ -174,7 +176,7 @@ def scan(model: ModelWrapper, data: CleanData, cfg: ScanConfig, progress: ScanPr
     samples_used = 0
     for mode in cfg.modes:
         tm = time.perf_counter()
-        params = params_for(model, mode, cfg.cnn_patch_sizes)
+        params = params_for(model, mode, cfg.cnn_patch_sizes, cfg.cnn_patch_offsets)
         best: dict[int, LabelResult] = {}
         histories: dict[str, dict[int, list[float | None]]] = {}
         for pi, param in enumerate(params):

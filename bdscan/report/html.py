@@ -384,7 +384,8 @@ def _model(doc: dict[str, Any], names: list[str]) -> dict[str, Any]:
     else:
         sizes = _g(doc, "config", "cnn_patch_sizes") or []
         token = "none (no patch embedding: a CNN)"
-        token_src = ("patch mode swept square grids of " + ", ".join(f"{s} px" for s in sizes)) if sizes else "—"
+        shifted = " (each also shifted by half a patch)" if _g(doc, "config", "cnn_patch_offsets") is not False else ""
+        token_src = ("patch mode swept square grids of " + ", ".join(f"{s} px" for s in sizes) + shifted) if sizes else "—"
     ps = m.get("pickle_scan")
     fmt = m.get("format") or "?"
     if ps is None:

@@ -117,7 +117,7 @@ class StudyConfig:
         inv = budget_config(self.budget).to_dict()
         inv.pop("label_chunk")
         d["inversion"] = inv
-        d["cnn_patch_sizes"] = list(self.scan_config().cnn_patch_sizes)
+        d["cnn_patch_sweep"] = [list(self.scan_config().cnn_patch_sizes), self.scan_config().cnn_patch_offsets]
         key = json.dumps({"study": d, "model": entry.get("config_hash"), "file": entry.get("file")}, sort_keys=True)
         return hashlib.sha256(key.encode()).hexdigest()[:16]
 

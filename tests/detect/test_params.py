@@ -56,3 +56,8 @@ def test_cnn_sweep_units_and_shift() -> None:
     pix = shifted.pixel_mask(one_token(shifted.mask_shape, 1, 1))
     # a half-shifted cell (1, 1) covers pixels 4..11
     assert float(pix[0, 0, 4:12, 4:12].min()) > 0.99 and float(pix.sum()) == pytest.approx(64.0, abs=1e-2)
+
+
+def test_cnn_sweep_without_offsets() -> None:
+    assert [s.name for s in cnn_patch_sweep(32, 32, (4,), half_offsets=False)] == ["patch4"]
+    assert [s.name for s in cnn_patch_sweep(32, 32, (4,))] == ["patch4", "patch4+half"]
