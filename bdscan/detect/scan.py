@@ -48,8 +48,11 @@ class ScanConfig:
     threshold: float = 2.0
     labels: tuple[int, ...] | None = None
     device: str = "cpu"
-    cnn_patch_sizes: tuple[int, ...] = (4, 8)
-    cnn_patch_offsets: bool = True
+    # One 4-pixel grid: on the sample zoo's 9 CNN models, replaying the recorded runs with fewer sweep members
+    # (benchmarks/bench_schedule.py --sweep) kept every right verdict and removed a false alarm of the full
+    # 4/8-pixel, half-offset sweep on a clean ResNet-18 (2.44 -> 1.65), at 2/5 of the CNN's scan time.
+    cnn_patch_sizes: tuple[int, ...] = (4,)
+    cnn_patch_offsets: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -106,7 +106,8 @@ def test_label_chunk_does_not_change_results(tiny_bd) -> None:
 
 
 def test_scan_keeps_every_parametrisations_history(tiny_bd) -> None:
-    f = scan(tiny_bd.tiny.wrapper, tiny_bd.tiny.data, ScanConfig(modes=("patch",), inversion=BUDGETS["smoke"].with_(steps=4)))
+    f = scan(tiny_bd.tiny.wrapper, tiny_bd.tiny.data, ScanConfig(modes=("patch",), inversion=BUDGETS["smoke"].with_(steps=4),
+                                                                 cnn_patch_sizes=(4, 8), cnn_patch_offsets=True))
     m = f.modes["patch"]
     assert len(m.histories) == len(m.params) > 1  # a CNN's patch sweep
     for hs in m.histories.values():
