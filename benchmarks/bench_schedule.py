@@ -60,6 +60,35 @@ def replay(row: dict, steps_of: dict[int, int] | int) -> tuple[object, float]:
     return combine(modes, 2.0), work
 
 
+def modes_at(row: dict, s: int) -> dict[str, object]:
+    """Per mode: the anomaly result a run of ``s`` steps gives (same replay as :func:`replay`)."""
+    out = {}
+    for mode, per_param in row["histories"].items():
+        labels = sorted({int(k) for hs in per_param.values() for k in hs})
+        norms = {k: smin([at(hs[str(k)], s) for hs in per_param.values()]) for k in labels}
+        out[mode] = anomaly(norms, 2.0, PATCH_MAD_FLOOR if mode == "patch" else 0.0)
+    return out
+
+
+def detail(rows: list[dict], s: int) -> None:
+    """The detection table of benchmarks/README.md for a run of ``s`` steps."""
+    print("\n| model | kind | true target | pixel AI (smallest class) | patch AI (smallest class) | verdict | recorded s |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    right = 0
+    for r in rows:
+        an = modes_at(r, s)
+        v = combine({m: SimpleNamespace(anomaly=a) for m, a in an.items()}, 2.0)
+        ok = cell(v, r).split()[1].startswith("✔")
+        right += ok
+        cells = [f"{an[m].anomaly_index:.2f} ({an[m].min_label})" if m in an else "–" for m in ("pixel", "patch")]
+        tgt = r["true_target"] if r["true_target"] is not None else "–"
+        verdict = f"{v.status} ({v.target}, {v.basis})" if v.status == "backdoor" else v.status
+        sweep = r.get("recorded_sweep", len(r["histories"].get("patch", {})))
+        secs = f"{r['seconds']:.0f}" + (f" (recorded with a {sweep}-grid sweep)" if sweep > 1 else "")
+        print(f"| {r['model']} | {r['kind']} | {tgt} | {cells[0]} | {cells[1]} | {verdict} {'✔' if ok else '✘'} | {secs} |")
+    print(f"\nright verdicts: {right} of {len(rows)}")
+
+
 def cell(v: object, row: dict) -> str:
     tgt = row["true_target"]
     if v.status == "backdoor":
@@ -76,6 +105,7 @@ def main() -> None:
     ap.add_argument("--two-stage", nargs="*", default=[], help="S1:FRAC, e.g. 10:0.25")
     ap.add_argument("--sweep", default=None,
                     help="replay a CNN's patch sweep with only these parametrisations, e.g. '1,3' (1-based, in sweep order)")
+    ap.add_argument("--detail", type=int, default=None, metavar="S", help="print the per-model detection table at S steps")
     ap.add_argument("--log", action="store_true", help="replay the outlier test on log sizes instead of sizes")
     args = ap.parse_args()
     global LOG
@@ -93,9 +123,13 @@ def main() -> None:
         keep = {int(v) for v in args.sweep.split(",")}
         for r in rows:
             pp = r["histories"].get("patch", {})
+            r["recorded_sweep"] = len(pp)
             if len(pp) > 1:
                 names = list(pp)
                 r["histories"]["patch"] = {n: pp[n] for i, n in enumerate(names, 1) if i in keep}
+    if args.detail:
+        detail(rows, args.detail)
+        return
     cols = [f"{s} steps" for s in args.steps] + [f"2-stage {t}" for t in args.two_stage]
     print(f"machine of the recording: {data['machine']}; budget {data['budget']} {data.get('set', '')}\n")
     print("Cell: highest anomaly index, then ✔ / ✘ for a right / wrong verdict (with the flagged class).\n")
