@@ -45,7 +45,7 @@ class UnsafeModelError(BdscanError):
 
     Attributes:
         findings: the scanner's findings as ``"module.name"`` strings.
-        fmt: the file's format as the refusing loader read it (e.g. "state_dict", "torch.export").
+        fmt: the file's format as the refusing loader read it (e.g. "state-dict", "torch-export").
         scanner: what found the problem (e.g. "picklescan 1.0.5 + bdscan deny-list").
     """
 

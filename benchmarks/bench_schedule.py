@@ -38,36 +38,37 @@ def smin(vals: list[float | None]) -> float | None:
     return min(ok) if ok else None
 
 
-LOG = False
+def labels_of(per_param: dict) -> list[int]:
+    return sorted({int(k) for hs in per_param.values() for k in hs})
 
 
-def replay(row: dict, steps_of: dict[int, int] | int) -> tuple[object, float]:
-    """The verdict (and work in label-steps) when label ``k`` runs ``steps_of[k]`` steps."""
+def replay(row: dict, steps_of: dict[int, int] | int, log: bool = False) -> tuple[dict[str, object], object, float]:
+    """Per-mode anomaly results, the combined verdict, and the work in label-steps, when label ``k`` runs
+    ``steps_of[k]`` steps (or every label ``steps_of``). ``log``: the same MAD test on log sizes (scale-free;
+    the token floor has no meaning there)."""
     modes, work = {}, 0.0
     for mode, per_param in row["histories"].items():
-        labels = sorted({int(k) for hs in per_param.values() for k in hs})
         norms = {}
-        for k in labels:
+        for k in labels_of(per_param):
             s = steps_of if isinstance(steps_of, int) else steps_of[k]
             norms[k] = smin([at(hs[str(k)], s) for hs in per_param.values()])
             work += sum(min(s, len(hs[str(k)])) for hs in per_param.values())
-        if LOG:  # the same MAD test on log sizes (scale-free); the token floor has no meaning there
+        if log:
             norms = {k: (math.log(max(v, 1e-6)) if v is not None else None) for k, v in norms.items()}
-            an = anomaly(norms, 2.0, 0.0)
-        else:
-            an = anomaly(norms, 2.0, PATCH_MAD_FLOOR if mode == "patch" else 0.0)
-        modes[mode] = SimpleNamespace(anomaly=an)
-    return combine(modes, 2.0), work
+        modes[mode] = anomaly(norms, 2.0, PATCH_MAD_FLOOR if mode == "patch" and not log else 0.0)
+    return modes, combine({m: SimpleNamespace(anomaly=a) for m, a in modes.items()}, 2.0), work
 
 
-def modes_at(row: dict, s: int) -> dict[str, object]:
-    """Per mode: the anomaly result a run of ``s`` steps gives (same replay as :func:`replay`)."""
-    out = {}
-    for mode, per_param in row["histories"].items():
-        labels = sorted({int(k) for hs in per_param.values() for k in hs})
-        norms = {k: smin([at(hs[str(k)], s) for hs in per_param.values()]) for k in labels}
-        out[mode] = anomaly(norms, 2.0, PATCH_MAD_FLOOR if mode == "patch" else 0.0)
-    return out
+def two_stage_steps(row: dict, s1: int, frac: float, full: int) -> dict[int, int]:
+    """Steps per label when every label runs ``s1`` steps and the lowest ``frac`` of them, by size after ``s1``
+    in any mode, run on to ``full``."""
+    keep: set[int] = set()
+    for per_param in row["histories"].values():
+        labels = labels_of(per_param)
+        size = {k: smin([at(hs[str(k)], s1) for hs in per_param.values()]) for k in labels}
+        order = sorted(labels, key=lambda k: (size[k] is None, size[k] or 0.0))
+        keep |= set(order[: max(3, math.ceil(frac * len(labels)))])
+    return {k: (full if k in keep else s1) for k in labels_of(next(iter(row["histories"].values())))}
 
 
 def detail(rows: list[dict], s: int) -> None:
@@ -76,8 +77,7 @@ def detail(rows: list[dict], s: int) -> None:
     print("| --- | --- | --- | --- | --- | --- | --- |")
     right = 0
     for r in rows:
-        an = modes_at(r, s)
-        v = combine({m: SimpleNamespace(anomaly=a) for m, a in an.items()}, 2.0)
+        an, v, _ = replay(r, s)
         ok = cell(v, r).split()[1].startswith("✔")
         right += ok
         cells = [f"{an[m].anomaly_index:.2f} ({an[m].min_label})" if m in an else "–" for m in ("pixel", "patch")]
@@ -108,8 +108,6 @@ def main() -> None:
     ap.add_argument("--detail", type=int, default=None, metavar="S", help="print the per-model detection table at S steps")
     ap.add_argument("--log", action="store_true", help="replay the outlier test on log sizes instead of sizes")
     args = ap.parse_args()
-    global LOG
-    LOG = args.log
     docs = [json.loads(p.read_text()) for p in args.results]
     data = docs[0]
     seen: set[str] = set()
@@ -139,28 +137,14 @@ def main() -> None:
     full = max(args.steps)
     for r in rows:
         cells = []
-        _, full_work = replay(r, full)
-        for s in args.steps:
-            v, w = replay(r, s)
+        _, _, full_work = replay(r, full, args.log)
+        plans = [(f"{s} steps", s) for s in args.steps]
+        plans += [(f"2-stage {t}", two_stage_steps(r, int(t.split(":")[0]), float(t.split(":")[1]), full)) for t in args.two_stage]
+        for col, steps_of in plans:
+            _, v, w = replay(r, steps_of, args.log)
             cells.append(cell(v, r))
-            totals[f"{s} steps"][0] += cells[-1].split()[1].startswith("✔")
-            totals[f"{s} steps"][1] += w / full_work
-        for t in args.two_stage:
-            s1, frac = t.split(":")
-            s1, frac = int(s1), float(frac)
-            per_mode_steps: dict[int, int] = {}
-            # rank labels by their smallest size after s1 over all modes' ranks (a label low in any mode continues)
-            keep: set[int] = set()
-            for per_param in r["histories"].values():
-                labels = sorted({int(k) for hs in per_param.values() for k in hs})
-                size = {k: smin([at(hs[str(k)], s1) for hs in per_param.values()]) for k in labels}
-                order = sorted(labels, key=lambda k: (size[k] is None, size[k] or 0.0))
-                keep |= set(order[: max(3, math.ceil(frac * len(labels)))])
-                per_mode_steps = {k: (full if k in keep else s1) for k in labels}
-            v, w = replay(r, per_mode_steps)
-            cells.append(cell(v, r))
-            totals[f"2-stage {t}"][0] += cells[-1].split()[1].startswith("✔")
-            totals[f"2-stage {t}"][1] += w / full_work
+            totals[col][0] += cells[-1].split()[1].startswith("✔")
+            totals[col][1] += w / full_work
         print(f"| {r['model']} | {r['true_target'] if r['true_target'] is not None else '-'} | " + " | ".join(cells) + " |")
     n = len(rows)
     print("| **right verdicts** | | " + " | ".join(f"**{totals[c][0]}/{n}**" for c in cols) + " |")

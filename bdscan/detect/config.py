@@ -8,7 +8,7 @@ from typing import Any
 from bdscan.errors import UsageError
 
 #: images per batched forward and per torch thread on a CPU. Measured forward+backward throughput of the zoo's
-#: models (benchmarks/README.md, "Label chunks"): with 2 threads it peaks at 32-64 images per forward; with
+#: models (benchmarks/README.md, "Label chunks (adopted)"): with 2 threads it peaks at 32-64 images per forward; with
 #: 1 thread 16 images run 1.7× faster than 128 (the activations of a bigger chunk outgrow the core's caches)
 CPU_CHUNK_IMAGES_PER_THREAD = 32
 
@@ -37,8 +37,8 @@ class InversionConfig:
         early_stop_patience: see above.
         early_stop_threshold: see above.
         label_chunk: labels optimised together in one batched forward; None = automatic: on a CPU as many as
-            make about :data:`CPU_CHUNK_IMAGES` images per forward (measured fastest, benchmarks/README.md), on a
-            GPU up to 64 labels.
+            make about :data:`CPU_CHUNK_IMAGES_PER_THREAD` images per torch thread per forward (measured fastest,
+            benchmarks/README.md), on a GPU up to 64 labels.
         batched: optimise labels together (False = label by label, as the original).
         seed: seed of mask/pattern initialisation and of the mini-batch order.
     """

@@ -119,7 +119,7 @@ class ScanFindings:
     seconds: float
 
 
-def params_for(model: ModelWrapper, mode: str, cnn_sizes: tuple[int, ...], cnn_offsets: bool = True) -> list[TriggerParam]:
+def params_for(model: ModelWrapper, mode: str, cnn_sizes: tuple[int, ...], cnn_offsets: bool) -> list[TriggerParam]:
     """The parametrisations a mode uses on ``model``."""
     _, h, w = model.input_size
     if mode == "pixel":

@@ -112,12 +112,12 @@ class StudyConfig:
         manifest entry's own build hash (a rebuilt model is studied again)."""
         d = self.to_dict()
         d.pop("models")
-        # the budget's values, not only its name: a changed preset must not reuse results of the old one
-        # (the label chunk is left out: it changes how labels are grouped per forward, not what is computed)
-        inv = budget_config(self.budget).to_dict()
-        inv.pop("label_chunk")
-        d["inversion"] = inv
-        d["cnn_patch_sweep"] = [list(self.scan_config().cnn_patch_sizes), self.scan_config().cnn_patch_offsets]
+        # the resolved scan configuration (the budget's values, the CNN sweep), not only the budget's name: a
+        # changed preset must not reuse results of the old one. The label chunk is left out: it changes how
+        # labels are grouped per forward, not what is computed.
+        scan = self.scan_config().to_dict()
+        scan["inversion"].pop("label_chunk")
+        d["scan"] = scan
         key = json.dumps({"study": d, "model": entry.get("config_hash"), "file": entry.get("file")}, sort_keys=True)
         return hashlib.sha256(key.encode()).hexdigest()[:16]
 
