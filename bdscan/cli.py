@@ -31,6 +31,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from bdscan import __version__
+from bdscan.detect.config import BUDGETS, DEFAULT_BUDGET
 from bdscan.errors import BdscanError, LoadError, NumericalError, UnsafeModelError, UsageError
 
 EXIT_CLEAN, EXIT_FINDING, EXIT_USAGE, EXIT_LOAD, EXIT_INTERNAL = 0, 1, 2, 3, 4
@@ -42,6 +43,7 @@ EXIT_CODES: dict[type[BaseException], int] = {
     NumericalError: EXIT_LOAD,
     BdscanError: EXIT_INTERNAL,
 }
+_BUDGET_HELP = f"{', '.join(BUDGETS)} (default {DEFAULT_BUDGET}; original = Neural Cleanse's own schedule)."
 EXIT_HELP = (
     "Exit codes: 0 clean; 1 backdoor suspected or unsafe serialization; 2 usage error; "
     "3 model or data cannot be loaded; 4 internal error."
@@ -296,7 +298,7 @@ def scan_cmd(
     model: Annotated[Path, typer.Argument(help="Model file (.safetensors, .pt/.pth, TorchScript, .pt2, .onnx).")],
     data: Annotated[Path | None, typer.Option("--data", help="Clean images: a folder (one sub-folder per class) or .npz.")] = None,
     mode: Annotated[Mode, typer.Option("--mode", help="Pixel-level, patch-level (token grid) or both.")] = Mode.both,
-    budget_name: Annotated[str, typer.Option("--budget", help="smoke, fast (default), thorough, original (Neural Cleanse's own).")] = "fast",
+    budget_name: Annotated[str, typer.Option("--budget", help=_BUDGET_HELP)] = DEFAULT_BUDGET,
     steps: Annotated[int | None, typer.Option("--steps", help="Override the budget's maximum steps.")] = None,
     samples: Annotated[int | None, typer.Option("--samples", help="Override the number of clean samples used.")] = None,
     samples_per_class: Annotated[int | None, typer.Option("--samples-per-class", help="Read at most this many images per class.")] = None,
@@ -553,7 +555,7 @@ def repair_cmd(
     tolerance: Annotated[float, typer.Option("--tolerance", help="Refuse to export if clean accuracy drops by more points.")] = 3.0,
     force: Annotated[bool, typer.Option("--force", help="Export even when the accuracy drop exceeds the tolerance.")] = False,
     mode: Annotated[Mode, typer.Option("--mode", help="Levels of the scan run when --scan is not given.")] = Mode.both,
-    budget_name: Annotated[str, typer.Option("--budget", help="Budget of the scan run when --scan is not given.")] = "fast",
+    budget_name: Annotated[str, typer.Option("--budget", help="Budget of the scan run when --scan is not given.")] = DEFAULT_BUDGET,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the scan document with its repair section here.")] = None,
     report_path: Annotated[Path | None, typer.Option("--report", help="Write the HTML report (with a repair section) here.")] = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,
@@ -673,7 +675,7 @@ def study_cmd(
     manifest: Annotated[Path, typer.Argument(help="Zoo manifest (e.g. sample_models/zoo.json).")],
     out_dir: Annotated[Path, typer.Option("--out", help="Study folder: study.md, study.html, study.json, figures/, models/.")],
     models: Annotated[list[str] | None, typer.Option("--models", help="Only these zoo models (repeatable).")] = None,
-    budget_name: Annotated[str, typer.Option("--budget", help="Scan budget for every model.")] = "fast",
+    budget_name: Annotated[str, typer.Option("--budget", help="Scan budget for every model.")] = DEFAULT_BUDGET,
     repair_epochs: Annotated[int, typer.Option("--repair-epochs", help="Unlearning epochs (Tables 4-5).")] = 8,
     no_repair: Annotated[bool, typer.Option("--no-repair", help="Skip Tables 4-5.")] = False,
     seed: Annotated[int, typer.Option("--seed")] = 0,

@@ -98,33 +98,66 @@ def cell(v: object, row: dict) -> str:
     return f"{v.anomaly_index:.2f} {mark}"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("results", type=Path, nargs="+", help="bench_detect.py --histories outputs (rows are merged)")
-    ap.add_argument("--steps", type=int, nargs="*", default=[10, 15, 20, 25, 30])
-    ap.add_argument("--two-stage", nargs="*", default=[], help="S1:FRAC, e.g. 10:0.25")
-    ap.add_argument("--sweep", default=None,
-                    help="replay a CNN's patch sweep with only these parametrisations, e.g. '1,3' (1-based, in sweep order)")
-    ap.add_argument("--detail", type=int, default=None, metavar="S", help="print the per-model detection table at S steps")
-    ap.add_argument("--log", action="store_true", help="replay the outlier test on log sizes instead of sizes")
-    args = ap.parse_args()
-    docs = [json.loads(p.read_text()) for p in args.results]
-    data = docs[0]
+def load_rows(paths: list[Path], sweep: str | None = None) -> list[dict]:
+    """The recorded rows of ``paths`` (first recording of a model wins); ``sweep`` keeps only those CNN patch grids."""
     seen: set[str] = set()
     rows = []
-    for d in docs:
-        for r in d["rows"]:
+    for p in paths:
+        for r in json.loads(p.read_text())["rows"]:
             if "histories" in r and r["model"] not in seen:
                 seen.add(r["model"])
                 rows.append(r)
-    if args.sweep:
-        keep = {int(v) for v in args.sweep.split(",")}
+    if sweep:
+        keep = {int(v) for v in sweep.split(",")}
         for r in rows:
             pp = r["histories"].get("patch", {})
             r["recorded_sweep"] = len(pp)
             if len(pp) > 1:
                 names = list(pp)
                 r["histories"]["patch"] = {n: pp[n] for i, n in enumerate(names, 1) if i in keep}
+    return rows
+
+
+def compare(specs: list[str], sweep: str | None, steps: int) -> None:
+    """One column per recording (``NAME=file[,file]``, e.g. one budget at one seed): each model's verdict."""
+    recs = {s.split("=", 1)[0]: {r["model"]: r for r in load_rows([Path(p) for p in s.split("=", 1)[1].split(",")], sweep)}
+            for s in specs}
+    models = list(dict.fromkeys(m for rec in recs.values() for m in rec))
+    print("| model | true target | " + " | ".join(recs) + " |")
+    print("| --- | --- | " + " | ".join("---" for _ in recs) + " |")
+    right = {n: [0, 0] for n in recs}
+    for m in models:
+        cells = []
+        for n, rec in recs.items():
+            if m not in rec:
+                cells.append("not run")
+                continue
+            _, v, _ = replay(rec[m], steps)
+            cells.append(cell(v, rec[m]))
+            right[n][0] += cells[-1].split()[1].startswith("✔")
+            right[n][1] += 1
+        tgt = next(rec[m]["true_target"] for rec in recs.values() if m in rec)
+        print(f"| {m} | {tgt if tgt is not None else '-'} | " + " | ".join(cells) + " |")
+    print("| **right verdicts** | | " + " | ".join(f"**{a}/{b}**" for a, b in right.values()) + " |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("results", type=Path, nargs="*", help="bench_detect.py --histories outputs (rows are merged)")
+    ap.add_argument("--steps", type=int, nargs="*", default=[10, 15, 20, 25, 30])
+    ap.add_argument("--two-stage", nargs="*", default=[], help="S1:FRAC, e.g. 10:0.25")
+    ap.add_argument("--sweep", default=None,
+                    help="replay a CNN's patch sweep with only these parametrisations, e.g. '1,3' (1-based, in sweep order)")
+    ap.add_argument("--detail", type=int, default=None, metavar="S", help="print the per-model detection table at S steps")
+    ap.add_argument("--log", action="store_true", help="replay the outlier test on log sizes instead of sizes")
+    ap.add_argument("--compare", nargs="*", metavar="NAME=FILES",
+                    help="instead: one column per recording (NAME=file.json[,more.json]), verdicts at the largest --steps")
+    args = ap.parse_args()
+    if args.compare:
+        compare(args.compare, args.sweep, max(args.steps))
+        return
+    data = json.loads(args.results[0].read_text())
+    rows = load_rows(args.results, args.sweep)
     if args.detail:
         detail(rows, args.detail)
         return

@@ -2,10 +2,10 @@
 
 Usage:
     python benchmarks/bench_speed.py MODEL [MODEL ...] [--labels-sample 5] [--full-original] [--threads 2]
-                                     [--device cpu|cuda] [--out benchmarks/results/speed.json]
+                                     [--budget fast] [--device cpu|cuda] [--out benchmarks/results/speed.json]
 
 For each model, in one run:
-* the default scan (``--mode both``, budget ``fast``, labels batched);
+* the bdscan scan (``--mode both``, labels batched) with ``--budget`` (default ``fast``, the scan's default);
 * the original schedule (budget ``original``: 1000 samples, batch 32, up to 1000 epochs, early stop 25), run
   label by label as the original does, at the pixel level. The original takes hours on a CPU, so by default it
   runs on a sample of ``--labels-sample`` labels (the true target among them) and its wall time is extrapolated
@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 
-def child(model: str, which: str, labels: list[int] | None, threads: int, device: str) -> dict:
+def child(model: str, which: str, labels: list[int] | None, threads: int, device: str, budget_name: str = "fast") -> dict:
     """Runs one measurement in this process (called through a subprocess)."""
     torch.set_num_threads(threads)
     from bdscan.data import load_clean_data
@@ -47,7 +47,7 @@ def child(model: str, which: str, labels: list[int] | None, threads: int, device
     info = lm.wrapper.info
     data = load_clean_data(Path(model).parent / info.metadata["samples"], info.input_size, info.num_classes, info.class_names)
     if which == "default":
-        cfg = ScanConfig(budget="fast", inversion=budget("fast"), device=device)
+        cfg = ScanConfig(budget=budget_name, inversion=budget(budget_name), device=device)
     else:
         cfg = ScanConfig(modes=("pixel",), budget="original", inversion=budget("original").with_(batched=False),
                          labels=tuple(labels) if labels else None, device=device)
@@ -57,7 +57,7 @@ def child(model: str, which: str, labels: list[int] | None, threads: int, device
     secs = time.perf_counter() - t
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     per_label = {m: {r.label: {"norm": r.norm, "steps": r.steps} for r in mr.labels} for m, mr in f.modes.items()}
-    return {"which": which, "seconds": secs, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    return {"which": which, "budget": cfg.budget, "seconds": secs, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "loadavg_before": round(load_before, 2), "loadavg_after": round(os.getloadavg()[0], 2), "per_label": per_label,
             "labels": len(cfg.labels) if cfg.labels else info.num_classes,
             "num_classes": info.num_classes, "peak_rss_mb": round(rss_mb), "verdict": f.verdict.status,
@@ -83,12 +83,13 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/speed.json"))
     ap.add_argument("--original-cache", type=Path, default=Path("benchmarks/results/speed_original.json"))
     ap.add_argument("--original-only", action="store_true", help="only measure (and cache) the original schedule")
-    ap.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
+    ap.add_argument("--budget", default="fast", help="budget of the bdscan scan measured against the original (default: the default)")
+    ap.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        model, which, labels, threads, device = args.child
+        model, which, labels, threads, device, budget_name = args.child
         lab = [int(v) for v in labels.split(",")] if labels != "-" else None
-        print(json.dumps(child(model, which, lab, int(threads), device)))
+        print(json.dumps(child(model, which, lab, int(threads), device, budget_name)))
         return
     rows = []
     for m in args.models:
@@ -107,14 +108,14 @@ def main() -> None:
         if key in cache:
             o = cache[key] | {"cached": True}
         else:
-            o = run_child(m, "original", labels, str(args.threads), args.device)
+            o = run_child(m, "original", labels, str(args.threads), args.device, "original")
             cache[key] = o
             args.original_cache.parent.mkdir(parents=True, exist_ok=True)
             args.original_cache.write_text(json.dumps(cache, indent=1) + "\n")
         print(json.dumps({"model": m, "original": {k: v for k, v in o.items() if k != "per_label"}}), flush=True)
         if args.original_only:
             continue
-        d = run_child(m, "default", "-", str(args.threads), args.device)
+        d = run_child(m, "default", "-", str(args.threads), args.device, args.budget)
         per_label = o["seconds"] / o["labels"]
         orig_full = per_label * k
         row = {"model": Path(m).name, "classes": k, "default": d, "original": o,
@@ -124,7 +125,7 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     if args.original_only:
         return
-    machine = f"{platform.machine()}, {args.threads} torch threads, torch {torch.__version__}, device {args.device}"
+    machine = f"{platform.machine()}, {args.threads} torch threads, torch {torch.__version__}, device {args.device}, budget {args.budget}"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"machine": machine, "rows": rows}, indent=1) + "\n")
     print(f"\nmachine: {machine}\n")

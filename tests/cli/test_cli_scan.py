@@ -9,6 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from bdscan.cli import app
+from bdscan.detect.config import BUDGETS
 from tests.conftest import TARGET
 
 runner = CliRunner()
@@ -51,6 +52,21 @@ def test_fail_on_never_and_quiet(tiny_bd) -> None:
     code, output = run("scan", tiny_bd.model, "--data", tiny_bd.data, *SMOKE, "--fail-on", "never", "--quiet")
     assert code == 0
     assert output.strip().startswith("BACKDOOR SUSPECTED") and len(output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("name", ["quick", "fast"])
+def test_ci_budgets_flag_the_planted_backdoor(name: str, tiny_bd, tmp_path: Path) -> None:
+    # every budget a CI gate may pick runs end to end through the CLI and finds the planted trigger
+    js = tmp_path / "scan.json"
+    code, output = run("scan", tiny_bd.model, "--data", tiny_bd.data, "--budget", name, "--mode", "pixel", "--no-activations",
+                       "--json", js, "-q")
+    assert code == 1, output
+    doc = json.loads(js.read_text())
+    assert doc["config"]["budget"] == name and doc["verdict"]["target"] == TARGET
+    want = BUDGETS[name]
+    got = doc["config"]["inversion"]
+    assert (got["steps"], got["samples"], got["batch_size"], got["batches_per_step"], got["lr"]) == (
+        want.steps, want.samples, want.batch_size, want.batches_per_step, want.lr)
 
 
 def test_clean_model_exit_0(tiny_clean) -> None:
