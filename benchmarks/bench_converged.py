@@ -26,6 +26,8 @@ import math
 import statistics
 from pathlib import Path
 
+from bench_schedule import recordings
+
 
 def originals(cache: dict, manifest: list[dict], root: Path) -> dict[str, tuple[dict[int, float], int | None]]:
     """Model name -> (label -> original pixel size, true target), preferring the run with the most labels."""
@@ -46,14 +48,10 @@ def originals(cache: dict, manifest: list[dict], root: Path) -> dict[str, tuple[
     return out
 
 
-def final_sizes(paths: list[Path]) -> dict[str, dict[int, float | None]]:
-    rows: dict[str, dict[int, float | None]] = {}
-    for p in paths:
-        for r in json.loads(p.read_text())["rows"]:
-            if "histories" in r and r["model"] not in rows:
-                hs = next(iter(r["histories"]["pixel"].values()))
-                rows[r["model"]] = {int(k): (h[-1] if h else None) for k, h in hs.items()}
-    return rows
+def final_pixel_sizes(row: dict) -> dict[int, float | None]:
+    """A recorded row's final pixel size per label (None where the label never succeeded)."""
+    hs = next(iter(row["histories"]["pixel"].values()))
+    return {int(k): (h[-1] if h else None) for k, h in hs.items()}
 
 
 def main() -> None:
@@ -63,7 +61,7 @@ def main() -> None:
     ap.add_argument("--manifest", type=Path, default=Path("sample_models/zoo.json"))
     args = ap.parse_args()
     ref = originals(json.loads(args.original.read_text()), json.loads(args.manifest.read_text()), args.manifest.parent)
-    recs = {spec.split("=", 1)[0]: final_sizes([Path(p) for p in spec.split("=", 1)[1].split(",")]) for spec in args.recordings}
+    recs = {name: {m: final_pixel_sizes(r) for m, r in rows.items()} for name, rows in recordings(args.recordings).items()}
     print("| model | original's labels | recording | others × | spread | target × |")
     print("| --- | --- | --- | --- | --- | --- |")
     for model, (orig, target) in ref.items():

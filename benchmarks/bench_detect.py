@@ -28,6 +28,11 @@ def machine() -> str:
     return f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, {platform.processor() or 'cpu'}"
 
 
+def overrides(spec: str) -> dict[str, int | float]:
+    """Budget field overrides from ``'steps=20,lr=0.2'`` (integers stay integers)."""
+    return {k: int(v) if v.isdigit() else float(v) for k, v in (kv.split("=") for kv in spec.split(",") if kv)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--manifest", type=Path, default=Path("sample_models/zoo.json"))
@@ -41,7 +46,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     entries = json.loads(args.manifest.read_text())
-    over = {k: int(v) if v.isdigit() else float(v) for k, v in (kv.split("=") for kv in args.set.split(",") if kv)}
+    over = overrides(args.set)
     rows: list[dict] = []
     if args.out.exists():  # resumable: a long run over the zoo survives interruptions
         prev = json.loads(args.out.read_text())

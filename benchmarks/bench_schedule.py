@@ -78,7 +78,7 @@ def detail(rows: list[dict], s: int) -> None:
     right = 0
     for r in rows:
         an, v, _ = replay(r, s)
-        ok = cell(v, r).split()[1].startswith("✔")
+        ok = is_right(v, r)
         right += ok
         cells = [f"{an[m].anomaly_index:.2f} ({an[m].min_label})" if m in an else "–" for m in ("pixel", "patch")]
         tgt = r["true_target"] if r["true_target"] is not None else "–"
@@ -89,12 +89,16 @@ def detail(rows: list[dict], s: int) -> None:
     print(f"\nright verdicts: {right} of {len(rows)}")
 
 
-def cell(v: object, row: dict) -> str:
+def is_right(v: object, row: dict) -> bool:
+    """A backdoored model flagged with its true target, or a clean model not flagged."""
     tgt = row["true_target"]
+    return v.status == "backdoor" and v.target == tgt if tgt is not None else v.status != "backdoor"
+
+
+def cell(v: object, row: dict) -> str:
+    mark = "✔" if is_right(v, row) else "✘"
     if v.status == "backdoor":
-        mark = "✔" if tgt is not None and v.target == tgt else "✘"
         return f"{v.anomaly_index:.2f} {mark}({v.target})"
-    mark = "✘" if tgt is not None else "✔"
     return f"{v.anomaly_index:.2f} {mark}"
 
 
@@ -118,10 +122,18 @@ def load_rows(paths: list[Path], sweep: str | None = None) -> list[dict]:
     return rows
 
 
+def recordings(specs: list[str], sweep: str | None = None) -> dict[str, dict[str, dict]]:
+    """``NAME=file.json[,more.json]`` specs -> name -> model -> recorded row (see :func:`load_rows`)."""
+    out = {}
+    for spec in specs:
+        name, files = spec.split("=", 1)
+        out[name] = {r["model"]: r for r in load_rows([Path(p) for p in files.split(",")], sweep)}
+    return out
+
+
 def compare(specs: list[str], sweep: str | None, steps: int) -> None:
     """One column per recording (``NAME=file[,file]``, e.g. one budget at one seed): each model's verdict."""
-    recs = {s.split("=", 1)[0]: {r["model"]: r for r in load_rows([Path(p) for p in s.split("=", 1)[1].split(",")], sweep)}
-            for s in specs}
+    recs = recordings(specs, sweep)
     models = list(dict.fromkeys(m for rec in recs.values() for m in rec))
     print("| model | true target | " + " | ".join(recs) + " |")
     print("| --- | --- | " + " | ".join("---" for _ in recs) + " |")
@@ -134,7 +146,7 @@ def compare(specs: list[str], sweep: str | None, steps: int) -> None:
                 continue
             _, v, _ = replay(rec[m], steps)
             cells.append(cell(v, rec[m]))
-            right[n][0] += cells[-1].split()[1].startswith("✔")
+            right[n][0] += is_right(v, rec[m])
             right[n][1] += 1
         tgt = next(rec[m]["true_target"] for rec in recs.values() if m in rec)
         print(f"| {m} | {tgt if tgt is not None else '-'} | " + " | ".join(cells) + " |")
@@ -176,7 +188,7 @@ def main() -> None:
         for col, steps_of in plans:
             _, v, w = replay(r, steps_of, args.log)
             cells.append(cell(v, r))
-            totals[col][0] += cells[-1].split()[1].startswith("✔")
+            totals[col][0] += is_right(v, r)
             totals[col][1] += w / full_work
         print(f"| {r['model']} | {r['true_target'] if r['true_target'] is not None else '-'} | " + " | ".join(cells) + " |")
     n = len(rows)

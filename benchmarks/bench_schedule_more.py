@@ -18,7 +18,7 @@ import statistics
 from pathlib import Path
 from types import SimpleNamespace
 
-from bench_schedule import at, load_rows
+from bench_schedule import at, is_right, load_rows
 
 from bdscan.detect.anomaly import PATCH_MAD_FLOOR, anomaly
 from bdscan.detect.scan import combine
@@ -79,9 +79,7 @@ def evaluate(rows: list[dict], sizes_of) -> tuple[int, float]:
             work += w
             full += sum(len(h) for h in hs.values())
             modes[mode] = anomaly(sizes, 2.0, PATCH_MAD_FLOOR if mode == "patch" else 0.0)
-        v = combine({m: SimpleNamespace(anomaly=a) for m, a in modes.items()}, 2.0)
-        tgt = r["true_target"]
-        right += (v.status == "backdoor" and v.target == tgt) if tgt is not None else v.status != "backdoor"
+        right += is_right(combine({m: SimpleNamespace(anomaly=a) for m, a in modes.items()}, 2.0), r)
     return right, work / full
 
 

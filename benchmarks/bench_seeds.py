@@ -24,15 +24,12 @@ import time
 from pathlib import Path
 
 import torch
+from bench_detect import overrides
 
 from bdscan.data import load_clean_data
 from bdscan.detect.config import budget
 from bdscan.detect.scan import ScanConfig, scan
 from bdscan.io import load_model
-
-
-def overrides(spec: str) -> dict[str, float | int]:
-    return {k: int(v) if v.isdigit() else float(v) for k, v in (kv.split("=") for kv in spec.split(",") if kv)}
 
 
 def main() -> None:
