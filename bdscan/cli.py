@@ -72,6 +72,12 @@ class Mode(str, Enum):
     both = "both"
 
 
+class Precision(str, Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
 class FailOn(str, Enum):
     never = "never"
     suspect = "suspect"
@@ -303,6 +309,9 @@ def scan_cmd(
     samples: Annotated[int | None, typer.Option("--samples", help="Override the number of clean samples used.")] = None,
     samples_per_class: Annotated[int | None, typer.Option("--samples-per-class", help="Read at most this many images per class.")] = None,
     threshold: Annotated[float, typer.Option("--threshold", help="Anomaly index above which a class is flagged.")] = 2.0,
+    precision: Annotated[Precision | None, typer.Option("--precision", help=(
+        "Arithmetic of the model during trigger inversion: auto (bf16 for a CNN on a CPU with bf16 instructions, "
+        "else fp32), fp32 or bf16. Default: the budget's (auto; fp32 for original)."))] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Write scan.json, triggers.npz and PNGs here.")] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the scan document (JSON) here.")] = None,
     sarif_path: Annotated[Path | None, typer.Option("--sarif", help="Write SARIF 2.1.0 here.")] = None,
@@ -379,7 +388,7 @@ def scan_cmd(
         data_path = resolve_data(data, lm)
         clean = load_clean_data(data_path, info.input_size, info.num_classes, info.class_names, samples_per_class, seed)
         doc, findings = scan_pipeline(lm, clean, data_path, mode, budget_name, steps, samples, threshold, device, seed,
-                                      quiet, activations)
+                                      quiet, activations, precision.value if precision else None)
         doc["timings"]["total_s"] = round(time.perf_counter() - t0, 3)
         if out_dir:
             write_scan_dir(out_dir, doc, findings, example_image(clean, findings.verdict.target))
@@ -394,7 +403,8 @@ def scan_cmd(
 
 
 def scan_pipeline(lm: Any, clean: Any, data_path: Path, mode: Mode, budget_name: str, steps: int | None, samples: int | None,
-                  threshold: float, device: str, seed: int, quiet: bool, activations: bool) -> tuple[dict[str, Any], Any]:
+                  threshold: float, device: str, seed: int, quiet: bool, activations: bool,
+                  precision: str | None = None) -> tuple[dict[str, Any], Any]:
     """Runs the scan with progress bars and returns (scan document, findings)."""
     from bdscan.detect.config import budget
     from bdscan.detect.scan import ScanConfig, scan
@@ -410,13 +420,19 @@ def scan_pipeline(lm: Any, clean: Any, data_path: Path, mode: Mode, budget_name:
         over["steps"] = steps
     if samples is not None:
         over["samples"] = samples
+    if precision is not None:
+        over["precision"] = precision
     inv = budget(budget_name).with_(**over).validate()
     modes = ("pixel", "patch") if mode == Mode.both else (mode.value,)
     cfg = ScanConfig(modes=modes, budget=budget_name, inversion=inv, threshold=threshold, device=device)
     if not quiet:
+        from bdscan.detect.inversion import resolve_precision
+
         grid = info.token_grid
+        prec = resolve_precision(inv.precision, lm.wrapper, device)
         err.print(f"[bold]{escape(lm.path.name)}[/]: {lm.format}, {escape(info.arch)}, {info.num_classes} classes, "
-                  f"{len(clean)} clean images from {escape(data_path.name)}; budget {budget_name}; modes {', '.join(modes)}")
+                  f"{len(clean)} clean images from {escape(data_path.name)}; budget {budget_name} ({prec}); "
+                  f"modes {', '.join(modes)}")
         if "patch" in modes:
             sweep = "/".join(map(str, cfg.cnn_patch_sizes))
             shifted = " and half-patch offsets" if cfg.cnn_patch_offsets else ""

@@ -28,9 +28,18 @@ def machine() -> str:
     return f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, {platform.processor() or 'cpu'}"
 
 
-def overrides(spec: str) -> dict[str, int | float]:
-    """Budget field overrides from ``'steps=20,lr=0.2'`` (integers stay integers)."""
-    return {k: int(v) if v.isdigit() else float(v) for k, v in (kv.split("=") for kv in spec.split(",") if kv)}
+def overrides(spec: str) -> dict[str, int | float | str]:
+    """Budget field overrides from ``'steps=20,lr=0.2,precision=bf16'`` (integers stay integers, words words)."""
+    return {k: _value(v) for k, v in (kv.split("=") for kv in spec.split(",") if kv)}
+
+
+def _value(v: str) -> int | float | str:
+    if v.isdigit():
+        return int(v)
+    try:
+        return float(v)
+    except ValueError:
+        return v
 
 
 def main() -> None:

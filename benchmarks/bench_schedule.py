@@ -151,6 +151,11 @@ def compare(specs: list[str], sweep: str | None, steps: int) -> None:
         tgt = next(rec[m]["true_target"] for rec in recs.values() if m in rec)
         print(f"| {m} | {tgt if tgt is not None else '-'} | " + " | ".join(cells) + " |")
     print("| **right verdicts** | | " + " | ".join(f"**{a}/{b}**" for a, b in right.values()) + " |")
+    common = [m for m in models if all(m in rec for rec in recs.values())]
+    if len(common) < len(models):  # recordings of different model sets: also count on the models all of them ran
+        counts = [sum(is_right(replay(rec[m], steps)[1], rec[m]) for m in common) for rec in recs.values()]
+        print(f"| **right, on the {len(common)} models every recording ran** | | "
+              + " | ".join(f"**{a}/{len(common)}**" for a in counts) + " |")
 
 
 def main() -> None:

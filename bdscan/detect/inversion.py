@@ -158,6 +158,37 @@ class _LabelState:
         return improved
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU has bf16 instructions oneDNN uses (AVX512-BF16 or AMX); without them bf16 is emulated
+    and slower than float32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN
+        return False
+
+
+def resolve_precision(precision: str, model: ModelWrapper, device: torch.device | str) -> str:
+    """The precision "auto" stands for on this model and device: "bf16" or "fp32".
+
+    bf16 autocast (with channels-last weights) made the zoo's CNN scans 1.8-2x faster on this project's
+    AVX512-BF16 CPU, with the same verdicts, and its transformers 10-30 % slower (benchmarks/README.md, "bf16 for
+    CNNs"), so "auto" picks it only for a model without a token grid (what bdscan scans as a CNN) on a CPU that
+    has the instructions. The GPU path stays float32 under "auto" until it has been measured.
+
+    Args:
+        precision: "auto", "fp32" or "bf16"; the latter two are returned unchanged.
+        model: the model to scan; only its token grid is looked at.
+        device: where the inversion runs.
+
+    Returns:
+        "bf16" or "fp32".
+    """
+    if precision != "auto":
+        return precision
+    on_cpu = torch.device(device).type == "cpu"
+    return "bf16" if on_cpu and model.token_grid is None and cpu_has_native_bf16() else "fp32"
+
+
 def _batch_order(n: int, cfg: InversionConfig, step: int) -> torch.Tensor:
     """Mini-batch indices for one step: a permutation seeded by (seed, step), the same for every label."""
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
@@ -203,8 +234,9 @@ def invert(
         :class:`InversionResult` with one :class:`LabelResult` per label, in the order of ``labels``.
     """
     cfg.validate()
-    with frozen(model):
-        return _invert(model, data, param, labels, cfg, progress, device)
+    bf16 = resolve_precision(cfg.precision, model, device) == "bf16"
+    with frozen(model), channels_last(model, bf16):
+        return _invert(model, data, param, labels, cfg.with_(precision="bf16" if bf16 else "fp32"), progress, device)
 
 
 @contextlib.contextmanager
@@ -219,6 +251,20 @@ def frozen(model: torch.nn.Module) -> Iterator[None]:
     finally:
         for p, rq in saved:
             p.requires_grad_(rq)
+
+
+@contextlib.contextmanager
+def channels_last(model: torch.nn.Module, enabled: bool) -> Iterator[None]:
+    """Holds the model's 4-D weights channels-last for the duration: with bf16, oneDNN's convolutions ran a
+    further 1.2-1.3x faster so on the zoo's CNNs (benchmarks/README.md, "bf16 for CNNs"); values are unchanged."""
+    if not enabled:
+        yield
+        return
+    model.to(memory_format=torch.channels_last)
+    try:
+        yield
+    finally:
+        model.to(memory_format=torch.contiguous_format)
 
 
 def _invert(
@@ -268,6 +314,9 @@ def _invert(
     targets = torch.tensor(order, device=dev)
     bps = cfg.resolved_batches_per_step(n)
     chunk_len = cfg.resolved_label_chunk(dev.type)
+    # bf16 runs the model's arithmetic only: stamping, the trigger's size, λ and Adam stay float32
+    bf16 = cfg.precision == "bf16"
+    layout = torch.channels_last if bf16 else torch.contiguous_format
     step = 0
     done_count = 0
     while True:
@@ -289,7 +338,9 @@ def _invert(
                 p = squash(torch.stack([pat_raw[i] for i in chunk]))  # (k, C, H, W)
                 stamped = (1 - m).unsqueeze(1) * xb.unsqueeze(0) + (m * p).unsqueeze(1)  # (k, B, C, H, W)
                 k, bsz = len(chunk), xb.shape[0]
-                logits = model(stamped.reshape(k * bsz, c, h, w))
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+                    logits = model(stamped.reshape(k * bsz, c, h, w).contiguous(memory_format=layout))
+                logits = logits.float()
                 tgt = targets[chunk].repeat_interleave(bsz)
                 ce = F.cross_entropy(logits, tgt, reduction="none").view(k, bsz)
                 # Only images of *other* classes count: an image already of class t says nothing about a trigger.

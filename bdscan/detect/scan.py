@@ -15,7 +15,7 @@ from typing import Any
 from bdscan.data import CleanData
 from bdscan.detect.anomaly import PATCH_MAD_FLOOR, AnomalyResult, anomaly
 from bdscan.detect.config import InversionConfig
-from bdscan.detect.inversion import LabelResult, invert
+from bdscan.detect.inversion import LabelResult, invert, resolve_precision
 from bdscan.detect.params import PatchTrigger, PixelTrigger, TriggerParam, cnn_patch_sweep
 from bdscan.errors import UsageError
 from bdscan.models.wrapper import ModelWrapper
@@ -169,8 +169,10 @@ def scan(model: ModelWrapper, data: CleanData, cfg: ScanConfig, progress: ScanPr
         :class:`ScanFindings`.
     """
     t0 = time.perf_counter()
-    # resolve the label chunk now, so that the findings (and every report) carry the value that ran
-    cfg = replace(cfg, inversion=cfg.inversion.with_(label_chunk=cfg.inversion.resolved_label_chunk(cfg.device)))
+    # resolve the label chunk and precision now, so that the findings (and every report) carry the values that ran
+    cfg = replace(cfg, inversion=cfg.inversion.with_(
+        label_chunk=cfg.inversion.resolved_label_chunk(cfg.device),
+        precision=resolve_precision(cfg.inversion.precision, model, cfg.device)))
     labels = list(cfg.labels) if cfg.labels is not None else list(range(model.num_classes))
     bad = [k for k in labels if not 0 <= k < model.num_classes]
     if bad:

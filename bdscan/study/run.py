@@ -43,6 +43,7 @@ import torch
 from bdscan.analysis.activations import PAPER_KS, ActivationProfile, activation_profile, compare_profiles, precision_at_k, probe_images
 from bdscan.data import CleanData, load_clean_data
 from bdscan.detect.config import budget as budget_config
+from bdscan.detect.inversion import cpu_has_native_bf16
 from bdscan.detect.scan import MODES, ModeResult, ScanConfig, ScanFindings, scan
 from bdscan.errors import BdscanError, UsageError
 from bdscan.io import load_model
@@ -117,6 +118,8 @@ class StudyConfig:
         # labels are grouped per forward, not what is computed.
         scan = self.scan_config().to_dict()
         scan["inversion"].pop("label_chunk")
+        if scan["inversion"]["precision"] == "auto":  # what "auto" resolves to depends on this CPU
+            scan["inversion"]["cpu_native_bf16"] = self.device == "cpu" and cpu_has_native_bf16()
         d["scan"] = scan
         key = json.dumps({"study": d, "model": entry.get("config_hash"), "file": entry.get("file")}, sort_keys=True)
         return hashlib.sha256(key.encode()).hexdigest()[:16]

@@ -38,6 +38,7 @@ def test_backdoor_exit_1_json_and_out_dir(tiny_bd, tmp_path: Path) -> None:
     assert doc["verdict"]["status"] == "backdoor" and doc["verdict"]["target"] == TARGET
     assert doc["verdict"]["true_target"] == TARGET  # the tiny model carries its original trigger
     assert doc["seed"] == 0 and doc["config"]["inversion"]["steps"] == 20 and doc["config"]["budget"] == "smoke"
+    assert doc["config"]["inversion"]["precision"] in ("fp32", "bf16")  # resolved, never "auto"
     assert len(doc["model"]["sha256"]) == 64 and doc["versions"]["bdscan"]
     labels = doc["modes"]["pixel"]["labels"]
     assert [r["label"] for r in labels] == list(range(10))
@@ -46,6 +47,14 @@ def test_backdoor_exit_1_json_and_out_dir(tiny_bd, tmp_path: Path) -> None:
     assert (out / "triggers.npz").exists()
     assert (out / "triggers" / "pixel" / f"label{TARGET:03d}_mask.png").exists()
     assert (out / "triggers" / "pixel" / f"label{TARGET:03d}_stamped.png").exists()
+
+
+def test_precision_option_reaches_the_report(tiny_bd, tmp_path: Path) -> None:
+    js = tmp_path / "scan.json"
+    code, output = run("scan", tiny_bd.model, "--data", tiny_bd.data, *SMOKE, "--precision", "fp32", "--json", js)
+    assert code == 1, output
+    assert "budget smoke (fp32)" in output
+    assert json.loads(js.read_text())["config"]["inversion"]["precision"] == "fp32"
 
 
 def test_fail_on_never_and_quiet(tiny_bd) -> None:
@@ -137,7 +146,7 @@ def test_class_count_mismatch_exit_3(tiny_bd, tmp_path: Path) -> None:
 
 
 def test_bad_options_exit_2(tiny_bd) -> None:
-    for extra in (["--budget", "nope"], ["--mean", "a,b"], ["--device", "tpu"], ["--input-size", "3,32"]):
+    for extra in (["--budget", "nope"], ["--mean", "a,b"], ["--device", "tpu"], ["--input-size", "3,32"], ["--precision", "fp8"]):
         code, output = run("scan", tiny_bd.model, "--data", tiny_bd.data, *extra)
         assert code == 2, (extra, output)
         assert "Traceback" not in output

@@ -126,3 +126,51 @@ def test_inversion_never_touches_weight_gradients(tiny_bd) -> None:
     finally:
         for p, rq in zip(w.parameters(), before, strict=True):
             p.requires_grad_(rq)
+
+
+def test_precision_auto_is_bf16_only_for_a_cnn_on_a_cpu_with_bf16(tiny_bd, monkeypatch) -> None:
+    from bdscan.detect import inversion
+
+    cnn = tiny_bd.tiny.wrapper
+    vit = train_tiny("bdscan_vit", CLASSES, SIZE, None, epochs=1, n=4 * CLASSES).wrapper
+    assert cnn.token_grid is None and vit.token_grid is not None
+    monkeypatch.setattr(inversion, "cpu_has_native_bf16", lambda: True)
+    assert inversion.resolve_precision("auto", cnn, "cpu") == "bf16"
+    assert inversion.resolve_precision("auto", vit, "cpu") == "fp32"  # measured slower for transformers
+    assert inversion.resolve_precision("auto", cnn, "cuda") == "fp32"  # not measured on a GPU yet
+    assert inversion.resolve_precision("fp32", cnn, "cpu") == "fp32"
+    assert inversion.resolve_precision("bf16", vit, "cpu") == "bf16"  # an explicit choice is kept
+    monkeypatch.setattr(inversion, "cpu_has_native_bf16", lambda: False)
+    assert inversion.resolve_precision("auto", cnn, "cpu") == "fp32"  # emulated bf16 would be slower
+    assert BUDGETS["original"].precision == "fp32"  # Neural Cleanse's own schedule stays float32
+
+
+def test_unknown_precision_is_a_usage_error() -> None:
+    from bdscan.errors import UsageError
+
+    with pytest.raises(UsageError, match="precision"):
+        BUDGETS["smoke"].with_(precision="fp8").validate()
+
+
+def test_bf16_inversion_is_deterministic_finds_the_trigger_and_restores_the_model(tiny_bd) -> None:
+    w, data = tiny_bd.tiny.wrapper, tiny_bd.tiny.data
+    before = {k: v.clone() for k, v in w.state_dict().items()}
+    cfg = SMOKE.with_(precision="bf16")
+    f1 = scan(w, data, ScanConfig(modes=("pixel",), inversion=cfg))
+    f2 = scan(w, data, ScanConfig(modes=("pixel",), inversion=cfg))
+    assert f1.config.inversion.precision == "bf16"
+    assert f1.verdict.status == "backdoor" and f1.verdict.target == TARGET
+    assert [r.norm for r in f1.modes["pixel"].labels] == [r.norm for r in f2.modes["pixel"].labels]
+    fp32 = scan(w, data, ScanConfig(modes=("pixel",), inversion=cfg.with_(precision="fp32")))
+    assert [r.norm for r in f1.modes["pixel"].labels] != [r.norm for r in fp32.modes["pixel"].labels]  # bf16 did run
+    # the model comes back as it was: same values, same (contiguous) layout, ready for repair or export
+    for k, v in w.state_dict().items():
+        assert torch.equal(v, before[k]) and v.is_contiguous(), k
+
+
+def test_scan_records_the_precision_that_ran(tiny_bd, monkeypatch) -> None:
+    from bdscan.detect import inversion
+
+    monkeypatch.setattr(inversion, "cpu_has_native_bf16", lambda: False)
+    f = scan(tiny_bd.tiny.wrapper, tiny_bd.tiny.data, ScanConfig(modes=("pixel",), inversion=SMOKE.with_(steps=2)))
+    assert SMOKE.precision == "auto" and f.config.inversion.precision == "fp32"

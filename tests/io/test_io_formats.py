@@ -334,3 +334,22 @@ def test_onnx_conversion_failure_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match="onnx2torch cannot convert") as e:
         load_model(tmp_path / "conv.onnx")
     assert one_line(e.value)
+
+
+@pytest.mark.parametrize("key", ["torchscript", "torch-export", "onnx"])
+def test_bf16_inversion_runs_on_every_executable_format(ckpts: Checkpoints, key: str) -> None:
+    """--precision bf16 autocasts and holds weights channels-last: both must work on scripted, exported and
+    ONNX-converted modules, and leave the model computing what it computed before."""
+    from bdscan.data import CleanData
+    from bdscan.detect.config import BUDGETS
+    from bdscan.detect.inversion import invert
+    from bdscan.detect.params import PixelTrigger
+
+    w = load_model(ckpts.files[key]).wrapper
+    before = _logits(w)
+    data = CleanData(torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(4)), torch.arange(16) % 4)
+    cfg = BUDGETS["smoke"].with_(steps=2, samples=16, batch_size=8, precision="bf16")
+    res = invert(w, data, PixelTrigger(32, 32), [0, 1], cfg)
+    assert res.config.precision == "bf16" and len(res.labels) == 2
+    assert all(torch.isfinite(r.mask).all() for r in res.labels)
+    assert torch.equal(_logits(w), before), key

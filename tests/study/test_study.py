@@ -175,3 +175,14 @@ def test_failing_model_is_reported_not_saved(tmp_path: Path) -> None:
     r = run_study(m, tmp_path / "out", CFG)
     assert r.models == [] and r.skipped["bad"].startswith("failed:")
     assert not (tmp_path / "out" / "models" / "bad.json").exists()
+
+
+def test_hash_follows_what_auto_precision_means_on_this_cpu(monkeypatch) -> None:
+    """bf16 results from one machine must not be reused where "auto" means float32, and the other way round."""
+    from bdscan.study import run
+
+    e = {"name": "a", "config_hash": "x", "file": "a.safetensors"}
+    monkeypatch.setattr(run, "cpu_has_native_bf16", lambda: True)
+    with_bf16 = CFG.hash_for(e)
+    monkeypatch.setattr(run, "cpu_has_native_bf16", lambda: False)
+    assert CFG.hash_for(e) != with_bf16
