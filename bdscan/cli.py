@@ -312,6 +312,9 @@ def scan_cmd(
     precision: Annotated[Precision | None, typer.Option("--precision", help=(
         "Arithmetic of the model during trigger inversion: auto (bf16 for a CNN on a CPU with bf16 instructions, "
         "else fp32), fp32 or bf16. Default: the budget's (auto; fp32 for original)."))] = None,
+    workers: Annotated[int | None, typer.Option("--workers", min=1, help=(
+        "Inversions run at once on a CPU, each on its share of the cores (default: one per torch thread, up to "
+        "the scan's inversions: 2 for --mode both). Results do not depend on it."))] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Write scan.json, triggers.npz and PNGs here.")] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the scan document (JSON) here.")] = None,
     sarif_path: Annotated[Path | None, typer.Option("--sarif", help="Write SARIF 2.1.0 here.")] = None,
@@ -388,7 +391,7 @@ def scan_cmd(
         data_path = resolve_data(data, lm)
         clean = load_clean_data(data_path, info.input_size, info.num_classes, info.class_names, samples_per_class, seed)
         doc, findings = scan_pipeline(lm, clean, data_path, mode, budget_name, steps, samples, threshold, device, seed,
-                                      quiet, activations, precision.value if precision else None)
+                                      quiet, activations, precision.value if precision else None, workers)
         doc["timings"]["total_s"] = round(time.perf_counter() - t0, 3)
         if out_dir:
             write_scan_dir(out_dir, doc, findings, example_image(clean, findings.verdict.target))
@@ -404,7 +407,7 @@ def scan_cmd(
 
 def scan_pipeline(lm: Any, clean: Any, data_path: Path, mode: Mode, budget_name: str, steps: int | None, samples: int | None,
                   threshold: float, device: str, seed: int, quiet: bool, activations: bool,
-                  precision: str | None = None) -> tuple[dict[str, Any], Any]:
+                  precision: str | None = None, workers: int | None = None) -> tuple[dict[str, Any], Any]:
     """Runs the scan with progress bars and returns (scan document, findings)."""
     from bdscan.detect.config import budget
     from bdscan.detect.scan import ScanConfig, scan
@@ -424,7 +427,7 @@ def scan_pipeline(lm: Any, clean: Any, data_path: Path, mode: Mode, budget_name:
         over["precision"] = precision
     inv = budget(budget_name).with_(**over).validate()
     modes = ("pixel", "patch") if mode == Mode.both else (mode.value,)
-    cfg = ScanConfig(modes=modes, budget=budget_name, inversion=inv, threshold=threshold, device=device)
+    cfg = ScanConfig(modes=modes, budget=budget_name, inversion=inv, threshold=threshold, device=device, workers=workers)
     if not quiet:
         from bdscan.detect.inversion import resolve_precision
 

@@ -72,14 +72,17 @@ class InversionConfig:
     def resolved_batches_per_step(self, n_samples: int) -> int:
         return self.batches_per_step or max(1, n_samples // self.batch_size)
 
-    def resolved_label_chunk(self, device: str) -> int:
+    def resolved_label_chunk(self, device: str, threads: int | None = None) -> int:
+        """Labels per batched forward; ``threads``: the torch threads one inversion runs on (None = all)."""
         if self.label_chunk is not None:
             return self.label_chunk
         if str(device).startswith("cuda"):
             return 64
-        import torch  # here, so that configurations stay importable without loading torch
+        if threads is None:
+            import torch  # here, so that configurations stay importable without loading torch
 
-        return max(1, CPU_CHUNK_IMAGES_PER_THREAD * torch.get_num_threads() // self.batch_size)
+            threads = torch.get_num_threads()
+        return max(1, CPU_CHUNK_IMAGES_PER_THREAD * threads // self.batch_size)
 
     def with_(self, **changes: Any) -> InversionConfig:
         return replace(self, **changes)

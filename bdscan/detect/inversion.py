@@ -233,10 +233,22 @@ def invert(
     Returns:
         :class:`InversionResult` with one :class:`LabelResult` per label, in the order of ``labels``.
     """
-    cfg.validate()
-    bf16 = resolve_precision(cfg.precision, model, device) == "bf16"
-    with frozen(model), channels_last(model, bf16):
-        return _invert(model, data, param, labels, cfg.with_(precision="bf16" if bf16 else "fp32"), progress, device)
+    cfg = cfg.validate().with_(precision=resolve_precision(cfg.precision, model, device))
+    with prepared(model, cfg.precision, device):
+        return invert_prepared(model, data, param, labels, cfg, progress, device)
+
+
+@contextlib.contextmanager
+def prepared(model: torch.nn.Module, precision: str, device: torch.device | str) -> Iterator[None]:
+    """Readies the model for inversions at ``precision`` ("fp32" or "bf16") on ``device`` (eval mode, there,
+    frozen, channels-last for bf16) and restores its gradients and layout afterwards.
+
+    Several inversions may run inside one ``prepared`` block at once (the scan runs its levels in parallel
+    threads): the model's state is changed once, here, never by the inversions themselves.
+    """
+    model.to(torch.device(device)).eval()
+    with frozen(model), channels_last(model, precision == "bf16"):
+        yield
 
 
 @contextlib.contextmanager
@@ -267,7 +279,7 @@ def channels_last(model: torch.nn.Module, enabled: bool) -> Iterator[None]:
         model.to(memory_format=torch.contiguous_format)
 
 
-def _invert(
+def invert_prepared(
     model: ModelWrapper,
     data: CleanData,
     param: TriggerParam,
@@ -276,9 +288,12 @@ def _invert(
     progress: Progress | None,
     device: torch.device | str,
 ) -> InversionResult:
+    """:func:`invert` for a caller that holds :func:`prepared` and has resolved ``cfg.precision``; safe to run
+    in several threads at once on the same model."""
     t0 = time.perf_counter()
     dev = torch.device(device)
-    model = model.to(dev).eval()
+    if cfg.precision not in ("fp32", "bf16"):
+        raise ValueError(f"invert_prepared needs a resolved precision, not {cfg.precision!r}")
     samples = prepare_samples(data, cfg, model.num_classes)
     x_all, y_all = samples.x.to(dev), samples.y.to(dev)
     n = len(samples)
@@ -288,7 +303,7 @@ def _invert(
         # label by label, as the original: each run sees the same batches, so results equal batched ones
         results: list[LabelResult] = []
         for i, lab in enumerate(order):
-            sub = _invert(model, data, param, [lab], cfg.with_(batched=True), None, dev)
+            sub = invert_prepared(model, data, param, [lab], cfg.with_(batched=True), None, dev)
             results.extend(sub.labels)
             if progress:
                 progress(i + 1, len(order), {"step": sub.labels[0].steps})

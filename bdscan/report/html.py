@@ -549,7 +549,8 @@ def _config(doc: dict[str, Any]) -> dict[str, Any]:
     basics = [("Seed", doc.get("seed")), ("Budget", cfg.get("budget")), ("Modes", ", ".join(cfg.get("modes") or [])),
               ("Anomaly threshold", cfg.get("threshold")),
               ("Labels scanned", "all" if cfg.get("labels") is None else ", ".join(map(str, cfg["labels"]))),
-              ("Device", cfg.get("device")), ("CNN patch grid sizes", ", ".join(map(str, cfg.get("cnn_patch_sizes") or []))),
+              ("Device", cfg.get("device")), ("Inversions at once", cfg.get("workers")),
+              ("CNN patch grid sizes", ", ".join(map(str, cfg.get("cnn_patch_sizes") or []))),
               ("Clean data", data.get("source")), ("Clean images", data.get("images")),
               ("Images used for inversion", data.get("samples_used")), ("Schema", doc.get("schema"))]
     return {"basics": [(k, val(v) if v != "" else "—") for k, v in basics],

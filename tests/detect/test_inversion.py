@@ -174,3 +174,72 @@ def test_scan_records_the_precision_that_ran(tiny_bd, monkeypatch) -> None:
     monkeypatch.setattr(inversion, "cpu_has_native_bf16", lambda: False)
     f = scan(tiny_bd.tiny.wrapper, tiny_bd.tiny.data, ScanConfig(modes=("pixel",), inversion=SMOKE.with_(steps=2)))
     assert SMOKE.precision == "auto" and f.config.inversion.precision == "fp32"
+
+
+@pytest.mark.parametrize(("workers", "device", "inversions", "threads", "want"),
+                         [(None, "cpu", 2, 2, 2), (None, "cpu", 2, 1, 1), (None, "cpu", 2, 8, 2), (None, "cpu", 5, 4, 4),
+                          (1, "cpu", 2, 2, 1), (None, "cuda", 2, 2, 1)])
+def test_workers_resolution(workers: int | None, device: str, inversions: int, threads: int, want: int) -> None:
+    assert ScanConfig(workers=workers, device=device).resolved_workers(inversions, threads) == want
+
+
+def test_levels_in_parallel_give_the_sequential_results(tiny_bd) -> None:
+    """The scan runs its inversions side by side on a multi-threaded CPU; that must not change a number."""
+    w, data = tiny_bd.tiny.wrapper, tiny_bd.tiny.data
+    before = torch.get_num_threads()
+    w.requires_grad_(True)  # the caller's setting, to be restored after threads shared the model
+    torch.set_num_threads(2)
+    try:
+        inv = SMOKE.with_(steps=8, samples=48)
+        one = scan(w, data, ScanConfig(inversion=inv, workers=1))
+        two = scan(w, data, ScanConfig(inversion=inv))
+        assert torch.get_num_threads() == 2  # restored after the parallel section
+    finally:
+        torch.set_num_threads(before)
+    assert one.config.workers == 1 and two.config.workers == 2  # pixel and patch side by side
+    assert all(p.requires_grad for p in w.parameters()) and all(p.grad is None for p in w.parameters())
+    w.requires_grad_(False)
+    assert one.verdict == two.verdict
+    for mode in ("pixel", "patch"):
+        a, b = one.modes[mode], two.modes[mode]
+        assert a.anomaly.anomaly_index == pytest.approx(b.anomaly.anomaly_index, abs=1e-6)
+        for x, y in zip(a.labels, b.labels, strict=True):
+            assert x.steps == y.steps and (x.norm is None) == (y.norm is None)
+            if x.norm is not None:
+                assert x.norm == pytest.approx(y.norm, rel=1e-5)
+
+
+def test_a_failing_inversion_stops_the_one_beside_it_and_its_error_surfaces(tiny_bd) -> None:
+    w, data = tiny_bd.tiny.wrapper, tiny_bd.tiny.data
+    calls: dict[str, int] = {"pixel": 0, "patch": 0}
+
+    def progress(name: str, done: int, total: int, stats: dict[str, float]) -> None:
+        calls[name] += 1
+        if name == "patch":
+            raise RuntimeError("boom")
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            scan(w, data, ScanConfig(inversion=SMOKE.with_(steps=40, early_stop=False, samples=48)), progress)
+    finally:
+        torch.set_num_threads(before)
+    assert calls["patch"] == 1 and calls["pixel"] < 40  # the pixel level did not run to its end
+
+
+def test_ctrl_c_in_a_parallel_inversion_reaches_the_caller(tiny_bd, monkeypatch) -> None:
+    import bdscan.detect.scan as scan_mod
+
+    def interrupted(*a: object, **k: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(scan_mod, "invert_prepared", interrupted)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            scan(tiny_bd.tiny.wrapper, tiny_bd.tiny.data, ScanConfig(inversion=SMOKE))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

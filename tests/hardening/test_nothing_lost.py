@@ -84,7 +84,7 @@ def test_unwritable_outputs_are_usage_errors_before_the_scan(tiny_bd, tmp_path: 
     def no_scan(*a: object, **k: object) -> None:
         raise AssertionError("the scan ran although its output cannot be written")
 
-    monkeypatch.setattr(scan_mod, "invert", no_scan)
+    monkeypatch.setattr(scan_mod, "invert_prepared", no_scan)
     afile, adir = tmp_path / "afile", tmp_path / "adir"
     afile.write_text("x")
     adir.mkdir()
@@ -207,7 +207,7 @@ def test_ctrl_c_during_the_scan_writes_nothing(tiny_bd, tmp_path: Path, monkeypa
     def interrupted(*a: object, **k: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(scan_mod, "invert", interrupted)
+    monkeypatch.setattr(scan_mod, "invert_prepared", interrupted)
     old = tmp_path / "old.json"
     old.write_text("OLD")
     outs = {"--json": tmp_path / "scan.json", "--sarif": tmp_path / "scan.sarif", "--report": tmp_path / "r.html",
