@@ -268,7 +268,7 @@ def frozen(model: torch.nn.Module) -> Iterator[None]:
 @contextlib.contextmanager
 def channels_last(model: torch.nn.Module, enabled: bool) -> Iterator[None]:
     """Holds the model's 4-D weights channels-last for the duration: with bf16, oneDNN's convolutions ran a
-    further 1.2-1.3x faster so on the zoo's CNNs (benchmarks/README.md, "bf16 for CNNs"); values are unchanged."""
+    further 1.2-1.3x faster on the zoo's CNNs (benchmarks/README.md, "bf16 for CNNs"); values are unchanged."""
     if not enabled:
         yield
         return
