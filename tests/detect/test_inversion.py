@@ -243,3 +243,26 @@ def test_ctrl_c_in_a_parallel_inversion_reaches_the_caller(tiny_bd, monkeypatch)
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_nan_model_in_parallel_inversions_is_one_numerical_error(tiny_bd) -> None:
+    from bdscan.errors import NumericalError
+
+    class NaNNet(torch.nn.Module):
+        def __init__(self, net: torch.nn.Module) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x) * float("nan")
+
+    from bdscan.models.wrapper import ModelWrapper
+
+    w = ModelWrapper(NaNNet(tiny_bd.tiny.wrapper.net), tiny_bd.tiny.wrapper.info)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(NumericalError, match="NaN"):
+            scan(w, tiny_bd.tiny.data, ScanConfig(inversion=SMOKE))
+    finally:
+        torch.set_num_threads(before)
