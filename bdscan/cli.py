@@ -31,7 +31,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from bdscan import __version__
-from bdscan.detect.config import BUDGETS, DEFAULT_BUDGET
+from bdscan.detect.config import BUDGETS, DEFAULT_BUDGET, PRECISIONS
 from bdscan.errors import BdscanError, LoadError, NumericalError, UnsafeModelError, UsageError
 
 EXIT_CLEAN, EXIT_FINDING, EXIT_USAGE, EXIT_LOAD, EXIT_INTERNAL = 0, 1, 2, 3, 4
@@ -72,10 +72,8 @@ class Mode(str, Enum):
     both = "both"
 
 
-class Precision(str, Enum):
-    auto = "auto"
-    fp32 = "fp32"
-    bf16 = "bf16"
+#: --precision's choices, from the one list the inversion config validates against
+Precision = Enum("Precision", {p: p for p in PRECISIONS}, type=str)
 
 
 class FailOn(str, Enum):

@@ -222,23 +222,21 @@ def scan(model: ModelWrapper, data: CleanData, cfg: ScanConfig, progress: ScanPr
 
         return invert_prepared(model, data, param, labels, cfg.inversion, cb, cfg.device)
 
-    with prepared(model, cfg.inversion.precision, cfg.device), _torch_threads(per_worker if workers > 1 else threads):
-        if workers > 1:
-            with ThreadPoolExecutor(workers, thread_name_prefix="bdscan-inversion") as pool:
-                futures = [pool.submit(run, j) for j in jobs]
-                try:
-                    wait(futures, return_when=FIRST_EXCEPTION)
-                except BaseException:  # e.g. Ctrl-C: do not sit out the other inversions
-                    stop.set()
-                    raise
-                if any(f.done() and f.exception() is not None for f in futures):
-                    stop.set()
-                    wait(futures)
-                    # the real failure, not the _Stopped it caused in the others
-                    raise next(e for e in [f.exception() for f in futures] if e is not None and not isinstance(e, _Stopped))
-                outs = [f.result() for f in futures]
-        else:
-            outs = [run(j) for j in jobs]
+    # one path for any number of workers: with one, the pool runs the inversions one after the other
+    with prepared(model, cfg.inversion.precision, cfg.device), _torch_threads(per_worker), \
+            ThreadPoolExecutor(workers, thread_name_prefix="bdscan-inversion") as pool:
+        futures = [pool.submit(run, j) for j in jobs]
+        try:
+            wait(futures, return_when=FIRST_EXCEPTION)
+        except BaseException:  # e.g. Ctrl-C: do not sit out the other inversions
+            stop.set()
+            raise
+        if any(f.done() and f.exception() is not None for f in futures):
+            stop.set()
+            wait(futures)
+            # the real failure, not the _Stopped it caused in the others
+            raise next(e for e in [f.exception() for f in futures] if e is not None and not isinstance(e, _Stopped))
+        outs = [f.result() for f in futures]
 
     results: dict[str, ModeResult] = {}
     samples_used = 0

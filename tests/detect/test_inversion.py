@@ -183,19 +183,21 @@ def test_workers_resolution(workers: int | None, device: str, inversions: int, t
     assert ScanConfig(workers=workers, device=device).resolved_workers(inversions, threads) == want
 
 
+@pytest.fixture
+def two_threads() -> None:
+    """Two torch threads, so that the scan runs its inversions side by side (conftest restores the count)."""
+    torch.set_num_threads(2)
+
+
+@pytest.mark.usefixtures("two_threads")
 def test_levels_in_parallel_give_the_sequential_results(tiny_bd) -> None:
     """The scan runs its inversions side by side on a multi-threaded CPU; that must not change a number."""
     w, data = tiny_bd.tiny.wrapper, tiny_bd.tiny.data
-    before = torch.get_num_threads()
     w.requires_grad_(True)  # the caller's setting, to be restored after threads shared the model
-    torch.set_num_threads(2)
-    try:
-        inv = SMOKE.with_(steps=8, samples=48)
-        one = scan(w, data, ScanConfig(inversion=inv, workers=1))
-        two = scan(w, data, ScanConfig(inversion=inv))
-        assert torch.get_num_threads() == 2  # restored after the parallel section
-    finally:
-        torch.set_num_threads(before)
+    inv = SMOKE.with_(steps=8, samples=48)
+    one = scan(w, data, ScanConfig(inversion=inv, workers=1))
+    two = scan(w, data, ScanConfig(inversion=inv))
+    assert torch.get_num_threads() == 2  # restored after the parallel section
     assert one.config.workers == 1 and two.config.workers == 2  # pixel and patch side by side
     assert all(p.requires_grad for p in w.parameters()) and all(p.grad is None for p in w.parameters())
     w.requires_grad_(False)
@@ -209,6 +211,7 @@ def test_levels_in_parallel_give_the_sequential_results(tiny_bd) -> None:
                 assert x.norm == pytest.approx(y.norm, rel=1e-5)
 
 
+@pytest.mark.usefixtures("two_threads")
 def test_a_failing_inversion_stops_the_one_beside_it_and_its_error_surfaces(tiny_bd) -> None:
     w, data = tiny_bd.tiny.wrapper, tiny_bd.tiny.data
     calls: dict[str, int] = {"pixel": 0, "patch": 0}
@@ -218,16 +221,12 @@ def test_a_failing_inversion_stops_the_one_beside_it_and_its_error_surfaces(tiny
         if name == "patch":
             raise RuntimeError("boom")
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        with pytest.raises(RuntimeError, match="boom"):
-            scan(w, data, ScanConfig(inversion=SMOKE.with_(steps=40, early_stop=False, samples=48)), progress)
-    finally:
-        torch.set_num_threads(before)
+    with pytest.raises(RuntimeError, match="boom"):
+        scan(w, data, ScanConfig(inversion=SMOKE.with_(steps=40, early_stop=False, samples=48)), progress)
     assert calls["patch"] == 1 and calls["pixel"] < 40  # the pixel level did not run to its end
 
 
+@pytest.mark.usefixtures("two_threads")
 def test_ctrl_c_in_a_parallel_inversion_reaches_the_caller(tiny_bd, monkeypatch) -> None:
     import bdscan.detect.scan as scan_mod
 
@@ -235,16 +234,12 @@ def test_ctrl_c_in_a_parallel_inversion_reaches_the_caller(tiny_bd, monkeypatch)
         raise KeyboardInterrupt
 
     monkeypatch.setattr(scan_mod, "invert_prepared", interrupted)
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            scan(tiny_bd.tiny.wrapper, tiny_bd.tiny.data, ScanConfig(inversion=SMOKE))
-        assert torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(before)
+    with pytest.raises(KeyboardInterrupt):
+        scan(tiny_bd.tiny.wrapper, tiny_bd.tiny.data, ScanConfig(inversion=SMOKE))
+    assert torch.get_num_threads() == 2
 
 
+@pytest.mark.usefixtures("two_threads")
 def test_nan_model_in_parallel_inversions_is_one_numerical_error(tiny_bd) -> None:
     from bdscan.errors import NumericalError
 
@@ -259,10 +254,5 @@ def test_nan_model_in_parallel_inversions_is_one_numerical_error(tiny_bd) -> Non
     from bdscan.models.wrapper import ModelWrapper
 
     w = ModelWrapper(NaNNet(tiny_bd.tiny.wrapper.net), tiny_bd.tiny.wrapper.info)
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        with pytest.raises(NumericalError, match="NaN"):
-            scan(w, tiny_bd.tiny.data, ScanConfig(inversion=SMOKE))
-    finally:
-        torch.set_num_threads(before)
+    with pytest.raises(NumericalError, match="NaN"):
+        scan(w, tiny_bd.tiny.data, ScanConfig(inversion=SMOKE))
