@@ -3,6 +3,7 @@
 Usage:
     python benchmarks/bench_throughput.py MODEL [MODEL ...] [--threads 2] [--sizes 16 32 64 128 256]
                                           [--bf16] [--channels-last] [--train-mode-grads]
+                                          [--fp32-matmul-bf16]
 
 Gradients flow to the input only (as in trigger inversion), weights frozen unless ``--train-mode-grads``.
 Each size runs 4 times; the best of the last 3 is printed in images per second.
@@ -27,8 +28,15 @@ def main() -> None:
     ap.add_argument("--bf16", action="store_true", help="torch.autocast(cpu, bfloat16)")
     ap.add_argument("--channels-last", action="store_true")
     ap.add_argument("--train-mode-grads", action="store_true", help="leave weight gradients on")
+    ap.add_argument("--fp32-matmul-bf16", action="store_true",
+                    help="let float32 matrix products and convolutions use bf16 inside (torch's 'medium' "
+                         "matmul precision and oneDNN's fp32_precision='bf16'); the tensors stay float32")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.fp32_matmul_bf16:
+        torch.set_float32_matmul_precision("medium")
+        torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+        torch.backends.mkldnn.conv.fp32_precision = "bf16"
     for path in args.models:
         m = load_model(path).wrapper.eval()
         m.requires_grad_(args.train_mode_grads)
@@ -49,7 +57,8 @@ def main() -> None:
                 out.float().sum().backward()
                 ts.append(time.perf_counter() - t)
             row.append(f"{bs}: {bs / min(ts[1:]):.0f}")
-        print(f"{path} ({args.threads} threads{', bf16' if args.bf16 else ''}{', channels-last' if args.channels_last else ''}): "
+        print(f"{path} ({args.threads} threads{', bf16' if args.bf16 else ''}{', channels-last' if args.channels_last else ''}"
+              f"{', fp32 matmul in bf16' if args.fp32_matmul_bf16 else ''}): "
               + ", ".join(row) + " images/s", flush=True)
 
 
