@@ -20,7 +20,7 @@ from torch.profiler import ProfilerActivity, profile
 from bdscan.data import load_clean_data
 from bdscan.detect.config import BUDGETS
 from bdscan.detect.inversion import invert
-from bdscan.detect.scan import params_for
+from bdscan.detect.scan import ScanConfig, params_for
 from bdscan.io import load_model
 
 
@@ -37,15 +37,16 @@ def main() -> None:
     w, info = lm.wrapper, lm.wrapper.info
     data = load_clean_data(Path(args.model).parent / info.metadata["samples"], info.input_size, info.num_classes,
                            info.class_names)
-    param = params_for(w, args.mode, (4,), False)[0]
+    scan_defaults = ScanConfig()  # the CNN patch grid the default scan uses, not a copy of it
+    param = params_for(w, args.mode, scan_defaults.cnn_patch_sizes, scan_defaults.cnn_patch_offsets)[0]
     labels = range(w.num_classes)
     cfg = BUDGETS["fast"].with_(steps=args.steps, early_stop=False, precision="fp32")
     invert(w, data, param, labels, cfg.with_(steps=1))  # warm-up: first-call allocations and oneDNN primitives
     t = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        invert(w, data, param, labels, cfg)
+        res = invert(w, data, param, labels, cfg)
     wall = time.perf_counter() - t
-    images = w.num_classes * args.steps * cfg.resolved_batches_per_step(cfg.samples) * cfg.batch_size
+    images = w.num_classes * args.steps * cfg.resolved_batches_per_step(res.samples_used) * cfg.batch_size
     print(f"{Path(args.model).name} {args.mode} level, {args.threads} thread(s): {wall:.2f} s under the profiler, "
           f"{images / wall:.0f} images/s")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
