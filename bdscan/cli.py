@@ -309,7 +309,8 @@ def scan_cmd(
     threshold: Annotated[float, typer.Option("--threshold", help="Anomaly index above which a class is flagged.")] = 2.0,
     precision: Annotated[Precision | None, typer.Option("--precision", help=(
         "Arithmetic of the model during trigger inversion: auto (bf16 for a CNN on a CPU with bf16 instructions, "
-        "else fp32), fp32 or bf16. Default: the budget's (auto; fp32 for original)."))] = None,
+        "else fp32), fp32 or bf16 (emulated and about 10x slower on a CPU without bf16 instructions). Default: "
+        "the budget's (auto; fp32 for original)."))] = None,
     workers: Annotated[int | None, typer.Option("--workers", min=1, help=(
         "Inversions run at once on a CPU, each on its share of the cores (default: one per torch thread, up to "
         "the scan's inversions: 2 for --mode both). Results do not depend on it."))] = None,
@@ -426,9 +427,12 @@ def scan_pipeline(lm: Any, clean: Any, data_path: Path, mode: Mode, budget_name:
     inv = budget(budget_name).with_(**over).validate()
     modes = ("pixel", "patch") if mode == Mode.both else (mode.value,)
     cfg = ScanConfig(modes=modes, budget=budget_name, inversion=inv, threshold=threshold, device=device, workers=workers)
-    if not quiet:
-        from bdscan.detect.inversion import resolve_precision
+    from bdscan.detect.inversion import bf16_emulated, resolve_precision
 
+    if bf16_emulated(inv.precision, device):  # shown even with -q: it explains a scan ten times slower than usual
+        err.print("[yellow]warning[/]: this CPU has no native bf16 instructions (AVX512-BF16 or AMX), so "
+                  "--precision bf16 runs emulated, about 10× slower than fp32; use --precision auto")
+    if not quiet:
         grid = info.token_grid
         prec = resolve_precision(inv.precision, lm.wrapper, device)
         err.print(f"[bold]{escape(lm.path.name)}[/]: {lm.format}, {escape(info.arch)}, {info.num_classes} classes, "

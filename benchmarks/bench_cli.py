@@ -68,6 +68,8 @@ def main() -> None:
                    "ai": {m: round(r["anomaly"]["anomaly_index"], 4) for m, r in doc["modes"].items()},
                    "end_to_end_s": round(secs, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024), "timings": doc["timings"],
                    "loadavg_before": round(load, 2),
+                   # the host's vector instructions: this machine's speed differs by host as well as by hour
+                   "cpu": f"{doc['versions']['cpu_capability']}, bf16 {doc['versions']['cpu_bf16']}",
                    "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
             rows.append(row)
             print(json.dumps(row), flush=True)

@@ -107,13 +107,16 @@ def main() -> None:
         target = lm.original_trigger.target if lm.original_trigger else 0
         cache = json.loads(args.original_cache.read_text()) if args.original_cache.exists() else {}
         digest = hashlib.sha256(Path(m).read_bytes()).hexdigest()[:16]
-        full_key = f"{digest}|-|{args.threads}|{args.device}"
+        # the host's vector instructions are part of the key: the project's machine is not always the same host
+        # (AVX-512 with bf16 on some days, AVX2 only on others), and the original's seconds differ between them
+        cpu = torch.backends.cpu.get_cpu_capability()
+        full_key = f"{digest}|-|{args.threads}|{args.device}|{cpu}"
         if args.full_original or full_key in cache:  # a real full run beats an extrapolated sample
             labels = "-"
         else:
             others = [c for c in range(k) if c != target][: args.labels_sample - 1]
             labels = ",".join(map(str, sorted([target, *others])))
-        key = f"{digest}|{labels}|{args.threads}|{args.device}"
+        key = f"{digest}|{labels}|{args.threads}|{args.device}|{cpu}"
         if key in cache:
             o = cache[key] | {"cached": True}
         else:
@@ -135,7 +138,11 @@ def main() -> None:
     if args.original_only:
         return
     precision = args.precision if args.precision != "-" else "the budget's"
-    machine = (f"{platform.machine()}, {args.threads} torch threads, torch {torch.__version__}, device {args.device}, "
+    from bdscan.detect.inversion import cpu_has_native_bf16
+
+    bf16 = "native" if cpu_has_native_bf16() else "emulated"
+    machine = (f"{platform.machine()} ({torch.backends.cpu.get_cpu_capability()}, bf16 {bf16}), {args.threads} torch "
+               f"threads, torch {torch.__version__}, device {args.device}, "
                f"budget {args.budget}, precision {precision}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"machine": machine, "rows": rows}, indent=1) + "\n")

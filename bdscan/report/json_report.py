@@ -17,7 +17,7 @@ import torch
 import bdscan
 from bdscan.data import CleanData
 from bdscan.detect.anomaly import AnomalyResult
-from bdscan.detect.inversion import LabelResult
+from bdscan.detect.inversion import LabelResult, cpu_has_native_bf16
 from bdscan.detect.scan import ModeResult, ScanFindings
 from bdscan.io.base import LoadedModel
 from bdscan.report.images import data_uri
@@ -37,8 +37,12 @@ def _f(x: float | None, nd: int = 6) -> float | None:
 
 
 def versions() -> dict[str, str]:
+    """Software and the CPU features a scan's speed and precision depend on ("auto" picks bf16 only where the CPU
+    has native bf16 instructions)."""
     return {"bdscan": bdscan.__version__, "python": platform.python_version(), "torch": torch.__version__,
-            "timm": timm.__version__, "torch_threads": str(torch.get_num_threads())}
+            "timm": timm.__version__, "torch_threads": str(torch.get_num_threads()),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cpu_bf16": "native" if cpu_has_native_bf16() else "emulated"}
 
 
 def model_section(lm: LoadedModel) -> dict[str, Any]:

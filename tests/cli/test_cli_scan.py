@@ -55,6 +55,21 @@ def test_precision_option_reaches_the_report(tiny_bd, tmp_path: Path) -> None:
     assert code == 1, output
     assert "budget smoke (fp32)" in output
     assert json.loads(js.read_text())["config"]["inversion"]["precision"] == "fp32"
+    assert "emulated" not in output
+
+
+def test_forced_bf16_on_a_cpu_without_it_warns_and_the_report_says_so(tiny_bd, tmp_path: Path, monkeypatch) -> None:
+    from bdscan.detect import inversion
+
+    monkeypatch.setattr(inversion, "cpu_has_native_bf16", lambda: False)
+    js = tmp_path / "scan.json"
+    code, output = run("scan", tiny_bd.model, "--data", tiny_bd.data, *SMOKE, "--steps", "2", "--precision", "bf16",
+                       "-q", "--json", js)
+    assert code in (0, 1), output
+    assert "runs emulated" in output and "--precision auto" in output  # shown even with -q
+    doc = json.loads(js.read_text())
+    assert doc["config"]["inversion"]["precision"] == "bf16"  # the user's choice is kept, not overridden
+    assert doc["versions"]["cpu_bf16"] == "emulated" and doc["versions"]["cpu_capability"]
 
 
 def test_fail_on_never_and_quiet(tiny_bd) -> None:

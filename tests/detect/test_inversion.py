@@ -140,8 +140,12 @@ def test_precision_auto_is_bf16_only_for_a_cnn_on_a_cpu_with_bf16(tiny_bd, monke
     assert inversion.resolve_precision("auto", cnn, "cuda") == "fp32"  # not measured on a GPU yet
     assert inversion.resolve_precision("fp32", cnn, "cpu") == "fp32"
     assert inversion.resolve_precision("bf16", vit, "cpu") == "bf16"  # an explicit choice is kept
+    assert not inversion.bf16_emulated("bf16", "cpu")
     monkeypatch.setattr(inversion, "cpu_has_native_bf16", lambda: False)
     assert inversion.resolve_precision("auto", cnn, "cpu") == "fp32"  # emulated bf16 would be slower
+    assert inversion.bf16_emulated("bf16", "cpu")  # a forced bf16 here is what the CLI warns about
+    assert not inversion.bf16_emulated("auto", "cpu") and not inversion.bf16_emulated("fp32", "cpu")
+    assert not inversion.bf16_emulated("bf16", "cuda")  # a GPU's bf16 does not depend on the CPU
     assert BUDGETS["original"].precision == "fp32"  # Neural Cleanse's own schedule stays float32
 
 
