@@ -31,7 +31,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from bdscan import __version__
-from bdscan.detect.config import BUDGETS, DEFAULT_BUDGET, PRECISIONS
+from bdscan.detect.config import BUDGETS, DEFAULT_BUDGET, MODES, PRECISIONS
 from bdscan.errors import BdscanError, LoadError, NumericalError, UnsafeModelError, UsageError
 
 EXIT_CLEAN, EXIT_FINDING, EXIT_USAGE, EXIT_LOAD, EXIT_INTERNAL = 0, 1, 2, 3, 4
@@ -66,10 +66,8 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 T = TypeVar("T")
 
 
-class Mode(str, Enum):
-    pixel = "pixel"
-    patch = "patch"
-    both = "both"
+#: --mode's choices: each level of the scan, or both
+Mode = Enum("Mode", {m: m for m in (*MODES, "both")}, type=str)
 
 
 #: --precision's choices, from the one list the inversion config validates against
@@ -425,7 +423,7 @@ def scan_pipeline(lm: Any, clean: Any, data_path: Path, mode: Mode, budget_name:
     if precision is not None:
         over["precision"] = precision
     inv = budget(budget_name).with_(**over).validate()
-    modes = ("pixel", "patch") if mode == Mode.both else (mode.value,)
+    modes = MODES if mode == Mode.both else (mode.value,)
     cfg = ScanConfig(modes=modes, budget=budget_name, inversion=inv, threshold=threshold, device=device, workers=workers)
     from bdscan.detect.inversion import bf16_emulated, resolve_precision
 

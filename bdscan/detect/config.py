@@ -14,6 +14,8 @@ CPU_CHUNK_IMAGES_PER_THREAD = 32
 
 #: values of :attr:`InversionConfig.precision`
 PRECISIONS = ("auto", "fp32", "bf16")
+#: the levels a scan can run: pixel-level Neural Cleanse, and the patch level (a mask on the model's token grid)
+MODES = ("pixel", "patch")
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ import torch
 
 from bdscan.data import CleanData
 from bdscan.detect.anomaly import PATCH_MAD_FLOOR, AnomalyResult, anomaly
-from bdscan.detect.config import InversionConfig
+from bdscan.detect.config import MODES, InversionConfig
 from bdscan.detect.inversion import InversionResult, LabelResult, invert_prepared, prepared, resolve_precision
 from bdscan.detect.params import PatchTrigger, PixelTrigger, TriggerParam, cnn_patch_sweep
 from bdscan.errors import UsageError
@@ -27,7 +27,6 @@ from bdscan.models.wrapper import ModelWrapper
 
 log = logging.getLogger(__name__)
 
-MODES = ("pixel", "patch")
 #: progress(mode, labels_done, labels_total, stats)
 ScanProgress = Callable[[str, int, int, dict[str, float]], None]
 
