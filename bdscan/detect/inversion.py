@@ -171,7 +171,7 @@ def bf16_emulated(precision: str, device: torch.device | str) -> bool:
     """Whether a forced ``precision="bf16"`` would run emulated: on a CPU without native bf16 instructions.
 
     There oneDNN falls back to slow reference kernels: on an AVX2-only host a forward+backward ran 11-12x slower
-    than float32 (gtsrb_cnn6_badnets 39 vs 427 images/s, gtsrb_resnet18_badnets 25 vs 309, the ViT 45 vs 430;
+    than float32 (gtsrb_cnn6_badnets 39 vs 427 images/s, gtsrb_resnet18_badnets 25 vs 309, gtsrb_vit 43 vs 377;
     64 images, 1 thread; benchmarks/README.md). "auto" never picks bf16 there; this is for warning a user who
     forced it.
 
