@@ -98,6 +98,10 @@ def main() -> None:
         lab = [int(v) for v in labels.split(",")] if labels != "-" else None
         print(json.dumps(child(model, which, lab, int(threads), device, budget_name, precision)))
         return
+    from bdscan.report.json_report import versions
+
+    # the host's vector instructions and bf16, as every scan report records them
+    host = versions()
     rows = []
     for m in args.models:
         from bdscan.io import load_model
@@ -109,7 +113,7 @@ def main() -> None:
         digest = hashlib.sha256(Path(m).read_bytes()).hexdigest()[:16]
         # the host's vector instructions are part of the key: the project's machine is not always the same host
         # (AVX-512 with bf16 on some days, AVX2 only on others), and the original's seconds differ between them
-        cpu = torch.backends.cpu.get_cpu_capability()
+        cpu = host["cpu_capability"]
         full_key = f"{digest}|-|{args.threads}|{args.device}|{cpu}"
         if args.full_original or full_key in cache:  # a real full run beats an extrapolated sample
             labels = "-"
@@ -138,10 +142,7 @@ def main() -> None:
     if args.original_only:
         return
     precision = args.precision if args.precision != "-" else "the budget's"
-    from bdscan.detect.inversion import cpu_has_native_bf16
-
-    bf16 = "native" if cpu_has_native_bf16() else "emulated"
-    machine = (f"{platform.machine()} ({torch.backends.cpu.get_cpu_capability()}, bf16 {bf16}), {args.threads} torch "
+    machine = (f"{platform.machine()} ({host['cpu_capability']}, bf16 {host['cpu_bf16']}), {args.threads} torch "
                f"threads, torch {torch.__version__}, device {args.device}, "
                f"budget {args.budget}, precision {precision}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
