@@ -36,12 +36,10 @@ import os
 import re
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import onnx
 import torch
-from onnx import TensorProto
 from torch import nn
 
 from bdscan.errors import BdscanError, ModelLoadError
@@ -52,6 +50,11 @@ from bdscan.io.torchscript import bdscan_meta, describe, parse_meta
 from bdscan.models.grid import find_token_grid
 from bdscan.models.wrapper import ModelWrapper
 
+# onnx is imported inside the functions that use it: importing it costs about 0.8 s (measured after torch,
+# 2-core AMD EPYC) and most scans load no ONNX file. tests/io/test_io_formats.py checks that bdscan.io does not import it.
+if TYPE_CHECKING:
+    import onnx
+
 #: max |logit difference| allowed between the converted module and onnxruntime
 PARITY_TOL = 1e-3
 PARITY_SAMPLES = 4
@@ -60,6 +63,7 @@ _SAFE = re.compile(r"[^0-9A-Za-z_]")
 
 
 def _graphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
+    import onnx
     out = [graph]
     for node in graph.node:
         for a in node.attribute:
@@ -72,6 +76,7 @@ def _graphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
 
 
 def _tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    import onnx
     out: list[onnx.TensorProto] = []
     for g in _graphs(model.graph):
         out += list(g.initializer)
@@ -89,6 +94,7 @@ def _tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
 
 def check_external_data(model: onnx.ModelProto, path: Path) -> bool:
     """Refuses external-data locations outside the model's folder; True when the model has external data."""
+    from onnx import TensorProto
     base = path.parent.resolve()
     found = False
     for t in _tensors(model):
@@ -146,6 +152,7 @@ def unsupported_ops(model: onnx.ModelProto) -> list[str]:
 
 def prepare_for_conversion(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy with safe node names and Constant/Identity-of-initializer nodes turned into initializers."""
+    import onnx
     m = copy.deepcopy(model)
     g = m.graph
     outputs = {o.name for o in g.output}
@@ -174,6 +181,7 @@ def prepare_for_conversion(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _image_input(model: onnx.ModelProto, path: Path) -> tuple[str, int | None, tuple[int, int, int] | None]:
+    from onnx import TensorProto
     inits = {t.name for t in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in inits]
     if len(inputs) != 1:
@@ -275,6 +283,7 @@ class OnnxLoader:
         return len(head) >= 3 and head[0] == 0x08 and 1 <= head[1] <= 20 and head[2] in (0x12, 0x1A, 0x22, 0x28, 0x3A, 0x42)
 
     def load(self, path: Path, options: LoadOptions) -> LoadedModel:
+        import onnx
         model = guarded("ONNX", path, lambda: onnx.load(str(path), load_external_data=False))
         if check_external_data(model, path):
             guarded("ONNX", path, lambda: onnx.load_external_data_for_model(model, str(path.parent)))
@@ -313,6 +322,7 @@ def export_onnx(wrapper: ModelWrapper, path: str | Path, opset: int = 17) -> Non
     Raises:
         BdscanError: the network cannot be exported.
     """
+    import onnx
     p = Path(path)
     net = wrapper.net
     was_training = net.training

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import onnx
@@ -30,6 +32,13 @@ def _logits(w: torch.nn.Module) -> torch.Tensor:
 
 def one_line(err: BaseException) -> bool:
     return "\n" not in str(err) and "\r" not in str(err)
+
+
+def test_onnx_is_imported_only_for_onnx_files() -> None:
+    # importing onnx costs about 0.8 s: a scan of a safetensors file must not pay it (bdscan/io/onnx_io.py)
+    code = "import sys, bdscan.cli, bdscan.io; print('onnx' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 def test_registry_has_every_format() -> None:
