@@ -59,3 +59,20 @@ class UnsafeModelError(BdscanError):
 
 class NumericalError(BdscanError):
     """The model produces NaN/inf or outputs of the wrong shape, so no scan result would mean anything."""
+
+
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message, for one-line error reports.
+
+    Third-party errors (parsers, exporters, runtimes) often carry pages of context after a useful first line.
+
+    Args:
+        e: the exception.
+        limit: the most characters kept.
+
+    Returns:
+        the first line of ``str(e)`` (stripped, at most ``limit`` characters), or the exception's type name when
+        its message is empty.
+    """
+    text = str(e).strip()
+    return text.splitlines()[0][:limit] if text else type(e).__name__

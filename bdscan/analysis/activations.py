@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from bdscan.data import CleanData
+from bdscan.jsonnum import json_number
 from bdscan.models.wrapper import ModelWrapper
 from bdscan.trigger import Trigger
 
@@ -55,10 +56,6 @@ DEFAULT_MAX_IMAGES = 256
 #: the k of the paper's precision@k tables (tables 7-9)
 PAPER_KS = (10, 100, 1000, 10000, 50000, 100000)
 HOOKED_TYPES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
-
-
-def _r(x: float, nd: int = 6) -> float:
-    return round(float(x), nd)
 
 
 @dataclass(frozen=True)
@@ -128,8 +125,8 @@ class LayerStats:
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "type": self.type, "shape": list(self.shape), "neurons": self.neurons,
-                "activated": self.activated, "fraction": _r(self.fraction), "max_abs_clean": _r(self.max_abs_clean),
-                "mean_increase": _r(self.mean_increase)}
+                "activated": self.activated, "fraction": json_number(self.fraction), "max_abs_clean": json_number(self.max_abs_clean),
+                "mean_increase": json_number(self.mean_increase)}
 
 
 @dataclass(frozen=True)
@@ -158,8 +155,8 @@ class NeuronIncrease:
 
     def to_dict(self) -> dict[str, Any]:
         return {"layer": self.layer, "type": self.type, "index": self.index, "position": list(self.position),
-                "clean": _r(self.clean), "triggered": _r(self.triggered), "increase": _r(self.increase),
-                "relative": _r(self.relative)}
+                "clean": json_number(self.clean), "triggered": json_number(self.triggered), "increase": json_number(self.increase),
+                "relative": json_number(self.relative)}
 
 
 @dataclass(frozen=True)
@@ -190,7 +187,7 @@ class ActivationStats:
 
     def to_dict(self) -> dict[str, Any]:
         return {"trigger": self.trigger, "target": self.target, "threshold": self.threshold, "images": self.images,
-                "neurons": self.neurons, "activated": self.activated, "fraction": _r(self.fraction),
+                "neurons": self.neurons, "activated": self.activated, "fraction": json_number(self.fraction),
                 "layers": [layer.to_dict() for layer in self.layers], "top": [n.to_dict() for n in self.top]}
 
 
@@ -214,7 +211,7 @@ class PrecisionAtK(dict[int, float]):
         return tuple(k for k, u in self.k_used.items() if u < k)
 
     def to_list(self) -> list[dict[str, Any]]:
-        return [{"k": k, "k_used": self.k_used[k], "capped": self.k_used[k] < k, "precision": _r(v)}
+        return [{"k": k, "k_used": self.k_used[k], "capped": self.k_used[k] < k, "precision": json_number(v)}
                 for k, v in self.items()]
 
 
@@ -540,12 +537,12 @@ def activations_section(wrapper: ModelWrapper, data: CleanData, findings: ScanFi
         t = Trigger(r.mask, r.pattern, r.label, f"reversed-{mode}", {"norm": r.norm, "param": r.param})
         st, rank = measure(t)
         entry: dict[str, Any] = {"label": r.label, "name": wrapper.info.class_name(r.label), "label_basis": basis,
-                                 "norm": None if r.norm is None else _r(r.norm), "reversed": st.to_dict(),
+                                 "norm": None if r.norm is None else json_number(r.norm), "reversed": st.to_dict(),
                                  "precision_at_k": None}
         if orig_rank is not None:
             phases = []
             for i, p in enumerate(r.phases):
-                ph: dict[str, Any] = {"phase": i + 1, "step": p.step, "norm": None if p.norm is None else _r(p.norm)}
+                ph: dict[str, Any] = {"phase": i + 1, "step": p.step, "norm": None if p.norm is None else json_number(p.norm)}
                 if p.mask is None or p.pattern is None:
                     ph["precision"] = None
                     ph["reason"] = "no trigger had reached the success threshold by the end of this phase"

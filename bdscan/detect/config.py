@@ -7,9 +7,8 @@ from typing import Any
 
 from bdscan.errors import UsageError
 
-#: images per batched forward and per torch thread on a CPU. Measured forward+backward throughput of the zoo's
-#: models (benchmarks/README.md, "Label chunks (adopted)"): with 2 threads it peaks at 32-64 images per forward; with
-#: 1 thread 16 images run 1.7× faster than 128 (the activations of a bigger chunk outgrow the core's caches)
+#: images per batched forward and per torch thread on a CPU: past it a chunk's activations outgrow the core's
+#: caches and throughput falls (measured: benchmarks/README.md, "Label chunks (adopted)")
 CPU_CHUNK_IMAGES_PER_THREAD = 32
 
 #: values of :attr:`InversionConfig.precision`
@@ -109,10 +108,9 @@ BUDGETS: dict[str, InversionConfig] = {
     # The default: measured on the sample zoo (benchmarks/README.md); a step is 2 mini-batches, not an epoch.
     "fast": InversionConfig(steps=30, samples=160, batch_size=16, batches_per_step=2, patience=2, early_stop_patience=6,
                             precision="auto"),
-    # For a CI gate that must finish in half the time (benchmarks/README.md, "The quick budget"): half the images
-    # of "fast" (4 mini-batches of 4 per step) but twice its Adam updates, so its masks end closer to the sizes
-    # Neural Cleanse's own schedule converges to; on the zoo it got 40 of 56 verdicts right over two seeds
-    # against fast's 42, and missed the GTSRB ViT at seed 1, so it is not the default.
+    # For a CI gate that must finish in half the time: half the images of "fast" (4 mini-batches of 4 per step)
+    # but twice its Adam updates, so its masks end closer to the sizes Neural Cleanse's own schedule converges to;
+    # it gets fewer of the zoo's verdicts right, so it is not the default (benchmarks/README.md, "The quick budget").
     "quick": InversionConfig(steps=30, samples=160, batch_size=4, batches_per_step=4, patience=2, early_stop_patience=6,
                              precision="auto"),
     "smoke": InversionConfig(steps=12, samples=64, batch_size=32, batches_per_step=2, patience=2, early_stop_patience=4,

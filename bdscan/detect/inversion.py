@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from bdscan import machine
 from bdscan.data import CleanData, balanced_sample
 from bdscan.detect.config import InversionConfig
 from bdscan.detect.params import TriggerParam, squash
@@ -158,36 +159,26 @@ class _LabelState:
         return improved
 
 
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU has bf16 instructions oneDNN uses (AVX512-BF16 or AMX); without them bf16 is emulated
-    and slower than float32."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a build without oneDNN
-        return False
-
-
 def bf16_emulated(precision: str, device: torch.device | str) -> bool:
     """Whether a forced ``precision="bf16"`` would run emulated: on a CPU without native bf16 instructions.
 
-    There oneDNN falls back to slow reference kernels: on an AVX2-only host a forward+backward ran 11-12x slower
-    than float32 (gtsrb_cnn6_badnets 39 vs 427 images/s, gtsrb_resnet18_badnets 25 vs 309, gtsrb_vit 43 vs 377;
-    64 images, 1 thread; benchmarks/README.md). "auto" never picks bf16 there; this is for warning a user who
+    There oneDNN falls back to slow reference kernels, an order of magnitude slower than float32
+    (benchmarks/README.md, "An AVX2-only host"). "auto" never picks bf16 there; this is for warning a user who
     forced it.
 
     Args:
         precision: the requested precision, before :func:`resolve_precision`.
         device: where the inversion runs.
     """
-    return precision == "bf16" and torch.device(device).type == "cpu" and not cpu_has_native_bf16()
+    return precision == "bf16" and torch.device(device).type == "cpu" and not machine.cpu_has_native_bf16()
 
 
 def resolve_precision(precision: str, model: ModelWrapper, device: torch.device | str) -> str:
     """The precision "auto" stands for on this model and device: "bf16" or "fp32".
 
-    bf16 autocast (with channels-last weights) made the zoo's CNN scans 1.8-2x faster on this project's
-    AVX512-BF16 CPU, with the same verdicts, and its transformers 10-30 % slower (benchmarks/README.md, "bf16 for
-    CNNs"), so "auto" picks it only for a model without a token grid (what bdscan scans as a CNN) on a CPU that
+    bf16 autocast (with channels-last weights) made the zoo's CNN scans faster on a CPU with native bf16, with
+    the same verdicts, and its transformers slower (benchmarks/README.md, "bf16 for CNNs"), so "auto" picks it
+    only for a model without a token grid (what bdscan scans as a CNN) on a CPU that
     has the instructions. The GPU path stays float32 under "auto" until it has been measured.
 
     Args:
@@ -201,7 +192,7 @@ def resolve_precision(precision: str, model: ModelWrapper, device: torch.device 
     if precision != "auto":
         return precision
     on_cpu = torch.device(device).type == "cpu"
-    return "bf16" if on_cpu and model.token_grid is None and cpu_has_native_bf16() else "fp32"
+    return "bf16" if on_cpu and model.token_grid is None and machine.cpu_has_native_bf16() else "fp32"
 
 
 def _batch_order(n: int, cfg: InversionConfig, step: int) -> torch.Tensor:
@@ -282,8 +273,8 @@ def frozen(model: torch.nn.Module) -> Iterator[None]:
 
 @contextlib.contextmanager
 def channels_last(model: torch.nn.Module, enabled: bool) -> Iterator[None]:
-    """Holds the model's 4-D weights channels-last for the duration: with bf16, oneDNN's convolutions ran a
-    further 1.2-1.3x faster on the zoo's CNNs (benchmarks/README.md, "bf16 for CNNs"); values are unchanged."""
+    """Holds the model's 4-D weights channels-last for the duration: with bf16, oneDNN's convolutions run
+    faster in that layout (benchmarks/README.md, "bf16 for CNNs"); values are unchanged."""
     if not enabled:
         yield
         return

@@ -19,7 +19,7 @@ import torch
 
 from bdscan.data import CleanData
 from bdscan.detect.anomaly import PATCH_MAD_FLOOR, AnomalyResult, anomaly
-from bdscan.detect.config import MODES, InversionConfig
+from bdscan.detect.config import BUDGETS, DEFAULT_BUDGET, MODES, InversionConfig
 from bdscan.detect.inversion import InversionResult, LabelResult, invert_prepared, prepared, resolve_precision
 from bdscan.detect.params import PatchTrigger, PixelTrigger, TriggerParam, cnn_patch_sweep
 from bdscan.errors import UsageError
@@ -46,19 +46,18 @@ class ScanConfig:
         cnn_patch_offsets: also sweep each grid shifted by half a patch (twice the cost).
         workers: inversions run at once on a CPU, each in its own thread with an equal share of the torch
             threads; None = automatic: one per torch thread, up to the number of inversions (2 for a default
-            scan). Results do not depend on it (tested); on 2 cores two single-threaded inversions side by side
-            ran a ViT scan 1.2-1.35x faster than one after the other on 2 threads (benchmarks/README.md).
+            scan). Results do not depend on it (tested); the model's small matrix products use one core each
+            better than two, so side by side is faster (benchmarks/README.md).
     """
 
     modes: tuple[str, ...] = MODES
-    budget: str = "fast"
-    inversion: InversionConfig = field(default_factory=InversionConfig)
+    budget: str = DEFAULT_BUDGET
+    inversion: InversionConfig = field(default_factory=lambda: BUDGETS[DEFAULT_BUDGET])
     threshold: float = 2.0
     labels: tuple[int, ...] | None = None
     device: str = "cpu"
-    # One 4-pixel grid: on the sample zoo's 9 CNN models, replaying the recorded runs with fewer sweep members
-    # (benchmarks/bench_schedule.py --sweep) kept every right verdict and removed a false alarm of the full
-    # 4/8-pixel, half-offset sweep on a clean ResNet-18 (2.44 -> 1.65), at 2/5 of the CNN's scan time.
+    # One 4-pixel grid: replaying recorded runs with fewer sweep members (`python -m benchmarks schedule --sweep`)
+    # kept every right verdict of the wider sweep, removed one of its false alarms, and costs less.
     cnn_patch_sizes: tuple[int, ...] = (4,)
     cnn_patch_offsets: bool = False
     workers: int | None = None
@@ -88,7 +87,7 @@ class ModeResult:
         anomaly: the outlier test over the sizes.
         seconds: the mode's own inversion time; when the levels run side by side it overlaps the other's.
         histories: per parametrisation (its ``name``), per label, the best size after each step; lets a
-            benchmark replay the verdict a shorter run would have given (benchmarks/bench_schedule.py).
+            benchmark replay the verdict a shorter run would have given (`python -m benchmarks schedule`).
     """
 
     mode: str

@@ -1,8 +1,17 @@
-"""Loader registry: one loader per checkpoint format (modelscan-style plug-ins).
+"""The format registry: one entry per checkpoint format, holding its loader and, where bdscan can write the
+format, its writer (modelscan-style plug-ins, registered timm-style by decorators in the format's own module).
 
 A loader turns a file into a :class:`LoadedModel` (a :class:`~bdscan.models.ModelWrapper` plus what was
 learnt while reading it: format, sha256, static pickle-scan findings, the original trigger of a lab
 model). Loaders never execute code from the file: see each loader's docstring for how.
+
+A writer saves a :class:`~bdscan.models.ModelWrapper` in its format and can run the written file with the
+format's own runtime (:meth:`Writer.read_back`), so that a caller can prove the file computes what the model
+in memory computes.
+
+Adding a format is one module in :mod:`bdscan.io` that decorates its loader class with
+:func:`register_loader` (and its writer class with :func:`register_writer`, under the same ``name``), plus
+one import line in :mod:`bdscan.io`'s ``__init__`` (whose import order is the sniffing order).
 """
 
 from __future__ import annotations
@@ -12,9 +21,12 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol, TypeVar
 
-from bdscan.errors import ModelLoadError, UsageError
+import numpy as np
+import torch
+
+from bdscan.errors import BdscanError, ModelLoadError, UsageError, first_line
 from bdscan.models.wrapper import ModelWrapper
 from bdscan.trigger import Trigger
 
@@ -100,7 +112,7 @@ class LoadedModel:
 
 
 class Loader(Protocol):
-    """A checkpoint format."""
+    """How a checkpoint format is read."""
 
     name: str
     suffixes: tuple[str, ...]
@@ -112,18 +124,118 @@ class Loader(Protocol):
         """Loads the file without executing code from it; raises a :class:`ModelLoadError` on failure."""
 
 
-_LOADERS: dict[str, Loader] = {}
+class Readback(NamedTuple):
+    """What a written file computes, beside what the model in memory computes, on the same images."""
+
+    written: np.ndarray
+    expected: np.ndarray
 
 
-def register_loader(cls: type) -> type:
+class Writer(Protocol):
+    """How a model is written in a format (registered under the same ``name`` as the format's loader)."""
+
+    name: str
+    #: the format's name in messages ("ONNX", "TorchScript")
+    title: str
+    #: the output suffixes this writer is chosen for
+    suffixes: tuple[str, ...]
+
+    def write(
+        self, wrapper: ModelWrapper, path: Path, extra: dict[str, Any] | None = None, trigger: Trigger | None = None
+    ) -> None:
+        """Writes ``wrapper`` to ``path`` atomically, with bdscan's metadata.
+
+        Args:
+            wrapper: the model.
+            path: the output file.
+            extra: JSON-serialisable records stored with the metadata (e.g. ``{"provenance": {...}}``).
+            trigger: an original trigger to store with the model, where the format has room for one.
+
+        Raises:
+            UsageError: the format cannot hold this model.
+            BdscanError: the model cannot be written in this format.
+        """
+
+    def read_back(self, path: Path, wrapper: ModelWrapper, x: torch.Tensor) -> Readback:
+        """Runs the written file with the format's own runtime on images ``x`` (pixels in [0, 1]).
+
+        Returns:
+            the file's outputs, and the outputs ``wrapper`` computes for the same thing in memory.
+
+        Raises:
+            BdscanError: the written file cannot be read or run.
+        """
+
+
+@dataclass
+class Format:
+    """One entry of the registry: a format's loader and, when bdscan can write it, its writer."""
+
+    name: str
+    loader: Loader | None = None
+    writer: Writer | None = None
+
+
+_FORMATS: dict[str, Format] = {}
+_T = TypeVar("_T", bound=type)
+
+
+def _entry(name: str) -> Format:
+    return _FORMATS.setdefault(name, Format(name))
+
+
+def register_loader(cls: _T) -> _T:
     """Class decorator: registers one instance of a loader under its ``name``."""
     inst = cls()
-    _LOADERS[inst.name] = inst
+    _entry(inst.name).loader = inst
     return cls
 
 
+def register_writer(cls: _T) -> _T:
+    """Class decorator: registers one instance of a writer under its ``name`` (the format's loader's name)."""
+    inst = cls()
+    _entry(inst.name).writer = inst
+    return cls
+
+
+def formats() -> dict[str, Format]:
+    """The registry: format name -> :class:`Format`, in registration order."""
+    return dict(_FORMATS)
+
+
 def loaders() -> dict[str, Loader]:
-    return dict(_LOADERS)
+    """Format name -> loader, in sniffing order."""
+    return {name: f.loader for name, f in _FORMATS.items() if f.loader is not None}
+
+
+def writers() -> dict[str, Writer]:
+    """Format name -> writer, for the formats bdscan can write."""
+    return {name: f.writer for name, f in _FORMATS.items() if f.writer is not None}
+
+
+def output_suffixes(exclude: str | None = None) -> tuple[str, ...]:
+    """The suffixes some writer is chosen for (without those of the format named ``exclude``)."""
+    return tuple(s for w in writers().values() if w.name != exclude for s in w.suffixes)
+
+
+def writer_for(path: Path) -> Writer:
+    """The writer for ``path``'s suffix.
+
+    Raises:
+        UsageError: no writer writes that suffix.
+    """
+    suffix = Path(path).suffix.lower()
+    for w in writers().values():
+        if suffix in w.suffixes:
+            return w
+    raise UsageError(f"cannot write a model as {Path(path).suffix or 'a file without suffix'!r}",
+                     f"name the output with one of: {', '.join(output_suffixes())}")
+
+
+def one_line(s: str, limit: int = 300) -> str:
+    """``s`` without line breaks or control characters (names inside hostile files can hold anything)."""
+    out = "".join(c if c.isprintable() else "?" for c in s)
+    return out if len(out) <= limit else out[: limit - 3] + "..."
 
 
 def sha256_file(path: Path) -> str:
@@ -136,13 +248,14 @@ def sha256_file(path: Path) -> str:
 
 def pick_loader(path: Path, fmt: str | None = None) -> Loader:
     """The loader for ``path``: the one named by ``fmt``, else by content sniffing, else by suffix."""
+    registered = loaders()
     if fmt:
-        if fmt not in _LOADERS:
-            raise UsageError(f"unknown format {fmt!r}", f"use one of: {', '.join(sorted(_LOADERS))}")
-        return _LOADERS[fmt]
+        if fmt not in registered:
+            raise UsageError(f"unknown format {fmt!r}", f"use one of: {', '.join(sorted(registered))}")
+        return registered[fmt]
     with open(path, "rb") as f:
         head = f.read(64)
-    for loader in _LOADERS.values():
+    for loader in registered.values():
         if loader.sniff(path, head):
             return loader
     raise ModelLoadError(
@@ -176,8 +289,6 @@ def guarded(fmt: str, path: Path, fn: Callable[[], Any]) -> Any:
     Parsers of hostile files fail in every way imaginable (struct.error, RuntimeError, protobuf
     DecodeError, MemoryError); the user needs one line that says the file is damaged, not a traceback.
     """
-    from bdscan.errors import BdscanError
-
     try:
         return fn()
     except BdscanError:
@@ -185,8 +296,7 @@ def guarded(fmt: str, path: Path, fn: Callable[[], Any]) -> Any:
     except MemoryError as e:
         raise ModelLoadError(f"{path.name}: the {fmt} file asks for more memory than exists", "the file is corrupt or hostile") from e
     except Exception as e:
-        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise ModelLoadError(
-            f"{path.name}: cannot read it as {fmt}: {msg}",
+            f"{path.name}: cannot read it as {fmt}: {first_line(e)}",
             "the file is truncated or corrupt; re-export or re-download it",
         ) from e

@@ -1,8 +1,12 @@
-"""Building a wrapped model from an architecture name and a state dict, with actionable mismatch errors."""
+"""Building a wrapped model from an architecture name and a state dict, with actionable mismatch errors.
+
+Shared by the weight-only loaders (safetensors, state dict, a pickled checkpoint under ``--trust-pickle``).
+"""
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import timm
@@ -10,13 +14,19 @@ import torch
 from torch import nn
 
 import bdscan.models  # noqa: F401  (registers bdscan architectures with timm)
-from bdscan.errors import ModelLoadError, NumericalError, UsageError
-from bdscan.io.base import LoadOptions
+from bdscan.errors import ModelLoadError, NumericalError, UsageError, first_line
+from bdscan.io.base import LoadedModel, LoadOptions, PickleScan, sha256_file
 from bdscan.models.grid import find_token_grid, grid_from_patch_size
 from bdscan.models.wrapper import ModelInfo, ModelWrapper, check_model_output
 
 log = logging.getLogger(__name__)
 
+#: suffixes of ``torch.save`` files (the state-dict and pickle loaders)
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl")
+#: keys under which training scripts nest the state dict, in the order they are tried
+NESTED_KEYS = ("state_dict", "model_state_dict", "model", "net", "module", "ema", "model_ema")
+#: key prefixes added by wrappers, stripped when every key has them
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 #: head weight names, for inferring the class count of a weight-only checkpoint
 _HEAD_KEYS = ("head.weight", "fc.weight", "classifier.weight", "head.fc.weight", "last_linear.weight")
 
@@ -45,7 +55,7 @@ def create_net(arch: str, num_classes: int, input_size: tuple[int, int, int], ar
             kwargs.pop("img_size", None)
             return timm.create_model(arch, pretrained=False, **kwargs)
     except (TypeError, ValueError, RuntimeError) as e:
-        raise ModelLoadError(f"cannot build {arch!r} with {kwargs}: {str(e)[:150]}",
+        raise ModelLoadError(f"cannot build {arch!r} with {kwargs}: {first_line(e, 150)}",
                              "check the architecture arguments in the metadata or on the command line") from e
 
 
@@ -114,3 +124,66 @@ def finalize(net: nn.Module, info: ModelInfo, options: LoadOptions, notes: list[
         wrapper.info = info.with_(output="probs")
     wrapper.requires_grad_(False)
     return wrapper
+
+
+def _all_tensors(d: dict) -> bool:
+    return bool(d) and all(isinstance(v, torch.Tensor) for v in d.values())
+
+
+def extract_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    """The state dict inside a loaded checkpoint object.
+
+    A checkpoint may be a plain state dict or nest one (up to three levels) under one of :data:`NESTED_KEYS`;
+    the key prefixes of :data:`WRAPPER_PREFIXES` (DataParallel's ``module.``, ``torch.compile``'s
+    ``_orig_mod.``) are stripped when every key has them.
+    """
+    if not isinstance(obj, dict):
+        raise ModelLoadError(
+            f"{path.name} holds a {type(obj).__name__}, not a state dict",
+            "save the model's state_dict() (or export it to .safetensors)",
+        )
+    for _ in range(3):  # {"model": {"state_dict": {...}}} happens
+        if _all_tensors(obj):
+            break
+        inner = next((obj[k] for k in NESTED_KEYS if isinstance(obj.get(k), dict) and obj[k]), None)
+        if inner is None:
+            break
+        obj = inner
+    if not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        keys = ", ".join(repr(k) for k in list(obj)[:5])
+        raise ModelLoadError(
+            f"{path.name}: no tensors found (top-level keys: {keys})",
+            f"nest the weights under one of {', '.join(NESTED_KEYS[:4])} or save a plain state dict",
+        )
+    if not all(isinstance(k, str) for k in obj):
+        raise ModelLoadError(f"{path.name}: the state dict has non-string keys", "save model.state_dict()")
+    state: dict[str, Any] = dict(obj)
+    for prefix in WRAPPER_PREFIXES:
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix) :]: v for k, v in state.items()}
+    return state
+
+
+def build_from_state(
+    state: dict[str, Any], path: Path, options: LoadOptions, fmt: str, scan: PickleScan | None
+) -> LoadedModel:
+    """Builds ``--arch`` and loads ``state`` into it (shared by the state-dict and pickle loaders)."""
+    arch = options.arch
+    if not arch:
+        raise UsageError(
+            f"{path.name} is a bare state dict: it does not say which architecture it holds",
+            "pass --arch (see `bdscan models`) and --num-classes",
+        )
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    num_classes = options.num_classes or infer_num_classes(tensors)
+    if not num_classes:
+        raise UsageError(f"cannot tell how many classes {path.name} has", "pass --num-classes")
+    input_size = tuple(options.input_size or (3, 32, 32))
+    c = input_size[0]
+    info = ModelInfo(arch=arch, num_classes=int(num_classes), input_size=input_size,  # type: ignore[arg-type]
+                     mean=(0.0,) * c, std=(1.0,) * c)
+    net = create_net(arch, int(num_classes), input_size)  # type: ignore[arg-type]
+    load_state_into(net, state, arch)
+    notes: list[str] = []
+    wrapper = finalize(net, info, options, notes)
+    return LoadedModel(wrapper, fmt, path, sha256_file(path), scan, None, notes)

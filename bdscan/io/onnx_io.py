@@ -24,7 +24,8 @@ original network did, so it drops into any pipeline that already normalises. The
 (mean/std/scale), class names, the source architecture and the token grid travel as ``bdscan.*``
 ``metadata_props`` (JSON values, as in the safetensors convention), from which the loader rebuilds the
 [0, 1]-pixel wrapper. It uses torch's legacy TorchScript-based exporter (``dynamo=False``), which
-handles all six bdscan architectures, with a dynamic batch axis.
+handles all six bdscan architectures, with a dynamic batch axis. :class:`OnnxWriter` is the format's registered
+writer: :func:`export_onnx`, and onnxruntime to run the written file back.
 """
 
 from __future__ import annotations
@@ -42,16 +43,25 @@ import numpy as np
 import torch
 from torch import nn
 
-from bdscan.errors import BdscanError, ModelLoadError
-from bdscan.io.atomic import atomic_write_bytes
-from bdscan.io.base import LoadedModel, LoadOptions, guarded, register_loader, sha256_file
-from bdscan.io.picklescan_io import one_line
-from bdscan.io.torchscript import bdscan_meta, describe, parse_meta
+from bdscan.atomic import atomic_write_bytes
+from bdscan.errors import BdscanError, ModelLoadError, first_line
+from bdscan.io.base import (
+    LoadedModel,
+    LoadOptions,
+    Readback,
+    guarded,
+    one_line,
+    register_loader,
+    register_writer,
+    sha256_file,
+)
+from bdscan.io.selfdescribing import bdscan_meta, describe, net_outputs, parse_meta
 from bdscan.models.grid import find_token_grid
 from bdscan.models.wrapper import ModelWrapper
+from bdscan.trigger import Trigger
 
-# onnx is imported inside the functions that use it: importing it costs about 0.8 s (measured after torch,
-# 2-core AMD EPYC) and most scans load no ONNX file. tests/io/test_io_formats.py checks that bdscan.io does not import it.
+# onnx is imported inside the functions that use it: importing it is slow and most scans load no ONNX file.
+# tests/io/test_io_formats.py checks that bdscan.io does not import it.
 if TYPE_CHECKING:
     import onnx
 
@@ -302,9 +312,8 @@ class OnnxLoader:
                 warnings.simplefilter("ignore")
                 net = convert(prepare_for_conversion(model))
         except Exception as e:
-            msg = one_line(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__, 200)
             raise ModelLoadError(
-                f"{one_line(path.name)}: onnx2torch cannot convert it: {msg}",
+                f"{one_line(path.name)}: onnx2torch cannot convert it: {one_line(first_line(e))}",
                 "export the model as TorchScript or torch.export (.pt2) instead",
             ) from e
         meta = read_meta(model, path)
@@ -316,8 +325,14 @@ class OnnxLoader:
         return LoadedModel(wrapper, self.name, path, sha256_file(path), None, None, notes)
 
 
-def export_onnx(wrapper: ModelWrapper, path: str | Path, opset: int = 17) -> None:
+def export_onnx(wrapper: ModelWrapper, path: str | Path, opset: int = 17, extra: dict[str, Any] | None = None) -> None:
     """Writes ``wrapper.net`` (normalised input, see the module docstring) as ONNX, atomically.
+
+    Args:
+        wrapper: the model.
+        path: the output file.
+        opset: the ONNX opset to export to.
+        extra: JSON-serialisable records added to the metadata (each as ``bdscan.<key>``).
 
     Raises:
         BdscanError: the network cannot be exported.
@@ -337,16 +352,42 @@ def export_onnx(wrapper: ModelWrapper, path: str | Path, opset: int = 17) -> Non
                 dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, do_constant_folding=True,
             )
     except Exception as e:
-        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise BdscanError(f"cannot export {wrapper.info.arch} to ONNX: {msg}",
+        raise BdscanError(f"cannot export {wrapper.info.arch} to ONNX: {first_line(e)}",
                           "export TorchScript or torch.export instead") from e
     finally:
         net.train(was_training)
     model = onnx.load_from_string(buf.getvalue())
     meta = bdscan_meta(wrapper)
     meta["input"] = "normalised"
+    meta.update(extra or {})
     for k, v in meta.items():
         prop = model.metadata_props.add()
         prop.key = META_PREFIX + k
         prop.value = json.dumps(v)
     atomic_write_bytes(p, model.SerializeToString())
+
+
+@register_writer
+class OnnxWriter:
+    """Writes the raw network as ONNX (:func:`export_onnx`) and runs it back with onnxruntime."""
+
+    name = "onnx"
+    title = "ONNX"
+    suffixes = (".onnx",)
+
+    def write(
+        self, wrapper: ModelWrapper, path: Path, extra: dict[str, Any] | None = None, trigger: Trigger | None = None
+    ) -> None:
+        """:func:`export_onnx` with ``extra`` in the metadata; ``trigger`` is not stored."""
+        export_onnx(wrapper, path, extra=extra)
+
+    def read_back(self, path: Path, wrapper: ModelWrapper, x: torch.Tensor) -> Readback:
+        """Runs the written file with onnxruntime on ``x`` normalised as ``wrapper`` normalises."""
+        with torch.no_grad():
+            xn = wrapper.normalise(x).float().cpu().numpy()
+        try:
+            sess = ort_session(Path(path).read_bytes())
+            got = np.asarray(sess.run(None, {sess.get_inputs()[0].name: xn})[0])
+        except Exception as e:
+            raise ModelLoadError(f"onnxruntime cannot run the exported model: {first_line(e)}") from e
+        return Readback(got, net_outputs(wrapper, x))

@@ -28,10 +28,10 @@ import torch
 from torch import nn
 
 from bdscan.errors import ModelLoadError, UsageError
-from bdscan.io.base import LoadedModel, LoadOptions, PickleScan, guarded, register_loader, sha256_file
-from bdscan.io.picklescan_io import one_line, refuse_if_unsafe, scan_pickles
-from bdscan.io.state_dict import SUFFIXES, build_from_state, extract_state_dict
-from bdscan.io.torchscript import describe
+from bdscan.io.base import LoadedModel, LoadOptions, PickleScan, guarded, one_line, register_loader, sha256_file
+from bdscan.io.build import TORCH_SUFFIXES, build_from_state, extract_state_dict
+from bdscan.io.picklescan_io import refuse_if_unsafe, scan_pickles
+from bdscan.io.selfdescribing import describe
 from bdscan.models.grid import find_token_grid
 
 
@@ -51,7 +51,7 @@ class PickleModuleLoader:
     """Loads a full pickled ``nn.Module`` (or a checkpoint with Python objects) under ``--trust-pickle``."""
 
     name = "pickle"
-    suffixes = SUFFIXES
+    suffixes = TORCH_SUFFIXES
 
     def sniff(self, path: Path, head: bytes) -> bool:
         return False  # reached through the state-dict loader or --format pickle only

@@ -39,7 +39,7 @@ The scan disassembles every pickle stream with `picklescan <https://github.com/m
    * numpy: ``numpy.load`` and ``numpy.lib.format`` (``allow_pickle``), ``numpy.distutils``
      (``exec_command``), ``numpy.ctypeslib``, ``numpy.testing``, ``numpy.memmap`` and ``numpy.save*``.
    * model-zoo code that downloads or loads other files: ``timm.create_model``, ``timm.models._hub``/
-     ``_builder``/``_helpers``, and bdscan's own I/O (``bdscan.io.atomic`` writes files).
+     ``_builder``/``_helpers``, and bdscan's own I/O (``bdscan.atomic`` writes files).
    * attribute chains: with protocol >= 4 ``find_class`` follows dotted names, so ``torch`` +
      ``"os.system"`` reaches ``os.system`` (torch imports os) and ``six.moves.builtins`` + ``"eval"``
      reaches eval; any *segment* named like a dangerous module (``os``, ``sys``, ``builtins``,
@@ -84,13 +84,14 @@ from typing import IO
 from picklescan.relaxed_zipfile import RelaxedZipFile
 from picklescan.scanner import SafetyLevel, scan_pickle_bytes
 
-from bdscan.io.base import PickleFinding, PickleScan
+from bdscan.errors import ModelLoadError, UnsafeModelError, first_line
+from bdscan.io.base import PickleFinding, PickleScan, one_line
+from bdscan.io.zipfile_sniff import ZIP_MAGIC
 
 log = logging.getLogger(__name__)
 # picklescan logs every import it dislikes as a warning; bdscan reports the scan itself, once.
 logging.getLogger("picklescan").setLevel(logging.CRITICAL)
 
-ZIP_MAGIC = b"PK\x03\x04"
 _PICKLE_PROTOS = tuple(bytes([0x80, v]) for v in range(1, 6))
 #: how deep nested zip archives are followed (torch.export keeps torch.save archives inside its own)
 MAX_ZIP_DEPTH = 3
@@ -229,15 +230,10 @@ def scan_pickles(path: str | Path) -> PickleScan:
         with open(p, "rb") as f:
             _scan_file(f, p.name, st, depth=0)
     except Exception as e:  # the scanner must answer, whatever the file does to the parsers
-        st.error(f"{p.name}: {_one_line(e)}")
+        st.error(f"{p.name}: {first_line(e)}")
     findings = tuple(sorted(st.findings.values(), key=lambda f: (f.severity != "dangerous", f.location, f.ref)))
     error = "; ".join(st.errors[:3]) if st.errors else None
     return PickleScan(scanner_name(), st.files, findings, error)
-
-
-def _one_line(e: BaseException) -> str:
-    s = str(e).strip()
-    return (s.splitlines()[0][:200] if s else type(e).__name__) or type(e).__name__
 
 
 def _scan_file(f: IO[bytes], loc: str, st: _State, depth: int) -> None:
@@ -350,7 +346,7 @@ def _scan_zip(f: IO[bytes], loc: str, st: _State, depth: int) -> None:
     try:
         z = RelaxedZipFile(f, "r")
     except Exception as e:
-        st.error(f"{loc}: not a readable zip archive ({_one_line(e)})")
+        st.error(f"{loc}: not a readable zip archive ({first_line(e)})")
         return
     with z:
         infos = z.infolist()
@@ -398,44 +394,7 @@ def _scan_member(z: zipfile.ZipFile, info: zipfile.ZipInfo, loc: str, st: _State
         elif is_pkl or (head.startswith(_PICKLE_PROTOS) and not _STORAGE_RECORD.search(name)):
             _scan_pickle_stream(_read_capped(z, info, MAX_PICKLE_BYTES, loc), loc, st, strict_parse=is_pkl)
     except Exception as e:
-        st.error(f"{loc}: cannot read the member ({_one_line(e)})")
-
-
-def zip_names(path: Path) -> list[str] | None:
-    """Member names of a zip archive that starts with the zip magic, None otherwise (never raises)."""
-    try:
-        with open(path, "rb") as f:
-            if f.read(4) != ZIP_MAGIC:
-                return None
-            f.seek(0)
-            with RelaxedZipFile(f, "r") as z:
-                return z.namelist()
-    except Exception:
-        return None
-
-
-def torch_zip_kind(names: list[str]) -> str | None:
-    """Which torch serialiser wrote an archive: "torchscript", "torch-export", "state-dict" or None."""
-    for n in names:
-        parts = n.split("/")
-        if (len(parts) >= 3 and parts[1] == "code") or (len(parts) == 2 and parts[1] == "constants.pkl"):
-            return "torchscript"
-    for n in names:
-        parts = n.split("/")
-        if (len(parts) == 2 and parts[1] == "archive_format") or n == "serialized_exported_program.json":
-            return "torch-export"
-        if len(parts) >= 3 and parts[1] == "models" and n.endswith(".json"):
-            return "torch-export"
-    for n in names:
-        if n.endswith("data.pkl"):
-            return "state-dict"
-    return None
-
-
-def one_line(s: str, limit: int = 300) -> str:
-    """``s`` without line breaks or control characters (names inside hostile files can hold anything)."""
-    out = "".join(c if c.isprintable() else "?" for c in s)
-    return out if len(out) <= limit else out[: limit - 3] + "..."
+        st.error(f"{loc}: cannot read the member ({first_line(e)})")
 
 
 def refs(scan: PickleScan, severity: str = "dangerous") -> list[str]:
@@ -454,8 +413,6 @@ def refuse_if_unsafe(path: Path, scan: PickleScan, fmt: str, loader: str) -> Non
     :class:`ModelLoadError`: the file was not unpickled, and it is damaged or built to confuse scanners.
     ``fmt`` names the format in words for the message, ``loader`` is the refusing loader's name (reports).
     """
-    from bdscan.errors import ModelLoadError, UnsafeModelError
-
     bad = refs(scan)
     if bad:
         shown = one_line(", ".join(bad[:5])) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")

@@ -33,10 +33,20 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from bdscan.errors import ModelLoadError, UsageError
-from bdscan.io.atomic import atomic_write_with
-from bdscan.io.base import LoadedModel, LoadOptions, guarded, register_loader, sha256_file
+from bdscan.atomic import atomic_write_with
+from bdscan.errors import BdscanError, ModelLoadError, UsageError
+from bdscan.io.base import (
+    LoadedModel,
+    LoadOptions,
+    Readback,
+    guarded,
+    load_model,
+    register_loader,
+    register_writer,
+    sha256_file,
+)
 from bdscan.io.build import create_net, finalize, infer_num_classes, load_state_into
+from bdscan.io.selfdescribing import parse_meta
 from bdscan.models.wrapper import ModelInfo, ModelWrapper
 from bdscan.trigger import Trigger
 
@@ -83,8 +93,6 @@ def read_metadata(path: Path) -> dict[str, Any]:
 
 def _checked(meta: dict[str, Any], path: Path) -> dict[str, Any]:
     """``meta`` with every field the loader uses of the type it needs; a damaged header is a ModelLoadError."""
-    from bdscan.io.torchscript import parse_meta
-
     out = dict(meta)
     out.update(parse_meta({k: meta[k] for k in _FIELDS if k in meta and k not in ("output", "arch_kwargs")}, path))
     for k, kind in (("arch_kwargs", dict), ("extra", dict), ("trigger", dict), ("input_size", list), ("mean", list),
@@ -185,6 +193,36 @@ def save_safetensors(
         tensors[TRIGGER_PREFIX + "pattern"] = trigger.pattern.detach().cpu().float().contiguous()
         meta["bdscan.trigger"] = json.dumps({"attack": trigger.kind, "target": trigger.target, **trigger.params}, default=str)
     atomic_write_with(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+
+
+@register_writer
+class SafetensorsWriter:
+    """Writes weights plus bdscan's metadata (:func:`save_safetensors`); read back with the safetensors loader."""
+
+    name = "safetensors"
+    title = "safetensors"
+    suffixes = (".safetensors",)
+
+    def write(
+        self, wrapper: ModelWrapper, path: Path, extra: dict[str, Any] | None = None, trigger: Trigger | None = None
+    ) -> None:
+        """:func:`save_safetensors`; the model must have a registry architecture to be rebuilt from its weights."""
+        if not timm.is_model(wrapper.info.arch):
+            raise UsageError(
+                f"this model was loaded from {wrapper.info.arch} and has no registry architecture, so it cannot be "
+                "saved as safetensors",
+                "write it in a self-describing format (ONNX or TorchScript) instead",
+            )
+        save_safetensors(wrapper, path, extra, trigger)
+
+    def read_back(self, path: Path, wrapper: ModelWrapper, x: torch.Tensor) -> Readback:
+        """Loads the written file with the safetensors loader and runs both wrappers on ``x``."""
+        try:
+            reloaded = load_model(path, fmt=self.name).wrapper
+        except BdscanError as e:
+            raise ModelLoadError(f"the written safetensors file does not load back: {e.message}") from e
+        with torch.no_grad():
+            return Readback(reloaded.eval()(x).double().numpy(), wrapper.eval()(x).double().numpy())
 
 
 def open_metadata(path: Path) -> dict[str, str]:

@@ -11,7 +11,8 @@ Two barriers stand between a hostile file and code execution:
 
 A checkpoint may be a plain state dict or nest one (up to three levels) under ``"state_dict"``,
 ``"model_state_dict"``, ``"model"``, ``"net"``, ``"module"``, ``"ema"`` or ``"model_ema"``;
-DataParallel's ``module.`` and ``torch.compile``'s ``_orig_mod.`` key prefixes are stripped. The file
+DataParallel's ``module.`` and ``torch.compile``'s ``_orig_mod.`` key prefixes are stripped
+(:func:`~bdscan.io.build.extract_state_dict`, shared with the ``pickle`` loader). The file
 names no architecture, so ``--arch`` (and ``--num-classes`` when the head cannot tell) is required.
 A file that holds other pickled Python objects (a full ``nn.Module``, an ``argparse.Namespace``...)
 fails the weights-only load: it is handed to the ``pickle`` loader when ``--trust-pickle`` was given,
@@ -35,17 +36,13 @@ from typing import Any
 
 import torch
 
-from bdscan.errors import ModelLoadError, UsageError
-from bdscan.io.base import LoadedModel, LoadOptions, PickleScan, guarded, register_loader, sha256_file
-from bdscan.io.build import create_net, finalize, infer_num_classes, load_state_into
-from bdscan.io.picklescan_io import ZIP_MAGIC, one_line, refuse_if_unsafe, scan_pickles, torch_zip_kind, zip_names
-from bdscan.models.wrapper import ModelInfo
+from bdscan.errors import ModelLoadError
+from bdscan.io.base import LoadedModel, LoadOptions, guarded, one_line, register_loader
+from bdscan.io.build import TORCH_SUFFIXES, build_from_state, extract_state_dict
+from bdscan.io.pickle_module import PickleModuleLoader, untrusted_pickle_error
+from bdscan.io.picklescan_io import refuse_if_unsafe, scan_pickles
+from bdscan.io.zipfile_sniff import ZIP_MAGIC, torch_zip_kind, zip_names
 
-#: keys under which training scripts nest the state dict, in the order they are tried
-NESTED_KEYS = ("state_dict", "model_state_dict", "model", "net", "module", "ema", "model_ema")
-#: key prefixes added by wrappers, stripped when every key has them
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl")
 #: the name as torch prints it (up to its fixed text: a damaged name may hold spaces or control characters)
 _UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (.+?) was not an allowed global|Unsupported global: GLOBAL (\S+)")
 _UNPICKLER_ERROR = re.compile(r"WeightsUnpickler error:\s*([^\n]+)")
@@ -128,79 +125,21 @@ def missing_global(ref: str) -> str | None:
     return None if found else f"from module {parts[0]!r}, which is not installed"
 
 
-def _all_tensors(d: dict) -> bool:
-    return bool(d) and all(isinstance(v, torch.Tensor) for v in d.values())
-
-
-def extract_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
-    """The state dict inside a loaded checkpoint object (see the module docstring)."""
-    if not isinstance(obj, dict):
-        raise ModelLoadError(
-            f"{path.name} holds a {type(obj).__name__}, not a state dict",
-            "save the model's state_dict() (or export it to .safetensors)",
-        )
-    for _ in range(3):  # {"model": {"state_dict": {...}}} happens
-        if _all_tensors(obj):
-            break
-        inner = next((obj[k] for k in NESTED_KEYS if isinstance(obj.get(k), dict) and obj[k]), None)
-        if inner is None:
-            break
-        obj = inner
-    if not any(isinstance(v, torch.Tensor) for v in obj.values()):
-        keys = ", ".join(repr(k) for k in list(obj)[:5])
-        raise ModelLoadError(
-            f"{path.name}: no tensors found (top-level keys: {keys})",
-            f"nest the weights under one of {', '.join(NESTED_KEYS[:4])} or save a plain state dict",
-        )
-    if not all(isinstance(k, str) for k in obj):
-        raise ModelLoadError(f"{path.name}: the state dict has non-string keys", "save model.state_dict()")
-    state: dict[str, Any] = dict(obj)
-    for prefix in WRAPPER_PREFIXES:
-        if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix) :]: v for k, v in state.items()}
-    return state
-
-
-def build_from_state(
-    state: dict[str, Any], path: Path, options: LoadOptions, fmt: str, scan: PickleScan | None
-) -> LoadedModel:
-    """Builds ``--arch`` and loads ``state`` into it (shared by the state-dict and pickle loaders)."""
-    arch = options.arch
-    if not arch:
-        raise UsageError(
-            f"{path.name} is a bare state dict: it does not say which architecture it holds",
-            "pass --arch (see `bdscan models`) and --num-classes",
-        )
-    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-    num_classes = options.num_classes or infer_num_classes(tensors)
-    if not num_classes:
-        raise UsageError(f"cannot tell how many classes {path.name} has", "pass --num-classes")
-    input_size = tuple(options.input_size or (3, 32, 32))
-    c = input_size[0]
-    info = ModelInfo(arch=arch, num_classes=int(num_classes), input_size=input_size,  # type: ignore[arg-type]
-                     mean=(0.0,) * c, std=(1.0,) * c)
-    net = create_net(arch, int(num_classes), input_size)  # type: ignore[arg-type]
-    load_state_into(net, state, arch)
-    notes: list[str] = []
-    wrapper = finalize(net, info, options, notes)
-    return LoadedModel(wrapper, fmt, path, sha256_file(path), scan, None, notes)
-
-
 @register_loader
 class StateDictLoader:
     """Loads state-dict checkpoints: static scan, then ``torch.load(weights_only=True)``."""
 
     name = "state-dict"
-    suffixes = SUFFIXES
+    suffixes = TORCH_SUFFIXES
 
     def sniff(self, path: Path, head: bytes) -> bool:
         if head.startswith(ZIP_MAGIC):
             names = zip_names(path)
             kind = torch_zip_kind(names) if names is not None else None
-            return kind == "state-dict" or (kind is None and path.suffix.lower() in SUFFIXES)
+            return kind == "state-dict" or (kind is None and path.suffix.lower() in TORCH_SUFFIXES)
         if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
             return True
-        return path.suffix.lower() in SUFFIXES
+        return path.suffix.lower() in TORCH_SUFFIXES
 
     def load(self, path: Path, options: LoadOptions) -> LoadedModel:
         scan = scan_pickles(path)
@@ -208,8 +147,6 @@ class StateDictLoader:
         try:
             obj = weights_only_load(path)
         except PickledObjectsError as e:
-            from bdscan.io.pickle_module import PickleModuleLoader, untrusted_pickle_error
-
             if options.trust_pickle:
                 return PickleModuleLoader().load_scanned(path, options, scan)
             raise untrusted_pickle_error(path, e.detail) from None

@@ -25,9 +25,9 @@ What ``torch.export.load`` (torch 2.14, ``torch/export/pt2_archive/_package.py``
   string may contain a carriage return, or a line break outside stack traces.
 
 Then ``ep.module()`` gives an ``nn.Module`` (gradients flow; its graph was fixed at export, so it is
-wrapped so that ``.eval()`` is a no-op instead of an error). Model information is inferred like
-TorchScript's (:func:`bdscan.io.torchscript.describe`): the declared input shape and a static batch size
-come from the exported input placeholder, the token grid from the first ``aten.conv2d``/
+wrapped so that ``.eval()`` is a no-op instead of an error). Model information is inferred like every
+self-describing format's (:func:`bdscan.io.selfdescribing.describe`): the declared input shape and a static
+batch size come from the exported input placeholder, the token grid from the first ``aten.conv2d``/
 ``aten.convolution`` node (kernel == stride > 1, no padding).
 """
 
@@ -51,9 +51,10 @@ from picklescan.relaxed_zipfile import RelaxedZipFile
 from torch import nn
 
 from bdscan.errors import ModelLoadError, UnsafeModelError
-from bdscan.io.base import LoadedModel, LoadOptions, guarded, register_loader, sha256_file
-from bdscan.io.picklescan_io import ZIP_MAGIC, one_line, refuse_if_unsafe, scan_pickles, torch_zip_kind, zip_names
-from bdscan.io.torchscript import META_FILE, conv_grid, describe, parse_meta
+from bdscan.io.base import LoadedModel, LoadOptions, guarded, one_line, register_loader, sha256_file
+from bdscan.io.picklescan_io import refuse_if_unsafe, scan_pickles
+from bdscan.io.selfdescribing import META_FILE, conv_grid, describe, parse_meta
+from bdscan.io.zipfile_sniff import ZIP_MAGIC, torch_zip_kind, zip_names
 from bdscan.models.wrapper import TokenGrid
 
 #: the JSON program is read into memory; refuse absurd sizes first

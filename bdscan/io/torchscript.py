@@ -1,4 +1,4 @@
-"""TorchScript archives (``torch.jit.save``), plus what every self-describing format shares.
+"""TorchScript archives (``torch.jit.save``): loaded after a static scan, and written from any model.
 
 A TorchScript archive carries its own architecture as TorchScript code; it is executed by TorchScript's
 interpreter, which has no Python (``os``, ``eval``, imports) to reach. Its pickles (``data.pkl``,
@@ -6,19 +6,8 @@ interpreter, which has no Python (``os``, ``eval``, imports) to reach. Its pickl
 classes. bdscan still scans the archive first (:func:`~bdscan.io.picklescan_io.scan_pickles`): dangerous
 pickle imports, native libraries, or code calling file-touching operators (``aten::from_file`` maps a
 file into a tensor and, with ``shared=True``, writes it back; ``aten::save``) refuse the file before
-``torch.jit.load`` runs.
-
-Self-describing formats (TorchScript, ``torch.export``, ONNX, full pickled modules) are read the same
-way, by :func:`describe`:
-
-* input size: ``--input-size``, else the file's bdscan metadata, else the format's own declaration
-  (ONNX graph input), else 3×32×32;
-* number of classes: a probe forward on 2 random images (``--num-classes`` is checked against it);
-* a model that only runs at a fixed batch size (exported with a static batch) is wrapped by
-  :class:`StaticBatch`, which feeds it slices of that size;
-* mean/std/scale/class names: options, else the file's bdscan metadata (an ``extra/bdscan.json`` file in
-  TorchScript and ``torch.export`` archives, ``metadata_props`` in ONNX), else 0/1/1;
-* token grid: ``--patch-size``, else the metadata, else found from the model itself.
+``torch.jit.load`` runs. Model information is read like every self-describing format's
+(:func:`bdscan.io.selfdescribing.describe`), from the ``extra/bdscan.json`` metadata file.
 
 Token grid of a TorchScript module: :func:`bdscan.models.grid.find_token_grid` works where attributes
 survive scripting (CCT's tokenizer keeps ``footprint``/``stride``/``offset``). Otherwise the first
@@ -27,242 +16,31 @@ padding from its attributes (``torch.jit.script`` keeps Conv2d's constants) or, 
 the constant arguments of the ``aten::_convolution``/``aten::conv2d`` node in its graph. A first
 convolution with kernel == stride > 1 and no padding cuts the image into non-overlapping patches (ViT,
 DeiT, ConViT). Models without a Conv2d submodule get no grid (``--patch-size`` states one).
+
+:class:`TorchScriptWriter` writes the raw network (normalised input) as TorchScript: a ``ScriptModule`` as
+it is, anything else through ``torch.jit.trace`` on two random images, with bdscan's metadata in
+``extra/bdscan.json``.
 """
 
 from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from bdscan.errors import BdscanError, ModelLoadError, UsageError
-from bdscan.io.base import LoadedModel, LoadOptions, guarded, register_loader, sha256_file
-from bdscan.io.build import finalize
-from bdscan.io.picklescan_io import ZIP_MAGIC, refuse_if_unsafe, scan_pickles, torch_zip_kind, zip_names
+from bdscan.atomic import atomic_write_with
+from bdscan.errors import BdscanError, ModelLoadError, first_line
+from bdscan.io.base import LoadedModel, LoadOptions, Readback, guarded, register_loader, register_writer, sha256_file
+from bdscan.io.picklescan_io import refuse_if_unsafe, scan_pickles
+from bdscan.io.selfdescribing import META_FILE, bdscan_meta, conv_grid, describe, net_outputs, parse_meta
+from bdscan.io.zipfile_sniff import ZIP_MAGIC, torch_zip_kind, zip_names
 from bdscan.models.grid import find_token_grid
-from bdscan.models.wrapper import ModelInfo, ModelWrapper, TokenGrid
-
-#: name of the bdscan metadata file inside TorchScript and torch.export archives (``_extra_files``)
-META_FILE = "bdscan.json"
-DEFAULT_INPUT = (3, 32, 32)
-#: fields of the metadata (same meaning as the safetensors ``bdscan.*`` convention)
-META_FIELDS = ("arch", "num_classes", "input_size", "mean", "std", "scale", "class_names", "token_grid")
-
-
-def bdscan_meta(wrapper: ModelWrapper) -> dict[str, Any]:
-    """The metadata dict a self-describing export of ``wrapper`` carries (JSON-serialisable)."""
-    info = wrapper.info
-    return {
-        "arch": info.arch,
-        "num_classes": info.num_classes,
-        "input_size": list(info.input_size),
-        "mean": list(info.mean),
-        "std": list(info.std),
-        "scale": info.scale,
-        "class_names": list(info.class_names),
-        "token_grid": info.token_grid.to_dict() if info.token_grid else None,
-        "format_version": 1,
-    }
-
-
-def parse_meta(raw: Any, path: Path) -> dict[str, Any]:
-    """Validated metadata from a JSON text (or bytes, or dict); {} when absent. Bad metadata is a ModelLoadError."""
-    if raw in (None, "", b""):
-        return {}
-    try:
-        meta = json.loads(raw) if isinstance(raw, (str, bytes, bytearray)) else raw
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ModelLoadError(f"{path.name}: its bdscan metadata is not valid JSON", "re-export the model") from e
-    if not isinstance(meta, dict):
-        raise ModelLoadError(f"{path.name}: its bdscan metadata is not a JSON object", "re-export the model")
-    out: dict[str, Any] = {}
-    try:
-        if meta.get("input_size") is not None:
-            size = tuple(int(v) for v in meta["input_size"])
-            if len(size) != 3 or min(size) < 1 or max(size) > 8192:
-                raise ValueError("input_size")
-            out["input_size"] = size
-        for k in ("mean", "std"):
-            if meta.get(k) is not None:
-                out[k] = tuple(float(v) for v in meta[k])
-        if meta.get("scale") is not None:
-            out["scale"] = float(meta["scale"])
-        if meta.get("class_names"):
-            out["class_names"] = tuple(str(v) for v in meta["class_names"])
-        if meta.get("num_classes") is not None:
-            out["num_classes"] = int(meta["num_classes"])
-        if meta.get("arch") is not None:
-            out["arch"] = str(meta["arch"])
-        if meta.get("token_grid"):
-            g = meta["token_grid"]
-            out["token_grid"] = TokenGrid(
-                (int(g["grid"][0]), int(g["grid"][1])), int(g["stride"]), int(g["footprint"]), int(g.get("offset", 0)),
-                str(g.get("source", "bdscan metadata")),
-            )
-    except (TypeError, ValueError, KeyError, IndexError) as e:
-        raise ModelLoadError(f"{path.name}: its bdscan metadata is malformed", "re-export the model") from e
-    return out
-
-
-class StaticBatch(nn.Module):
-    """Runs a model exported for a fixed batch size on any batch, in slices of that size.
-
-    The last slice is padded by repeating its final image; padded outputs are dropped. Gradients flow.
-    """
-
-    def __init__(self, net: nn.Module, batch: int) -> None:
-        super().__init__()
-        self.net = net
-        self.batch = batch
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, b = x.shape[0], self.batch
-        if n == b:
-            return self.net(x)
-        pad = (-n) % b
-        if pad:
-            x = torch.cat([x, x[-1:].expand(pad, *x.shape[1:])])
-        outs = [self.net(x[i : i + b]) for i in range(0, x.shape[0], b)]
-        if isinstance(outs[0], (tuple, list)):
-            return tuple(torch.cat([o[j] for o in outs])[:n] for j in range(len(outs[0])))  # type: ignore[return-value]
-        return torch.cat(outs)[:n]
-
-
-def _first(out: Any) -> Any:
-    return out[0] if isinstance(out, (tuple, list)) and out else out
-
-
-@torch.no_grad()
-def _probe(net: nn.Module, input_size: tuple[int, int, int], batch: int) -> Any:
-    g = torch.Generator().manual_seed(0)
-    return net(torch.rand((batch, *input_size), generator=g))
-
-
-def fit_batch(
-    net: nn.Module, input_size: tuple[int, int, int], path: Path, fmt: str, static_batch: int | None, notes: list[str]
-) -> tuple[nn.Module, torch.Tensor]:
-    """Makes ``net`` run on any batch size; returns it and its output on a probe batch of 2."""
-    net.eval()
-    if static_batch and static_batch > 0:
-        wrapped: nn.Module = StaticBatch(net, static_batch)
-        notes.append(f"the {fmt} model has a fixed batch size of {static_batch}; bdscan feeds it slices")
-        return wrapped, _first(_call(wrapped, input_size, 2, path, fmt))
-    try:
-        return net, _first(_probe(net, input_size, 2))
-    except BdscanError:
-        raise
-    except Exception as e:
-        first_error = e
-    try:
-        _probe(net, input_size, 1)
-    except Exception:
-        raise _run_error(path, fmt, input_size, first_error) from first_error
-    notes.append(f"the {fmt} model only runs one image at a time; bdscan feeds it slices")
-    wrapped = StaticBatch(net, 1)
-    return wrapped, _first(_call(wrapped, input_size, 2, path, fmt))
-
-
-def _call(net: nn.Module, input_size: tuple[int, int, int], batch: int, path: Path, fmt: str) -> Any:
-    try:
-        return _probe(net, input_size, batch)
-    except BdscanError:
-        raise
-    except Exception as e:
-        raise _run_error(path, fmt, input_size, e) from e
-
-
-def _run_error(path: Path, fmt: str, input_size: tuple[int, int, int], e: Exception) -> ModelLoadError:
-    msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-    return ModelLoadError(
-        f"{path.name}: the {fmt} model does not run on {input_size[0]}x{input_size[1]}x{input_size[2]} images: {msg}",
-        "state the input size with --input-size C H W",
-    )
-
-
-def describe(
-    net: nn.Module,
-    fmt: str,
-    path: Path,
-    options: LoadOptions,
-    meta: dict[str, Any],
-    notes: list[str],
-    *,
-    declared_input: tuple[int, int, int] | None = None,
-    static_batch: int | None = None,
-    grid_fn: Callable[[nn.Module, tuple[int, int, int]], TokenGrid | None] | None = None,
-    arch: str | None = None,
-) -> ModelWrapper:
-    """Wraps a self-describing model: input size, class count by probing, metadata, token grid (see module doc)."""
-    if options.input_size is not None and declared_input is not None and tuple(options.input_size) != declared_input:
-        raise UsageError(
-            f"--input-size {'x'.join(map(str, options.input_size))} contradicts {path.name}, "
-            f"which declares {'x'.join(map(str, declared_input))}",
-            "leave --input-size out for this model",
-        )
-    input_size: tuple[int, int, int] = tuple(  # type: ignore[assignment]
-        options.input_size or declared_input or meta.get("input_size") or DEFAULT_INPUT
-    )
-    grid = meta.get("token_grid")
-    if grid is None and grid_fn is not None and not options.patch_size:
-        try:
-            grid = grid_fn(net, input_size)
-        except Exception:  # grid discovery is best effort; a model without one is scanned pixel-level
-            grid = None
-    net, out = fit_batch(net, input_size, path, fmt, static_batch, notes)
-    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != 2:
-        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ModelLoadError(
-            f"{path.name}: the {fmt} model returns {shape} for 2 images, expected (2, classes)",
-            "export the model so that it returns class scores (N, classes)",
-        )
-    k = int(out.shape[1])
-    if options.num_classes is not None and options.num_classes != k:
-        raise UsageError(f"--num-classes {options.num_classes} contradicts {path.name}, which outputs {k} classes",
-                         "leave --num-classes out for this model")
-    names = meta.get("class_names") or ()
-    if names and len(names) != k:
-        raise ModelLoadError(f"{path.name}: its metadata lists {len(names)} class names for {k} classes",
-                             "fix the metadata or pass --class-names")
-    c = input_size[0]
-    metadata: dict[str, Any] = {}
-    if meta.get("arch"):
-        metadata["source_arch"] = meta["arch"]
-    info = ModelInfo(
-        arch=arch or fmt,
-        num_classes=k,
-        input_size=input_size,
-        mean=tuple(meta.get("mean", (0.0,) * c)),
-        std=tuple(meta.get("std", (1.0,) * c)),
-        scale=float(meta.get("scale", 1.0)),
-        class_names=tuple(names),
-        token_grid=grid,
-        metadata=metadata,
-    )
-    return guarded(fmt, path, lambda: finalize(net, info, options, notes))
-
-
-def _ints(v: Any) -> tuple[int, ...] | None:
-    if isinstance(v, int):
-        return (v, v)
-    if isinstance(v, (list, tuple)) and all(isinstance(i, int) for i in v):
-        return tuple(v)
-    return None
-
-
-def conv_grid(kernel: Any, stride: Any, padding: Any, input_size: tuple[int, int, int], source: str) -> TokenGrid | None:
-    """The grid of a first convolution that patchifies (kernel == stride > 1, no padding), else None."""
-    k, s, p = _ints(kernel), _ints(stride), _ints(padding)
-    if not k or not s or p is None or len(set(k)) != 1 or len(set(s)) != 1 or any(p):
-        return None
-    if k[0] != s[0] or k[0] < 2:
-        return None
-    return TokenGrid((input_size[1] // s[0], input_size[2] // s[0]), s[0], k[0], 0,
-                     f"{source}: first convolution has kernel = stride = {k[0]}")
+from bdscan.models.wrapper import ModelWrapper, TokenGrid
+from bdscan.trigger import Trigger
 
 
 def _node_list(node: Any, i: int) -> Any:
@@ -332,3 +110,55 @@ class TorchScriptLoader:
         notes: list[str] = []
         wrapper = describe(net, "torchscript", path, options, meta, notes, grid_fn=script_token_grid)
         return LoadedModel(wrapper, self.name, path, sha256_file(path), scan, None, notes)
+
+
+@register_writer
+class TorchScriptWriter:
+    """Writes the raw network as TorchScript with bdscan's metadata (see the module docstring)."""
+
+    name = "torchscript"
+    title = "TorchScript"
+    suffixes = (".pt",)
+
+    def write(
+        self, wrapper: ModelWrapper, path: Path, extra: dict[str, Any] | None = None, trigger: Trigger | None = None
+    ) -> None:
+        """Writes ``wrapper.net`` atomically; ``extra`` joins the metadata, ``trigger`` is not stored."""
+        net = wrapper.net.eval()
+        meta = bdscan_meta(wrapper)
+        meta["input"] = "normalised"
+        meta.update(extra or {})
+        files = {META_FILE: json.dumps(meta)}
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            example = wrapper.normalise(torch.rand((2, *wrapper.input_size), generator=g))
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                scripted = net if isinstance(net, torch.jit.ScriptModule) else torch.jit.trace(
+                    net, example, check_trace=False, strict=False)
+                atomic_write_with(Path(path), lambda tmp: torch.jit.save(scripted, str(tmp), _extra_files=files))
+        except BdscanError:
+            raise
+        except Exception as e:
+            raise BdscanError(f"cannot export {wrapper.info.arch} as TorchScript: {first_line(e)}",
+                              "export ONNX or safetensors instead") from e
+
+    def read_back(self, path: Path, wrapper: ModelWrapper, x: torch.Tensor) -> Readback:
+        """Runs the written file with ``torch.jit.load`` on ``x`` normalised as ``wrapper`` normalises."""
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                loaded = torch.jit.load(str(path), map_location="cpu")
+        except Exception as e:
+            raise ModelLoadError(f"the written TorchScript file does not load back: {first_line(e)}") from e
+        try:
+            with torch.no_grad():
+                out = loaded(wrapper.normalise(x))
+        except Exception as e:  # a trace that baked in its example's batch size; TorchScript's last line says why
+            text = str(e).strip()
+            msg = text.splitlines()[-1][:200] if text else type(e).__name__
+            raise ModelLoadError(f"the traced TorchScript model does not run on {len(x)} images: {msg}") from e
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        return Readback(out.double().numpy(), net_outputs(wrapper, x))

@@ -17,7 +17,7 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -205,6 +205,8 @@ class LabData:
         y_test: (M,) int64.
         class_names: one per class.
         path: the archive.
+        train_files: the archives the training split was read from (more than one when a data set's
+            training split is stored in parts, as CIFAR-10's: see :func:`extra_train_files`).
     """
 
     name: str
@@ -215,6 +217,8 @@ class LabData:
     y_test: torch.Tensor
     class_names: tuple[str, ...]
     path: str = ""
+    #: every archive the training images came from (``path`` first, then extra training-only archives)
+    train_files: tuple[str, ...] = ()
 
     @property
     def num_classes(self) -> int:
@@ -252,23 +256,57 @@ def dataset_name(path: Path) -> str:
     return stem[: -len("_32")] if stem.endswith("_32") else stem
 
 
-@functools.lru_cache(maxsize=2)
-def _load_cached(path: str, mtime: float) -> LabData:
+#: suffix of an archive holding more training images of ``<name>_32.npz`` (``x_train``/``y_train`` only)
+EXTRA_TRAIN_SUFFIX = "_train_extra_32.npz"
+
+
+def extra_train_files(path: str | Path) -> list[Path]:
+    """The archives that complete ``path``'s training split, e.g. ``cifar10_train_extra_32.npz`` beside
+    ``cifar10_32.npz`` (whose ``x_train`` is 10,000 of CIFAR-10's 50,000 training images); empty if none."""
     p = Path(path)
+    extra = p.with_name(dataset_name(p) + EXTRA_TRAIN_SUFFIX)
+    return [extra] if extra.is_file() and extra.resolve() != p.resolve() else []
+
+
+def _read_npz(p: Path, required: tuple[str, ...]) -> dict[str, np.ndarray]:
     try:
         with np.load(p, allow_pickle=False) as d:
-            missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in d.files]
+            missing = [k for k in required if k not in d.files]
             if missing:
                 raise DataLoadError(f"{p.name}: missing arrays {', '.join(missing)}",
-                                    "give an .npz with x_train, y_train, x_test, y_test (uint8 NHWC)")
-            xtr, ytr, xte, yte = d["x_train"], d["y_train"], d["x_test"], d["y_test"]
-            names = tuple(str(s) for s in d["class_names"]) if "class_names" in d.files else ()
-            groups = d["track_train"].astype(np.int64) if "track_train" in d.files else None
+                                    f"give an .npz with {', '.join(required)} (uint8 NHWC images)")
+            return {k: d[k] for k in d.files}
     except (OSError, ValueError, EOFError) as e:
         raise DataLoadError(f"{p.name}: cannot read it as .npz: {str(e)[:120]}", "give a numpy .npz archive") from e
+
+
+def _check_images(p: Path, name: str, arr: np.ndarray) -> None:
+    if arr.dtype != np.uint8 or arr.ndim != 4:
+        raise DataLoadError(f"{p.name}: {name} is {arr.dtype} {arr.shape}", "store images as uint8 NHWC")
+
+
+@functools.lru_cache(maxsize=2)
+def _load_cached(path: str, mtime: float, extra: tuple[tuple[str, float], ...] = ()) -> LabData:
+    p = Path(path)
+    d = _read_npz(p, ("x_train", "y_train", "x_test", "y_test"))
+    xtr, ytr, xte, yte = d["x_train"], d["y_train"], d["x_test"], d["y_test"]
+    names = tuple(str(s) for s in d["class_names"]) if "class_names" in d else ()
+    groups = d["track_train"].astype(np.int64) if "track_train" in d else None
     for name, arr in (("x_train", xtr), ("x_test", xte)):
-        if arr.dtype != np.uint8 or arr.ndim != 4:
-            raise DataLoadError(f"{p.name}: {name} is {arr.dtype} {arr.shape}", "store images as uint8 NHWC")
+        _check_images(p, name, arr)
+    if extra:
+        xs, ys = [xtr], [ytr]
+        for e_path, _ in extra:
+            e = Path(e_path)
+            ed = _read_npz(e, ("x_train", "y_train"))
+            _check_images(e, "x_train", ed["x_train"])
+            if ed["x_train"].shape[1:] != xtr.shape[1:]:
+                raise DataLoadError(f"{e.name}: images {ed['x_train'].shape[1:]} differ from {p.name}'s {xtr.shape[1:]}",
+                                    "give the extra training images of the same data set")
+            xs.append(ed["x_train"])
+            ys.append(ed["y_train"])
+        xtr, ytr = np.concatenate(xs), np.concatenate(ys)
+        groups = None  # the parts carry no common track ids: validation splits become random
 
     def nchw(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))
@@ -276,15 +314,26 @@ def _load_cached(path: str, mtime: float) -> LabData:
     y_train = torch.from_numpy(ytr.astype(np.int64))
     if not names:
         names = tuple(str(i) for i in range(int(y_train.max()) + 1))
-    return LabData(dataset_name(p), nchw(xtr), y_train, groups, nchw(xte), torch.from_numpy(yte.astype(np.int64)), names, str(p))
+    files = (str(p), *(e for e, _ in extra))
+    return LabData(dataset_name(p), nchw(xtr), y_train, groups, nchw(xte), torch.from_numpy(yte.astype(np.int64)), names,
+                   str(p), files)
 
 
-def load_lab_data(path: str | Path) -> LabData:
-    """Loads (and caches, two archives at most) a training archive; see :class:`LabData`."""
+def load_lab_data(path: str | Path, extra_train: Sequence[str | Path] = ()) -> LabData:
+    """Loads (and caches, two archives at most) a training archive; see :class:`LabData`.
+
+    Args:
+        path: the archive (``x_train``, ``y_train``, ``x_test``, ``y_test``, optional ``class_names`` and
+            ``track_train``).
+        extra_train: archives with more training images (``x_train``, ``y_train``) appended to ``path``'s
+            training split, e.g. :func:`extra_train_files` for CIFAR-10's complete 50,000-image split.
+    """
     p = Path(path)
-    if not p.is_file():
-        raise DataLoadError(f"{p}: no such data file", "give the .npz with x_train/y_train/x_test/y_test")
-    return _load_cached(str(p.resolve()), p.stat().st_mtime)
+    for f in (p, *map(Path, extra_train)):
+        if not f.is_file():
+            raise DataLoadError(f"{f}: no such data file", "give the .npz with x_train/y_train/x_test/y_test")
+    extra = tuple((str(Path(e).resolve()), Path(e).stat().st_mtime) for e in extra_train)
+    return _load_cached(str(p.resolve()), p.stat().st_mtime, extra)
 
 
 def split_train_val(data: LabData, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -569,15 +618,22 @@ def _as_float_nchw(x: torch.Tensor | np.ndarray, channels: int) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------ the API
 
 
-def build_wrapper(arch: str, data: LabData, seed: int) -> ModelWrapper:
-    """A freshly initialised model for ``data`` (seeded), wrapped with the data set's normalisation."""
+def build_wrapper(arch: str, data: LabData, seed: int, arch_kwargs: dict[str, Any] | None = None) -> ModelWrapper:
+    """A freshly initialised model for ``data`` (seeded), wrapped with the data set's normalisation.
+
+    ``arch_kwargs`` (e.g. ``{"embed_dim": 128, "depth": 6}``) go to the architecture and into the model's
+    :class:`ModelInfo`, so that a saved file is rebuilt at the same size when loaded.
+    """
     torch.manual_seed(seed)
     kwargs: dict[str, Any] = {"num_classes": data.num_classes, "in_chans": data.input_size[0]}
     if arch.startswith("bdscan_") or any(k in arch for k in ("vit", "deit", "convit")):
         kwargs["img_size"] = data.input_size[1]
     if not timm.is_model(arch):
         raise UsageError(f"unknown architecture {arch!r}", "use one of bdscan's (bdscan_cnn6, bdscan_vit, ...) or a timm name")
-    net = timm.create_model(arch, pretrained=False, **kwargs)
+    try:
+        net = timm.create_model(arch, pretrained=False, **kwargs, **(arch_kwargs or {}))
+    except TypeError as e:
+        raise UsageError(f"{arch} does not take the arguments {arch_kwargs}: {e}", "fix the recipe's arch_kwargs") from e
     mean, std = data.mean_std
     info = ModelInfo(
         arch=arch,
@@ -587,6 +643,7 @@ def build_wrapper(arch: str, data: LabData, seed: int) -> ModelWrapper:
         std=std,
         class_names=data.class_names,
         token_grid=find_token_grid(net, data.input_size),
+        arch_kwargs=dict(arch_kwargs or {}),
     )
     return ModelWrapper(net, info)
 
@@ -686,3 +743,12 @@ def clone_for_training(wrapper: ModelWrapper) -> ModelWrapper:
     w = copy.deepcopy(wrapper)
     w.requires_grad_(True)
     return w
+
+
+def round_to_half_(wrapper: ModelWrapper) -> None:
+    """Rounds the floating-point weights and buffers to float16 precision in place (what a float16 file holds),
+    so that accuracies measured afterwards are exactly those of the stored model."""
+    with torch.no_grad():
+        for t in list(wrapper.net.parameters()) + list(wrapper.net.buffers()):
+            if t.is_floating_point():
+                t.copy_(t.half().float())

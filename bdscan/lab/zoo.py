@@ -7,8 +7,14 @@ order, skips every model whose file exists with the same configuration hash, tra
 rest, writes each ``.safetensors`` atomically and rewrites the manifest (and ``README.md``) after
 every model, so an interrupted build continues where it stopped::
 
-    python -m bdscan.lab.zoo                      # build everything still missing
+    python -m bdscan.lab.zoo                      # build everything still missing (or: ... zoo build)
     python -m bdscan.lab.zoo --only gtsrb_vit_badnets --out sample_models
+
+The evaluation zoo's accurate clean bases (issue #23) are trained from named recipes
+(:mod:`bdscan.lab.recipes`, :mod:`bdscan.lab.base`), resumably, one command per base::
+
+    python -m bdscan.lab.zoo recipes
+    python -m bdscan.lab.zoo train-base --dataset gtsrb --arch bdscan_vit --out DIR [--device cuda]
 
 Weights are stored as float16 (they load as float32); the accuracies recorded are measured after that
 rounding, so they are exactly what a loaded model gives.
@@ -22,7 +28,6 @@ import hashlib
 import json
 import logging
 import os
-import platform
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -33,13 +38,24 @@ from typing import Any
 import numpy as np
 import torch
 
+from bdscan import machine
+from bdscan.atomic import atomic_write_text, atomic_write_with
 from bdscan.errors import BdscanError, UsageError
 from bdscan.io import load_model, save_safetensors
-from bdscan.io.atomic import atomic_write_text, atomic_write_with
 from bdscan.io.safetensors_io import read_metadata
 from bdscan.lab.attacks import AttackConfig
 from bdscan.lab.inject import InjectConfig, inject
-from bdscan.lab.train import LAB_VERSION, AugmentConfig, Progress, TrainConfig, evaluate, load_lab_data, torch_threads, train_clean
+from bdscan.lab.train import (
+    LAB_VERSION,
+    AugmentConfig,
+    Progress,
+    TrainConfig,
+    evaluate,
+    load_lab_data,
+    round_to_half_,
+    torch_threads,
+    train_clean,
+)
 from bdscan.models.wrapper import ModelWrapper
 from bdscan.trigger import Trigger
 
@@ -255,12 +271,8 @@ def write_samples(data_npz: Path, out: Path, per_class: int = 20, seed: int = 0)
 # ------------------------------------------------------------------------------------------ building
 
 
-def _round_half_(wrapper: ModelWrapper) -> None:
-    """Rounds the floating-point weights to float16 precision in place (what the stored file will hold)."""
-    with torch.no_grad():
-        for t in list(wrapper.net.parameters()) + list(wrapper.net.buffers()):
-            if t.is_floating_point():
-                t.copy_(t.half().float())
+#: rounds a model's weights to float16 precision in place (kept under its old name for callers of this module)
+_round_half_ = round_to_half_
 
 
 def _save(wrapper: ModelWrapper, path: Path, extra: dict[str, Any], trigger: Trigger | None, half: bool) -> None:
@@ -426,7 +438,7 @@ def _build_one(
         xt, yt = data.test_set(cfg.test_subsample)
         clean_acc, _ = evaluate(wrapper, xt, yt)
         seconds = time.perf_counter() - t0
-        zoo_meta.update(seconds=round(seconds, 1), built_at=_now(), machine=_machine())
+        zoo_meta.update(seconds=round(seconds, 1), built_at=_now(), machine=machine.describe())
         extra.update(clean_acc=round(clean_acc, 4), clean_acc_float32=round(res.clean_acc, 4), zoo=zoo_meta)
         _save(wrapper, out / e.file, extra, None, half)
         return {"clean_acc": round(clean_acc, 4), "val_acc": res.val_acc, "asr": None, "clean_twin_acc": None,
@@ -445,7 +457,7 @@ def _build_one(
     asr = float(asr or 0.0)
     counts = bool(asr >= COUNT_MIN_ASR and clean_acc >= res_i.clean_twin_acc - COUNT_MAX_DROP)
     seconds = time.perf_counter() - t0
-    zoo_meta.update(seconds=round(seconds, 1), built_at=_now(), machine=_machine(), counts=counts,
+    zoo_meta.update(seconds=round(seconds, 1), built_at=_now(), machine=machine.describe(), counts=counts,
                     count_rule=f"ASR >= {COUNT_MIN_ASR} and clean accuracy >= clean twin's - {COUNT_MAX_DROP}")
     extra.update(clean_acc=round(clean_acc, 4), attack_success_rate=round(asr, 4), zoo=zoo_meta,
                  clean_acc_float32=round(res_i.clean_acc, 4), attack_success_rate_float32=round(res_i.asr, 4))
@@ -479,10 +491,6 @@ def _inject_config(e: ZooEntry) -> InjectConfig:
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
-def _machine() -> str:
-    return f"{platform.machine()} {os.cpu_count()}-core CPU, torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
 
 
 # -------------------------------------------------------------------------------------------- README
@@ -602,6 +610,16 @@ def write_readme(records: Sequence[dict[str, Any]], out: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m bdscan.lab.zoo [build] [options]`` builds the sample zoo; ``train-base`` and ``recipes`` are
+    the evaluation zoo's (see :func:`train_base_main`)."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list and args_list[0] in _SUBCOMMANDS:
+        return _SUBCOMMANDS[args_list[0]](args_list[1:])
+    return build_main(args_list)
+
+
+def build_main(argv: Sequence[str] | None = None) -> int:
+    """The sample zoo's build (the command line without a subcommand, or ``build``)."""
     ap = argparse.ArgumentParser(prog="python -m bdscan.lab.zoo", description="Build bdscan's sample-model zoo (resumable).")
     ap.add_argument("--only", nargs="+", metavar="NAME", help="build only these models (and their clean twins/teachers)")
     ap.add_argument("--out", default="sample_models", help="output folder (default: sample_models)")
@@ -636,6 +654,72 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("%s", e)
         return 2
     return 0
+
+
+def train_base_main(argv: Sequence[str]) -> int:
+    """``python -m bdscan.lab.zoo train-base --dataset gtsrb --arch bdscan_vit --out DIR``: trains one clean base
+    of the evaluation zoo from its registered recipe, resumably (rerun the same command to continue)."""
+    from bdscan.lab.base import train_base
+    from bdscan.lab.recipes import base_recipe, get_recipe
+
+    ap = argparse.ArgumentParser(prog="python -m bdscan.lab.zoo train-base",
+                                 description="Train one clean base of the evaluation zoo (resumable: rerun to continue).")
+    ap.add_argument("--dataset", choices=["gtsrb", "cifar10"], help="data set (with --arch picks the recipe <dataset>_<arch>)")
+    ap.add_argument("--arch", help="architecture, e.g. bdscan_vit")
+    ap.add_argument("--recipe", help="a registered recipe by name instead of --dataset/--arch (see the 'recipes' subcommand)")
+    ap.add_argument("--out", required=True, help="output folder (model, checkpoint, per-epoch history)")
+    ap.add_argument("--data-dir", default=None, help="folder with <dataset>_32.npz (default: shared/data)")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: leave the other core free)")
+    ap.add_argument("--workers", type=int, default=None, help="data-loading processes (default: 0 on CPU, 6 on CUDA)")
+    ap.add_argument("--teacher", default=None, help="teacher .safetensors for DeiT (default: the ResNet-18 base in --out)")
+    ap.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs (a different recipe digest)")
+    ap.add_argument("--seed", type=int, default=None, help="override the recipe's seed")
+    ap.add_argument("--max-train", type=int, default=None, help="train on at most this many images (smoke tests)")
+    ap.add_argument("--restart", action="store_true", help="ignore an existing checkpoint or model and start over")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.recipe:
+            recipe = get_recipe(args.recipe)
+        elif args.dataset and args.arch:
+            recipe = base_recipe(args.dataset, args.arch)
+        else:
+            raise UsageError("give --dataset and --arch, or --recipe", "e.g. --dataset gtsrb --arch bdscan_vit")
+        recipe = recipe.with_overrides(epochs=args.epochs, seed=args.seed)
+        workers = args.workers if args.workers is not None else (6 if args.device.startswith("cuda") else 0)
+        res = train_base(recipe, args.out, data_dir=find_data_dir(args.data_dir), device=args.device, threads=args.threads,
+                         workers=workers, teacher=args.teacher, restart=args.restart, max_train=args.max_train)
+    except BdscanError as e:
+        log.error("%s", e)
+        return 2
+    log.info("%s: clean accuracy %.4f%s", res.path, res.clean_acc, " (already trained)" if res.skipped else "")
+    return 0
+
+
+def recipes_main(argv: Sequence[str]) -> int:
+    """``python -m bdscan.lab.zoo recipes [--json]``: the registered base recipes."""
+    from bdscan.lab.recipes import get_recipe, list_recipes
+
+    ap = argparse.ArgumentParser(prog="python -m bdscan.lab.zoo recipes", description="List the evaluation zoo's base recipes.")
+    ap.add_argument("--json", action="store_true", help="full recipes as JSON")
+    args = ap.parse_args(argv)
+    recs = [get_recipe(n) for n in list_recipes()]
+    if args.json:
+        sys.stdout.write(json.dumps([r.to_dict() for r in recs], indent=2) + "\n")
+    else:
+        for r in recs:
+            sys.stdout.write(f"{r.name:18s} {r.arch:16s} {r.epochs:3d} epochs  {r.optimizer:5s} lr {r.lr:g}  "
+                             f"{r.auto_augment}{' +mix' if r.mix_prob else ''}{' teacher ' + r.teacher_arch if r.teacher_arch else ''}"
+                             f"  {r.arch_kwargs or ''}\n")
+    return 0
+
+
+_SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
+    "build": build_main,
+    "train-base": train_base_main,
+    "recipes": recipes_main,
+}
 
 
 if __name__ == "__main__":

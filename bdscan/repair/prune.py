@@ -28,7 +28,15 @@ from torch import nn
 from bdscan.data import CleanData
 from bdscan.errors import UsageError
 from bdscan.models.wrapper import ModelWrapper
-from bdscan.repair.unlearn import RepairConfig, RepairProgress, attack_success, clean_accuracy, finish, working_copy
+from bdscan.repair.core import (
+    RepairConfig,
+    RepairProgress,
+    attack_success,
+    clean_accuracy,
+    finish,
+    register_method,
+    working_copy,
+)
 from bdscan.trigger import Trigger
 
 log = logging.getLogger(__name__)
@@ -105,12 +113,12 @@ def rank_neurons(model: ModelWrapper, heads: list[nn.Linear], data: CleanData, t
     return stamped - clean
 
 
+@register_method("prune")
 def prune_neurons(
     model: ModelWrapper,
     data: CleanData,
     trigger: Trigger,
     cfg: RepairConfig,
-    _before_accuracy: float | None = None,
     progress: RepairProgress | None = None,
 ) -> tuple[ModelWrapper, dict[str, Any]]:
     """Prunes a copy of ``model`` (see the module docstring), deciding on ``data`` (the repair images).

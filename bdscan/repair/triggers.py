@@ -12,55 +12,16 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from bdscan.detect.scan import ScanFindings
 from bdscan.errors import LoadError, UsageError
+from bdscan.report.scandir import read_arrays, read_document, read_npz, scan_paths
 from bdscan.trigger import Trigger
-
-SCAN_JSON = "scan.json"
-TRIGGERS_NPZ = "triggers.npz"
-
-
-def _scan_paths(path: Path) -> tuple[Path, Path]:
-    p = Path(path)
-    if p.is_dir():
-        js = p / SCAN_JSON
-    elif p.suffix.lower() == ".json" or p.is_file():
-        js = p
-    else:
-        raise LoadError(f"{p}: no such scan folder or scan.json", "give the folder written by `bdscan scan MODEL --out DIR`")
-    npz = js.parent / TRIGGERS_NPZ
-    for f in (js, npz):
-        if not f.is_file():
-            raise LoadError(f"{f}: missing; the scan folder is incomplete",
-                            "give the folder written by `bdscan scan MODEL --out DIR`, or scan the model again")
-    return js, npz
-
-
-def _read_doc(js: Path) -> dict[str, Any]:
-    try:
-        doc = json.loads(js.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LoadError(f"{js}: not a readable scan document ({type(e).__name__})", "scan the model again") from e
-    if not isinstance(doc, dict) or not str(doc.get("schema", "")).startswith("bdscan.scan/"):
-        raise LoadError(f"{js}: not a bdscan scan document (no bdscan.scan schema)",
-                        "give the scan.json written by `bdscan scan MODEL --out DIR`")
-    return doc
-
-
-def _read_npz(npz: Path) -> dict[str, np.ndarray]:
-    try:
-        with np.load(npz, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-    except Exception as e:  # zipfile.BadZipFile, ValueError (pickled arrays), OSError
-        raise LoadError(f"{npz}: cannot read it ({type(e).__name__}: {str(e)[:120]})", "scan the model again") from e
 
 
 def _pick(target: int | None, mode: str | None, basis: str | None, available: list[str], what: str) -> tuple[int, str]:
@@ -98,8 +59,8 @@ def reversed_trigger_from_scan(
         UsageError: the scan found no suspect (and no ``label`` was given), the mode was not scanned, the
             label's inversion never succeeded, or the scan is of another model (sha256 mismatch).
     """
-    js, npz = _scan_paths(Path(scan_dir_or_json))
-    doc = _read_doc(js)
+    js, npz = scan_paths(Path(scan_dir_or_json))
+    doc = read_document(js)
     model = doc.get("model") or {}
     sha = model.get("sha256")
     if expected_sha256 is not None and sha != expected_sha256:
@@ -109,7 +70,7 @@ def reversed_trigger_from_scan(
             "scan this model first (`bdscan scan MODEL --out DIR`) and repair with that scan",
         )
     verdict = doc.get("verdict") or {}
-    arrays = _read_npz(npz)
+    arrays = read_arrays(js)
     available = [k[: -len("_labels")] for k in arrays if k.endswith("_labels")]
     target = label if label is not None else (verdict.get("target") if verdict.get("status") == "backdoor" else None)
     what = f"the scan in {js.parent}" + (f" (verdict: {verdict.get('status')})" if verdict.get("status") else "")
@@ -176,7 +137,7 @@ def trigger_from_file(path: Path, target: int | None = None) -> Trigger:
                          "write one with numpy: np.savez('trigger.npz', mask=mask, pattern=pattern, target=3)")
     if not p.is_file():
         raise LoadError(f"{p}: no such trigger file", "check the --trigger path")
-    arrays = _read_npz(p)
+    arrays = read_npz(p)
     missing = [k for k in ("mask", "pattern") if k not in arrays]
     if missing:
         raise LoadError(f"{p.name}: no {' or '.join(repr(k) for k in missing)} array",

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from bdscan.trigger import Trigger
+
 
 def to_uint8(img: torch.Tensor) -> np.ndarray:
     """(H, W) or (C, H, W) float in [0, 1] -> (H, W) or (H, W, C) uint8."""
@@ -37,3 +39,11 @@ def data_uri(img: torch.Tensor, upscale: int = 1) -> str:
 
 def decode_data_uri(uri: str) -> bytes:
     return base64.b64decode(uri.split(",", 1)[1])
+
+
+def trigger_images(t: Trigger, example: torch.Tensor | None) -> dict[str, str]:
+    """Inline PNGs of a trigger: mask, pattern, mask·pattern, and a stamped clean image (C, H, W) when given."""
+    imgs = {"mask": data_uri(t.mask), "pattern": data_uri(t.pattern), "product": data_uri(t.mask * t.pattern)}
+    if example is not None:
+        imgs["stamped"] = data_uri(t.stamp(example.unsqueeze(0))[0])
+    return imgs

@@ -2,47 +2,25 @@
 
 Schema ``bdscan.scan/1`` (documented in docs/scan-json.md). Everything that can differ between two runs
 with the same inputs and seed (wall times, dates, output paths) lives under ``timings`` so two runs
-compare equal once that key is removed.
+compare equal once that key is removed. Each detector's section is what its result returns
+(:meth:`bdscan.detect.base.DetectorResult.section`), stored under the detector's ``json_key``.
 """
 
 from __future__ import annotations
 
-import math
-import platform
+from collections.abc import Mapping
 from typing import Any
 
-import timm
 import torch
 
-import bdscan
 from bdscan.data import CleanData
-from bdscan.detect.anomaly import AnomalyResult
-from bdscan.detect.inversion import LabelResult, cpu_has_native_bf16
-from bdscan.detect.scan import ModeResult, ScanFindings
+from bdscan.detect.base import DETECTORS, CombinedVerdict, DetectorResult
 from bdscan.io.base import LoadedModel
-from bdscan.report.images import data_uri
-from bdscan.trigger import Trigger
+from bdscan.jsonnum import json_number
+from bdscan.machine import versions
+from bdscan.report.images import trigger_images
 
 SCHEMA = "bdscan.scan/1"
-#: labels per mode whose reversed triggers are embedded as images (the suspect and the next few)
-TOP_TRIGGERS = 5
-
-
-def _f(x: float | None, nd: int = 6) -> float | None:
-    if x is None:
-        return None
-    if math.isinf(x):
-        return 1e9  # JSON has no infinity; an index this large means "MAD was 0 and the label is below the median"
-    return round(float(x), nd)
-
-
-def versions() -> dict[str, str]:
-    """Software and the CPU features a scan's speed and precision depend on ("auto" picks bf16 only where the CPU
-    has native bf16 instructions)."""
-    return {"bdscan": bdscan.__version__, "python": platform.python_version(), "torch": torch.__version__,
-            "timm": timm.__version__, "torch_threads": str(torch.get_num_threads()),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "cpu_bf16": "native" if cpu_has_native_bf16() else "emulated"}
 
 
 def model_section(lm: LoadedModel) -> dict[str, Any]:
@@ -74,49 +52,9 @@ def model_section(lm: LoadedModel) -> dict[str, Any]:
         }
     if lm.original_trigger is not None:
         t = lm.original_trigger
-        d["original_trigger"] = {"attack": t.kind, "target": t.target, "params": t.params, "l1": _f(t.l1()),
+        d["original_trigger"] = {"attack": t.kind, "target": t.target, "params": t.params, "l1": json_number(t.l1()),
                                  "images": trigger_images(t, None)}
     return d
-
-
-def trigger_images(t: Trigger, example: torch.Tensor | None) -> dict[str, str]:
-    """Inline PNGs of a trigger: mask, pattern, mask·pattern, and a stamped clean image."""
-    imgs = {"mask": data_uri(t.mask), "pattern": data_uri(t.pattern), "product": data_uri(t.mask * t.pattern)}
-    if example is not None:
-        imgs["stamped"] = data_uri(t.stamp(example.unsqueeze(0))[0])
-    return imgs
-
-
-def label_trigger(r: LabelResult, mode: str) -> Trigger:
-    return Trigger(r.mask, r.pattern, r.label, f"reversed-{mode}", {"norm": r.norm, "param": r.param})
-
-
-def anomaly_section(a: AnomalyResult) -> dict[str, Any]:
-    return {"median": _f(a.median), "mad": _f(a.mad), "raw_mad": _f(a.raw_mad), "min_label": a.min_label,
-            "min_norm": _f(a.min_norm), "anomaly_index": _f(a.anomaly_index), "threshold": a.threshold,
-            "flagged": list(a.flagged), "failed": list(a.failed), "conclusive": a.conclusive}
-
-
-def mode_section(m: ModeResult, names: list[str], example: torch.Tensor | None, original: Trigger | None) -> dict[str, Any]:
-    labels = []
-    for r in m.labels:
-        labels.append({
-            "label": r.label, "name": names[r.label], "norm": _f(r.norm), "succeeded": r.succeeded,
-            "success_rate": _f(r.success_rate, 4), "steps": r.steps, "stopped_early": r.stopped_early,
-            "final_lambda": _f(r.final_lambda, 8), "param": r.param,
-            "anomaly_index": _f(m.anomaly.indices.get(r.label, 0.0)), "flagged": r.label in m.anomaly.flagged,
-            "phases": [{"step": p.step, "norm": _f(p.norm)} for p in r.phases],
-            "history": [_f(h, 4) for h in r.history],
-        })
-    ranked = sorted((r for r in m.labels if r.succeeded), key=lambda r: (r.norm, r.label))[:TOP_TRIGGERS]
-    triggers = []
-    for rank, r in enumerate(ranked):
-        t = label_trigger(r, m.mode)
-        triggers.append({"label": r.label, "rank": rank + 1, "norm": _f(r.norm),
-                         "distance_to_original": _f(t.distance(original)) if original is not None else None,
-                         "images": trigger_images(t, example)})
-    return {"statistic": m.statistic, "params": m.params, "anomaly": anomaly_section(m.anomaly), "labels": labels,
-            "triggers": triggers}
 
 
 def example_image(data: CleanData, avoid: int | None) -> torch.Tensor | None:
@@ -127,31 +65,83 @@ def example_image(data: CleanData, avoid: int | None) -> torch.Tensor | None:
     return None
 
 
-def scan_document(lm: LoadedModel, data: CleanData, findings: ScanFindings, seed: int,
-                  extra_timings: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The whole scan as a JSON-able dict (schema :data:`SCHEMA`)."""
+
+
+def scan_document(lm: LoadedModel, data: CleanData, results: Mapping[str, DetectorResult], verdict: CombinedVerdict,
+                  seed: int, example: torch.Tensor | None, seconds: float) -> dict[str, Any]:
+    """The whole scan as a JSON-able dict (schema :data:`SCHEMA`).
+
+    Args:
+        lm: the loaded model.
+        data: the clean data the detectors used.
+        results: per detector name (in the order they ran), its result.
+        verdict: the combined verdict (:func:`bdscan.detect.base.combine`).
+        seed: the scan's seed.
+        example: the clean image (C, H, W) stamped in the trigger pictures, or None.
+        seconds: the scan's wall time.
+    """
     info = lm.wrapper.info
     names = [info.class_name(k) for k in range(info.num_classes)]
-    v = findings.verdict
-    example = example_image(data, v.target)
     original = lm.original_trigger
+    used = [r.samples_used for r in results.values() if getattr(r, "samples_used", None) is not None]
     doc: dict[str, Any] = {
         "schema": SCHEMA,
         "versions": versions(),
         "seed": seed,
         "model": model_section(lm),
-        "data": {"source": data.source, "images": len(data), "samples_used": findings.samples_used},
-        "config": findings.config.to_dict(),
-        "verdict": {
-            "status": v.status, "target": v.target, "target_name": names[v.target] if v.target is not None else None,
-            "anomaly_index": _f(v.anomaly_index), "basis": v.basis, "modes_agree": v.agree,
-            "threshold": findings.config.threshold, "reason": v.reason,
-            "true_target": original.target if original is not None else None,
-        },
-        "modes": {m: mode_section(r, names, example, original) for m, r in findings.modes.items()},
-        "activations": None,
-        "repair": None,
-        "timings": {"total_s": round(findings.seconds, 3),
-                    **{f"{m}_s": round(r.seconds, 3) for m, r in findings.modes.items()}, **(extra_timings or {})},
+        "data": {"source": data.source, "images": len(data), **({"samples_used": max(used)} if used else {})},
     }
+    sections: dict[str, Any] = {}
+    timings: dict[str, Any] = {"total_s": round(seconds, 3)}
+    for name, r in results.items():
+        det = DETECTORS[name]
+        sec = r.section(names, example, original)
+        cfg = r.config.to_dict()
+        if det.config_key:
+            doc[det.config_key] = cfg
+        else:
+            sec = {"config": cfg, "evidence": evidence_dict(r), **sec}
+        sections[det.json_key] = sec
+        timings.update(r.timings() if hasattr(r, "timings") else {f"{name}_s": round(r.seconds, 3)})
+    doc["verdict"] = verdict_section(verdict, names, original.target if original is not None else None, len(results) > 1)
+    doc.update(sections)
+    doc.update({"activations": None, "repair": None, "timings": timings})
     return doc
+
+
+def evidence_dict(r: DetectorResult) -> dict[str, Any]:
+    e = r.evidence
+    return {"status": e.status, "target": e.target, "score": json_number(e.score), "threshold": e.threshold,
+            "reason": e.reason, "details": dict(e.details)}
+
+
+def verdict_section(v: CombinedVerdict, names: list[str], true_target: int | None, name_detector: bool) -> dict[str, Any]:
+    """The verdict: status and target, the deciding detector's own fields, the reason (and the lab's true target)."""
+    d = v.decided_by
+    out: dict[str, Any] = {"status": v.status, "target": v.target,
+                           "target_name": names[v.target] if v.target is not None else None}
+    out.update(dict(d.details) if d is not None else {})
+    if name_detector:
+        out["detector"] = d.detector if d is not None else None
+    out["reason"] = v.reason
+    out["true_target"] = true_target
+    return out
+
+
+def unsafe_document(file_name: str, sha256: str, fmt: str | None, scanner: str | None, findings: list[str], seed: int,
+                    reason: str) -> dict[str, Any]:
+    """The document of a file refused as unsafe (a pipeline still gets machine-readable output)."""
+    return {"schema": SCHEMA, "versions": versions(), "seed": seed,
+            "model": {"file": file_name, "sha256": sha256, "format": fmt,
+                      "pickle_scan": {"scanner": scanner, "dangerous": True, "error": None, "scanned_files": 1,
+                                      "findings": [{"ref": f, "severity": "dangerous", "location": file_name} for f in findings]}},
+            "verdict": {"status": "unsafe", "target": None, "reason": reason},
+            "modes": {}, "activations": None, "repair": None, "timings": {}}
+
+
+def repair_only_document(lm: LoadedModel, data: CleanData, seed: int, target: int | None) -> dict[str, Any]:
+    """A document for a repair that ran without a scan, so the report can still render it."""
+    return {"schema": SCHEMA, "versions": versions(), "seed": seed, "model": model_section(lm),
+            "data": {"source": data.source, "images": len(data)}, "config": {}, "modes": {},
+            "verdict": {"status": "inconclusive", "target": target, "reason": "No scan was run; repair only."},
+            "activations": None, "repair": None, "timings": {}}

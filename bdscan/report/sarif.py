@@ -1,9 +1,10 @@
 """SARIF 2.1.0 output of a scan document, for code-scanning dashboards (GitHub, GitLab, Azure DevOps).
 
-One run, tool ``bdscan``, three rules:
+One run, tool ``bdscan``, one rule per registered detector (``Detector.sarif_rule``) and two of the scan's own:
 
-* ``BDS001`` backdoor-suspected (error): one result per suspected target class (the verdict's target first,
-  then any other class a conclusive mode flagged).
+* ``BDS001`` backdoor-suspected (error; Neural Cleanse's rule): one result per suspected target class (its
+  target first, then any other class a conclusive level flagged). A detector without its own results function
+  in :data:`SARIF_RESULTS` gets one result from its evidence when it suspects a backdoor.
 * ``BDS002`` unsafe-serialization (error): one result per dangerous import the static pickle scan found
   (suspicious ones are warnings), and one if the scanner itself failed.
 * ``BDS003`` scan-inconclusive (warning): the scan could not judge the model.
@@ -16,37 +17,18 @@ from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
 import bdscan
+from bdscan.detect.base import DETECTORS, Detector, detectors_in
 
 SARIF_SCHEMA = "https://docs.oasis-open.org/sarif/sarif/v2.1.0/errata01/os/schemas/sarif-schema-2.1.0.json"
 SARIF_VERSION = "2.1.0"
 
-RULES: list[dict[str, Any]] = [
-    {
-        "id": "BDS001",
-        "name": "backdoor-suspected",
-        "shortDescription": {"text": "Neural backdoor suspected in an image classifier"},
-        "fullDescription": {"text": (
-            "Neural Cleanse found a class that images of every other class can be sent to with an abnormally small "
-            "trigger (its anomaly index exceeds the threshold): the signature of a backdoor planted in the weights, "
-            "which makes the model misclassify any input carrying the trigger.")},
-        "help": {
-            "text": ("Do not deploy this model. Remove the backdoor by unlearning the reversed trigger "
-                     "(bdscan repair MODEL --data DATA) and scan the repaired model again, or retrain from trusted data "
-                     "and find out where the checkpoint came from. The HTML report shows the reversed trigger."),
-            "markdown": ("**Do not deploy this model.**\n\n"
-                         "1. Remove the backdoor by unlearning the reversed trigger: `bdscan repair MODEL --data DATA`.\n"
-                         "2. Scan the repaired model again: `bdscan scan REPAIRED --data DATA`.\n"
-                         "3. Or retrain from trusted data, and find out where this checkpoint came from.\n\n"
-                         "The HTML report (`report.html`) shows the reversed trigger and the norm of every class."),
-        },
-        "defaultConfiguration": {"level": "error"},
-        "properties": {"tags": ["security", "machine-learning", "backdoor"], "precision": "medium",
-                       "security-severity": "8.8"},
-    },
+#: rules of the scan itself; each detector adds its own (``Detector.sarif_rule``) before them
+CORE_RULES: list[dict[str, Any]] = [
     {
         "id": "BDS002",
         "name": "unsafe-serialization",
@@ -82,7 +64,16 @@ RULES: list[dict[str, Any]] = [
         "properties": {"tags": ["machine-learning", "backdoor"], "precision": "medium"},
     },
 ]
-RULE_INDEX = {r["id"]: i for i, r in enumerate(RULES)}
+
+
+def rules() -> list[dict[str, Any]]:
+    """Every registered detector's rule (registry order), then the scan's own."""
+    return [d.sarif_rule for d in DETECTORS.values() if d.sarif_rule] + CORE_RULES
+
+
+def rule_index(rule_id: str) -> int:
+    return next(i for i, r in enumerate(rules()) if r["id"] == rule_id)
+
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 
 
@@ -123,13 +114,17 @@ def _location(uri: str) -> list[dict[str, Any]]:
 
 
 def _result(rule: str, level: str, text: str, uri: str, fingerprint: str, props: dict[str, Any]) -> dict[str, Any]:
-    return {"ruleId": rule, "ruleIndex": RULE_INDEX[rule], "level": level, "message": {"text": text},
+    return {"ruleId": rule, "ruleIndex": rule_index(rule), "level": level, "message": {"text": text},
             "locations": _location(uri), "partialFingerprints": {"bdscanFinding/v1": fingerprint}, "properties": props}
 
 
-def _backdoor_results(doc: dict[str, Any], uri: str, sha: str) -> list[dict[str, Any]]:
-    v = doc.get("verdict") or {}
-    thr = v.get("threshold", (doc.get("config") or {}).get("threshold", 2.0))
+def _neural_cleanse_results(det: Detector, doc: dict[str, Any], uri: str, sha: str) -> list[dict[str, Any]]:
+    """One result per class Neural Cleanse suspects: its target first, then any other class a conclusive level flagged."""
+    ev = det.evidence_from_doc(doc)
+    if ev is None:
+        return []
+    v = {"status": ev.status, "target": ev.target, **ev.details}
+    thr = ev.threshold
     targets: list[int] = []
     if v.get("status") == "backdoor" and isinstance(v.get("target"), int):
         targets.append(v["target"])
@@ -151,7 +146,7 @@ def _backdoor_results(doc: dict[str, Any], uri: str, sha: str) -> list[dict[str,
         text = (f"Backdoor suspected: class '{_name(doc, k)}' (index {k}) can be reached from any image with an abnormally "
                 f"small {basis or 'reversed'} trigger ({basis or 'anomaly'} anomaly index {_fmt(main)} > threshold {thr:g}"
                 + (f"; {others}" if others else "") + "). Do not deploy this model.")
-        out.append(_result("BDS001", "error", text, uri, f"{sha}:backdoor:{k}", {
+        out.append(_result(det.sarif_rule["id"], "error", text, uri, f"{sha}:backdoor:{k}", {
             "targetClass": k, "targetName": _name(doc, k), "mode": basis, "flaggedIn": flagged_in,
             "anomalyIndex": main, "anomalyIndices": idx, "threshold": thr, "verdictTarget": k == v.get("target"),
         }))
@@ -189,6 +184,23 @@ def _inconclusive_results(doc: dict[str, Any], uri: str, sha: str) -> list[dict[
                     "clean images per class.", uri, f"{sha}:inconclusive", {"failedLabels": failed})]
 
 
+def _evidence_results(det: Detector, doc: dict[str, Any], uri: str, sha: str) -> list[dict[str, Any]]:
+    """A detector's finding from its evidence alone: one result when it suspects a backdoor."""
+    ev = det.evidence_from_doc(doc)
+    if ev is None or ev.status != "backdoor" or not det.sarif_rule:
+        return []
+    text = f"Backdoor suspected by {det.title}: {ev.reason} Do not deploy this model."
+    return [_result(det.sarif_rule["id"], "error", text, uri, f"{sha}:{det.name}:{ev.target}",
+                    {"detector": det.name, "targetClass": ev.target, "targetName": _name(doc, ev.target), "score": ev.score,
+                     "threshold": ev.threshold})]
+
+
+#: detector name -> its SARIF results; a detector without an entry gets :func:`_evidence_results`
+SARIF_RESULTS: dict[str, Callable[[Detector, dict[str, Any], str, str], list[dict[str, Any]]]] = {
+    "neural-cleanse": _neural_cleanse_results,
+}
+
+
 def to_sarif(doc: dict[str, Any], model_uri: str) -> dict[str, Any]:
     """The scan document as a SARIF 2.1.0 log (a JSON-able dict).
 
@@ -205,7 +217,8 @@ def to_sarif(doc: dict[str, Any], model_uri: str) -> dict[str, Any]:
     v = doc.get("verdict") or {}
     sha = model.get("sha256") or ""
     version = (doc.get("versions") or {}).get("bdscan") or bdscan.__version__
-    results = _backdoor_results(doc, uri, sha) + _pickle_results(doc, uri, sha) + _inconclusive_results(doc, uri, sha)
+    results = [r for det in detectors_in(doc) for r in SARIF_RESULTS.get(det.name, _evidence_results)(det, doc, uri, sha)]
+    results += _pickle_results(doc, uri, sha) + _inconclusive_results(doc, uri, sha)
     artifact: dict[str, Any] = {"location": {"uri": uri}, "roles": ["analysisTarget"]}
     if sha:
         artifact["hashes"] = {"sha-256": sha}
@@ -221,7 +234,7 @@ def to_sarif(doc: dict[str, Any], model_uri: str) -> dict[str, Any]:
         "version": SARIF_VERSION,
         "runs": [{
             "tool": {"driver": {"name": "bdscan", "version": str(version), "semanticVersion": str(version),
-                                "rules": copy.deepcopy(RULES)}},
+                                "rules": copy.deepcopy(rules())}},
             "invocations": [{"executionSuccessful": True}],
             "artifacts": [artifact],
             "results": results,

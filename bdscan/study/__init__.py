@@ -8,8 +8,9 @@ Typical use (what ``bdscan study`` does)::
 See :mod:`bdscan.study.run` for what is measured and :mod:`bdscan.study.tables` for the tables.
 """
 
-from bdscan.study.run import SCHEMA, StudyConfig, StudyProgress, StudyResult, load_manifest, run_study, study_model, write_study
+from bdscan.study.run import SCHEMA, StudyConfig, StudyProgress, StudyResult, load_manifest, run_study, study_model
 from bdscan.study.tables import Table, all_tables
+from bdscan.study.write import write_study
 
 __all__ = [
     "SCHEMA",

@@ -23,34 +23,31 @@ Per model (see :func:`study_model`):
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import html
 import json
 import logging
 import math
-import os
-import platform
-import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from bdscan import machine
 from bdscan.analysis.activations import PAPER_KS, ActivationProfile, activation_profile, compare_profiles, precision_at_k, probe_images
+from bdscan.atomic import atomic_write_text
 from bdscan.data import CleanData, load_clean_data
+from bdscan.detect import ScanSettings, get_detector
 from bdscan.detect.config import budget as budget_config
-from bdscan.detect.inversion import cpu_has_native_bf16
-from bdscan.detect.scan import MODES, ModeResult, ScanConfig, ScanFindings, scan
+from bdscan.detect.scan import MODES, ModeResult, ScanConfig, ScanFindings
 from bdscan.errors import BdscanError, UsageError
 from bdscan.io import load_model
-from bdscan.io.atomic import atomic_write_bytes, atomic_write_text
+from bdscan.jsonnum import json_number
 from bdscan.models.wrapper import ModelWrapper
+from bdscan.pipeline import detect
 from bdscan.repair import RepairConfig, repair, reversed_trigger_from_findings
-from bdscan.study.tables import FIGURE_OF_ARCH, Table, all_tables
 from bdscan.trigger import Trigger
 
 log = logging.getLogger(__name__)
@@ -119,14 +116,19 @@ class StudyConfig:
         scan = self.scan_config().to_dict()
         scan["inversion"].pop("label_chunk")
         if scan["inversion"]["precision"] == "auto":  # what "auto" resolves to depends on this CPU
-            scan["inversion"]["cpu_native_bf16"] = self.device == "cpu" and cpu_has_native_bf16()
+            scan["inversion"]["cpu_native_bf16"] = self.device == "cpu" and machine.cpu_has_native_bf16()
         d["scan"] = scan
         key = json.dumps({"study": d, "model": entry.get("config_hash"), "file": entry.get("file")}, sort_keys=True)
         return hashlib.sha256(key.encode()).hexdigest()[:16]
 
+    def settings(self) -> ScanSettings:
+        """The scan options every model of the study is scanned with."""
+        return ScanSettings(budget=self.budget, levels=tuple(self.modes), threshold=self.threshold, seed=self.seed,
+                            device=self.device)
+
     def scan_config(self) -> ScanConfig:
-        return ScanConfig(modes=tuple(self.modes), budget=self.budget, inversion=budget_config(self.budget).with_(seed=self.seed),
-                          threshold=self.threshold, device=self.device)
+        """Neural Cleanse's resolved configuration for :meth:`settings`."""
+        return get_detector("neural-cleanse").configure(self.settings())
 
     def repair_config(self) -> RepairConfig:
         return RepairConfig(epochs=self.repair_epochs, lr=self.repair_lr, seed=self.seed, device=self.device)
@@ -165,24 +167,6 @@ class StudyResult:
         return {"schema": SCHEMA, "config": self.config.to_dict(), "manifest": str(self.manifest), "machine": self.machine,
                 "seconds": round(self.seconds, 3), "compute_seconds": round(self.compute_seconds, 3), "computed": self.computed,
                 "reused": self.reused, "skipped": self.skipped, "models": self.models}
-
-
-def machine_info() -> dict[str, Any]:
-    return {"platform": platform.platform(), "machine": platform.machine(), "processor": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()}
-
-
-def _num(x: float | None, nd: int = 6) -> float | str | None:
-    """A JSON-safe number: rounded, "inf" for infinities, None for None/NaN."""
-    if x is None:
-        return None
-    x = float(x)
-    if math.isnan(x):
-        return None
-    if math.isinf(x):
-        return "inf" if x > 0 else "-inf"
-    return round(x, nd)
 
 
 def load_manifest(path: Path) -> list[dict[str, Any]]:
@@ -225,20 +209,20 @@ def _mode_summary(mr: ModeResult, target: int | None) -> dict[str, Any]:
     rank = None if tnorm is None else 1 + sum(1 for n, _ in ok if n < tnorm)
     return {
         "statistic": mr.statistic,
-        "anomaly_index": _num(an.anomaly_index),
+        "anomaly_index": json_number(an.anomaly_index),
         "min_label": an.min_label,
-        "min_norm": _num(an.min_norm),
-        "median": _num(an.median),
+        "min_norm": json_number(an.min_norm),
+        "median": json_number(an.median),
         "suspected": an.suspected,
         "flagged": list(an.flagged),
         "conclusive": an.conclusive,
-        "target_norm": _num(tnorm),
+        "target_norm": json_number(tnorm),
         "target_rank": rank,
-        "target_index": _num(an.indices.get(target)) if target is not None else None,
+        "target_index": json_number(an.indices.get(target)) if target is not None else None,
         "identified": None if target is None else bool(an.suspected and an.min_label == target),
-        "norms": [_num(norms[r.label]) for r in mr.labels],
+        "norms": [json_number(norms[r.label]) for r in mr.labels],
         "labels": [r.label for r in mr.labels],
-        "phase_norms": [[_num(r.phases[i].norm) if i < len(r.phases) else None for r in mr.labels] for i in range(3)],
+        "phase_norms": [[json_number(r.phases[i].norm) if i < len(r.phases) else None for r in mr.labels] for i in range(3)],
         "phase_steps": [[r.phases[i].step if i < len(r.phases) else None for r in mr.labels] for i in range(3)],
         "steps": [r.steps for r in mr.labels],
         "seconds": round(mr.seconds, 3),
@@ -292,13 +276,13 @@ def _activation_block(wrapper: ModelWrapper, x: torch.Tensor, triggers: dict[str
     clean = activation_profile(wrapper, x, None, None)
     ranks: dict[str, torch.Tensor] = {}
     st, ranks["original"] = compare_profiles(clean, activation_profile(wrapper, x, original, None), original, threshold, 0)
-    block: dict[str, Any] = {"neurons": clean.neurons, "layers": len(clean.layers), "original": _num(st.fraction), "reversed": {}}
+    block: dict[str, Any] = {"neurons": clean.neurons, "layers": len(clean.layers), "original": json_number(st.fraction), "reversed": {}}
     for mode, t in triggers.items():
         if t is None:
             block["reversed"][mode] = None
             continue
         st, ranks[mode] = compare_profiles(clean, activation_profile(wrapper, x, t, None), t, threshold, 0)
-        block["reversed"][mode] = _num(st.fraction)
+        block["reversed"][mode] = json_number(st.fraction)
     return block, ranks, clean
 
 
@@ -333,20 +317,20 @@ def study_model(entry: dict[str, Any], root: Path, cfg: StudyConfig, by_name: di
         "samples": len(data), "classes": w.num_classes,
         "manifest": {k: entry.get(k) for k in ("clean_acc", "asr", "clean_twin_acc", "val_acc", "counts")},
         "original_trigger": None if original is None else {"kind": original.kind, "target": original.target,
-                                                          "l1": _num(original.l1())},
+                                                          "l1": json_number(original.l1())},
         "timings": {},
     }
     ts = time.perf_counter()
-    findings = scan(w, data, cfg.scan_config())
+    findings = detect(lm, data, cfg.settings(), ("neural-cleanse",)).results["neural-cleanse"].findings
     out["timings"]["scan"] = round(time.perf_counter() - ts, 3)
     v = findings.verdict
-    out["verdict"] = {"status": v.status, "target": v.target, "anomaly_index": _num(v.anomaly_index), "basis": v.basis,
+    out["verdict"] = {"status": v.status, "target": v.target, "anomaly_index": json_number(v.anomaly_index), "basis": v.basis,
                       "agree": v.agree, "reason": v.reason}
     out["scan"] = {mode: _mode_summary(mr, target) for mode, mr in findings.modes.items()}
     out["repair"] = out["activations"] = out["precision"] = out["distance"] = None
     if original is not None and target is not None and entry.get("kind") != "clean":
         reversed_t = {mode: _reversed(findings, mode, target) for mode in findings.modes}
-        out["distance"] = {mode: None if t is None else _num(original.distance(t)) for mode, t in reversed_t.items()}
+        out["distance"] = {mode: None if t is None else json_number(original.distance(t)) for mode, t in reversed_t.items()}
         if cfg.repair:
             ts = time.perf_counter()
             out["repair"] = _repairs(w, data, findings, original, target, cfg)
@@ -379,7 +363,7 @@ def _activations(w: ModelWrapper, data: CleanData, findings: ScanFindings, origi
         if mode in ranks:
             entry_p["final"] = precision_at_k(ranks["original"], ranks[mode], cfg.ks).to_list()
         for i, p in enumerate(r.phases[:3]):
-            ph: dict[str, Any] = {"phase": i + 1, "step": p.step, "norm": _num(p.norm), "precision": None}
+            ph: dict[str, Any] = {"phase": i + 1, "step": p.step, "norm": json_number(p.norm), "precision": None}
             if p.mask is not None and p.pattern is not None:
                 pt = Trigger(p.mask, p.pattern, target, f"reversed-{mode}-phase{i + 1}")
                 rank = compare_profiles(clean, activation_profile(w, x, pt, None), pt, cfg.activation_threshold, 0)[1]
@@ -422,7 +406,7 @@ def run_study(manifest: Path, out_dir: Path, cfg: StudyConfig, progress: StudyPr
         if unknown:
             raise UsageError(f"{unknown[0]!r} is not a model of {manifest}", f"choose from: {', '.join(by_name)}")
         entries = [e for e in entries if e["name"] in set(cfg.models)]
-    result = StudyResult(cfg, manifest, [], machine=machine_info())
+    result = StudyResult(cfg, manifest, [], machine=machine.info())
     todo = []
     for e in entries:
         why = is_built(e, root)
@@ -465,177 +449,3 @@ def _read_saved(path: Path) -> dict[str, Any] | None:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
     return d if isinstance(d, dict) else None
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Documents
-
-#: a document block: ("h", level, text) | ("p", text) | ("table", Table) | ("img", alt, relative path) | ("ul", [items])
-Block = tuple[Any, ...]
-
-
-def figure(model: dict[str, Any], mode: str, path: Path) -> Path | None:
-    """Figures 3-5: smallest norm per class at the end of each third of the inversion (PNG, Agg backend)."""
-    s = (model.get("scan") or {}).get(mode)
-    if not s:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels = s["labels"]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2), sharey=True)
-    for i, ax in enumerate(axes):
-        ys = [float(v) if isinstance(v, (int, float)) else float("nan") for v in s["phase_norms"][i]]
-        colours = ["tab:red" if k == model.get("target") else "tab:blue" for k in labels]
-        ax.bar(range(len(labels)), [0 if math.isnan(y) else y for y in ys], color=colours)
-        ax.set_title(f"phase {i + 1}")
-        ax.set_xlabel("class label")
-        if len(labels) <= 12:
-            ax.set_xticks(range(len(labels)), [str(k) for k in labels])
-    axes[0].set_ylabel(f"minimum norm ({s.get('statistic', mode)})")
-    fig.suptitle(f"{model['name']} ({mode}); red: target class {model.get('target')}")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    buf = _png(fig)
-    plt.close(fig)
-    atomic_write_bytes(path, buf)
-    return path
-
-
-def _png(fig: Any) -> bytes:
-    import io
-
-    b = io.BytesIO()
-    fig.savefig(b, format="png", dpi=80)
-    return b.getvalue()
-
-
-def _hms(s: float) -> str:
-    s = round(s)
-    return f"{s // 3600}h {s % 3600 // 60:02d}m {s % 60:02d}s" if s >= 3600 else f"{s // 60}m {s % 60:02d}s"
-
-
-def document(result: StudyResult, figures: dict[str, list[tuple[str, str]]]) -> list[Block]:
-    """The study's document as blocks (rendered by :func:`to_markdown` and :func:`to_html`)."""
-    cfg = result.config
-    m = result.machine
-    blocks: list[Block] = [
-        ("h", 1, "Neural Cleanse on CNNs and transformers: the study"),
-        ("p", f"Models: {len(result.models)} ({', '.join(x['name'] for x in result.models) or 'none'}). "
-              f"Budget {cfg.budget}, modes {', '.join(cfg.modes)}, seed {cfg.seed}, repair epochs {cfg.repair_epochs}, "
-              f"activation threshold {cfg.activation_threshold:g}."),
-        ("ul", [f"Machine: {m.get('platform')}, {m.get('cores')} cores ({m.get('torch_threads')} torch thread(s)), "
-                f"Python {m.get('python')}, torch {m.get('torch')}",
-                f"Total wall time: {_hms(result.compute_seconds)} of model computations "
-                f"(this run: {_hms(result.seconds)}; computed {len(result.computed)}, reused {len(result.reused)})"]
-         + [f"Skipped {k}: {v}" for k, v in result.skipped.items()]),
-    ]
-    for t in all_tables(result.models, cfg.modes, cfg.ks):
-        blocks.append(("h", 2, t.title))
-        blocks.append(("table", t))
-    blocks.append(("h", 2, "Figures 3-5"))
-    blocks.append(("p", "Smallest norm per class at the end of each third of the inversion (paper: Fig. 3 6-layer CNN, "
-                        "Fig. 4 ConViT, Fig. 5 ViT; the other architectures follow). The target class is red."))
-    for model in result.models:
-        figs = figures.get(model["name"]) or []
-        if not figs:
-            continue
-        n = FIGURE_OF_ARCH.get(str(model.get("arch")))
-        blocks.append(("h", 3, f"Figure {n}: {model['name']}" if n else f"{model['name']} ({model.get('arch')})"))
-        for alt, rel in figs:
-            blocks.append(("img", alt, rel))
-    return blocks
-
-
-def _cell_md(s: str) -> str:
-    return str(s).replace("|", "\\|").replace("\n", " ")
-
-
-def to_markdown(blocks: Sequence[Block]) -> str:
-    out: list[str] = []
-    for b in blocks:
-        if b[0] == "h":
-            out.append(f"{'#' * b[1]} {b[2]}\n")
-        elif b[0] == "p":
-            out.append(f"{b[1]}\n")
-        elif b[0] == "ul":
-            out.append("\n".join(f"- {x}" for x in b[1]) + "\n")
-        elif b[0] == "img":
-            out.append(f"![{b[1]}]({b[2]})\n")
-        elif b[0] == "table":
-            t: Table = b[1]
-            lines = [t.caption, ""]
-            lines.append("| " + " | ".join(_cell_md(h) for h in t.headers) + " |")
-            lines.append("|" + "|".join("---" for _ in t.headers) + "|")
-            lines += ["| " + " | ".join(_cell_md(c) for c in row) + " |" for row in t.rows]
-            if not t.rows:
-                lines.append("| " + " | ".join(["(no models)"] + [""] * (len(t.headers) - 1)) + " |")
-            lines += [""] + [f"{n}  " for n in t.notes]
-            out.append("\n".join(lines).rstrip() + "\n")
-    return "\n".join(out)
-
-
-_CSS = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px;color:#222}"
-        "table{border-collapse:collapse;margin:.5em 0 1em;font-size:13px}"
-        "th,td{border:1px solid #bbb;padding:3px 7px;text-align:right}th{background:#eee}"
-        "td:first-child,th:first-child{text-align:left}caption{caption-side:top;text-align:left;font-size:13px;padding:4px 0}"
-        "img{max-width:100%;display:block;margin:.5em 0}.note{font-size:12px;color:#555}")
-
-
-def to_html(blocks: Sequence[Block], base: Path) -> str:
-    """A self-contained page: tables as HTML, images inline as data URIs, no external URL."""
-    e = html.escape
-    body: list[str] = []
-    for b in blocks:
-        if b[0] == "h":
-            body.append(f"<h{b[1]}>{e(b[2])}</h{b[1]}>")
-        elif b[0] == "p":
-            body.append(f"<p>{e(b[1])}</p>")
-        elif b[0] == "ul":
-            body.append("<ul>" + "".join(f"<li>{e(x)}</li>" for x in b[1]) + "</ul>")
-        elif b[0] == "img":
-            p = base / b[2]
-            if p.is_file():
-                data = base64.b64encode(p.read_bytes()).decode()
-                body.append(f'<img alt="{e(b[1])}" src="data:image/png;base64,{data}">')
-        elif b[0] == "table":
-            t: Table = b[1]
-            rows = t.rows or [["(no models)"] + [""] * (len(t.headers) - 1)]
-            body.append("<table><caption>" + e(t.caption) + "</caption><thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in t.headers)
-                        + "</tr></thead><tbody>" + "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows)
-                        + "</tbody></table>" + "".join(f'<p class="note">{e(n)}</p>' for n in t.notes))
-    title = next((b[2] for b in blocks if b[0] == "h"), "bdscan study")
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{e(title)}</title><style>{_CSS}</style></head>'
-            f"<body>\n" + "\n".join(body) + "\n</body></html>\n")
-
-
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
-
-
-def write_study(result: StudyResult, out_dir: Path) -> dict[str, Path]:
-    """Writes ``study.json``, ``study.md``, ``study.html`` and ``figures/<model>_<mode>.png`` into ``out_dir``.
-
-    Returns:
-        ``{"json": ..., "markdown": ..., "html": ..., "figures": [...]}`` paths (figures as a list).
-    """
-    out_dir = Path(out_dir)
-    figs: dict[str, list[tuple[str, str]]] = {}
-    fig_paths: list[Path] = []
-    for model in result.models:
-        for mode in result.config.modes:
-            rel = f"figures/{_safe(model['name'])}_{mode}.png"
-            p = figure(model, mode, out_dir / rel)
-            if p is not None:
-                figs.setdefault(model["name"], []).append((f"{model['name']} {mode}: smallest norm per class per phase", rel))
-                fig_paths.append(p)
-    blocks = document(result, figs)
-    doc = result.to_dict()
-    doc["tables"] = [t.to_dict() for t in all_tables(result.models, result.config.modes, result.config.ks)]
-    paths = {"json": out_dir / "study.json", "markdown": out_dir / "study.md", "html": out_dir / "study.html"}
-    atomic_write_text(paths["json"], json.dumps(doc, indent=1))
-    atomic_write_text(paths["markdown"], to_markdown(blocks))
-    atomic_write_text(paths["html"], to_html(blocks, out_dir))
-    return {**paths, "figures": fig_paths}  # type: ignore[dict-item]

@@ -36,7 +36,7 @@ def test_repair_with_original_trigger_removes_backdoor(tiny_bd, tmp_path: Path) 
 
 def test_repair_runs_scan_and_uses_reversed_trigger(tiny_bd, tmp_path: Path) -> None:
     out, js = tmp_path / "fixed.onnx", tmp_path / "repair.json"
-    code, output = run("repair", tiny_bd.model, "--data", tiny_bd.data, "--budget", "smoke", "--mode", "pixel",
+    code, output = run("repair", tiny_bd.model, "--data", tiny_bd.data, "--budget", "smoke", "--levels", "pixel",
                        "--out", out, "--json", js, "-q")
     assert code == 0, output
     doc = json.loads(js.read_text())

@@ -13,7 +13,7 @@ from bdscan.detect.config import BUDGETS
 from tests.conftest import TARGET
 
 runner = CliRunner()
-SMOKE = ["--budget", "smoke", "--steps", "20", "--mode", "pixel", "--no-activations"]
+SMOKE = ["--budget", "smoke", "--steps", "20", "--levels", "pixel", "--no-activations"]
 
 
 def run(*args: str | Path) -> tuple[int, str]:
@@ -59,9 +59,9 @@ def test_precision_option_reaches_the_report(tiny_bd, tmp_path: Path) -> None:
 
 
 def test_forced_bf16_on_a_cpu_without_it_warns_and_the_report_says_so(tiny_bd, tmp_path: Path, monkeypatch) -> None:
-    from bdscan.detect import inversion
+    from bdscan import machine
 
-    monkeypatch.setattr(inversion, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(machine, "cpu_has_native_bf16", lambda: False)
     js = tmp_path / "scan.json"
     code, output = run("scan", tiny_bd.model, "--data", tiny_bd.data, *SMOKE, "--steps", "2", "--precision", "bf16",
                        "-q", "--json", js)
@@ -82,7 +82,7 @@ def test_fail_on_never_and_quiet(tiny_bd) -> None:
 def test_ci_budgets_flag_the_planted_backdoor(name: str, tiny_bd, tmp_path: Path) -> None:
     # every budget a CI gate may pick runs end to end through the CLI and finds the planted trigger
     js = tmp_path / "scan.json"
-    code, output = run("scan", tiny_bd.model, "--data", tiny_bd.data, "--budget", name, "--mode", "pixel", "--no-activations",
+    code, output = run("scan", tiny_bd.model, "--data", tiny_bd.data, "--budget", name, "--levels", "pixel", "--no-activations",
                        "--json", js, "-q")
     assert code == 1, output
     doc = json.loads(js.read_text())
@@ -165,7 +165,7 @@ def test_bad_options_exit_2(tiny_bd) -> None:
         code, output = run("scan", tiny_bd.model, "--data", tiny_bd.data, *extra)
         assert code == 2, (extra, output)
         assert "Traceback" not in output
-    code, output = run("scan", tiny_bd.model, "--mode", "voxel")
+    code, output = run("scan", tiny_bd.model, "--levels", "voxel")
     assert code == 2
 
 
@@ -194,3 +194,40 @@ def test_report_rerender(tiny_bd, tmp_path: Path) -> None:
     code, output = run("report", tmp_path / "nothing", "-o", tmp_path / "x.html")
     assert code == 3
     assert_one_line_error(output)
+
+
+def test_the_old_mode_option_still_works_with_a_deprecation_note(tiny_bd, tmp_path: Path) -> None:
+    js = tmp_path / "scan.json"
+    code, output = run("scan", tiny_bd.model, "--data", tiny_bd.data, "--budget", "smoke", "--steps", "2", "--mode", "pixel",
+                       "-q", "--json", js)
+    assert code in (0, 1), output
+    assert "--mode is deprecated" in output and "--levels" in output
+    assert list(json.loads(js.read_text())["modes"]) == ["pixel"]
+    code, output = run("scan", tiny_bd.model, "--data", tiny_bd.data, "--mode", "pixel", "--levels", "patch", "-q")
+    assert code == 2 and "disagree" in output
+
+
+def test_detectors_lists_the_registry_and_an_unknown_detector_is_a_usage_error(tiny_bd) -> None:
+    from bdscan.detect import DETECTORS
+
+    code, output = run("detectors")
+    assert code == 0
+    assert [ln.split(":")[0] for ln in output.strip().splitlines()] == list(DETECTORS)
+    code, output = run("scan", tiny_bd.model, "--data", tiny_bd.data, "--detectors", "nope", "-q")
+    assert code == 2 and "unknown detector 'nope'" in output and "neural-cleanse" in output
+
+
+def test_bad_threshold_samples_and_unwritable_outputs_fail_before_any_work(tiny_bd, tmp_path: Path) -> None:
+    for args, words in ((["--threshold", "-1"], "--threshold -1 is not positive"),
+                        (["--samples-per-class", "0"], "--samples-per-class 0 is not positive"),
+                        (["--out", "/proc/bdscan-nope"], "cannot write /proc/bdscan-nope"),
+                        (["--json", "/proc/bdscan-nope.json"], "cannot write /proc/bdscan-nope.json")):
+        code, output = run("scan", tiny_bd.model, "--data", tiny_bd.data, "-q", *args)
+        assert code == 2 and words in output and "Traceback" not in output, (args, output)
+
+
+def test_scan_says_what_it_wrote(tiny_bd, tmp_path: Path) -> None:
+    out, js = tmp_path / "scan-out", tmp_path / "scan.json"
+    code, output = run("scan", tiny_bd.model, "--data", tiny_bd.data, *SMOKE, "--steps", "2", "--out", out, "--json", js)
+    assert code in (0, 1), output
+    assert f"wrote {out}" in output and f"wrote {js}" in output

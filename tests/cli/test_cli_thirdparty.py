@@ -47,7 +47,7 @@ def test_softmax_output_detected_and_scaled_input(tiny_bd, tmp_path: Path) -> No
 def test_scan_third_party_model_finds_backdoor(tiny_bd, tmp_path: Path) -> None:
     path, js = export(tiny_bd, tmp_path), tmp_path / "scan.json"
     r = runner.invoke(app, ["scan", str(path), "--data", str(tiny_bd.data), "--input-size", f"3,{SIZE},{SIZE}", "--scale", "255",
-                            "--budget", "smoke", "--steps", "20", "--mode", "pixel", "--json", str(js), "-q"])
+                            "--budget", "smoke", "--steps", "20", "--levels", "pixel", "--json", str(js), "-q"])
     assert r.exit_code == 1, r.output
     doc = json.loads(js.read_text())
     assert doc["model"]["format"] == "torchscript" and doc["model"]["output"] == "probs"

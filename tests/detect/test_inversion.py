@@ -71,7 +71,7 @@ def test_tiny_vit_patch_aligned_trigger_found_by_patch_mode() -> None:
 
 
 def test_history_replays_a_shorter_run(tiny_bd) -> None:
-    """benchmarks/bench_schedule.py rests on this: a label's best size after step s of a long run is what a run
+    """`python -m benchmarks schedule` rests on this: a label's best size after step s of a long run is what a run
     of s steps reports, whatever the other labels do (each has its own Adam state, λ and early stop)."""
     w, data = tiny_bd.tiny.wrapper, tiny_bd.tiny.data
     cfg = BUDGETS["smoke"].with_(steps=10, samples=48)
@@ -129,19 +129,20 @@ def test_inversion_never_touches_weight_gradients(tiny_bd) -> None:
 
 
 def test_precision_auto_is_bf16_only_for_a_cnn_on_a_cpu_with_bf16(tiny_bd, monkeypatch) -> None:
+    from bdscan import machine
     from bdscan.detect import inversion
 
     cnn = tiny_bd.tiny.wrapper
     vit = train_tiny("bdscan_vit", CLASSES, SIZE, None, epochs=1, n=4 * CLASSES).wrapper
     assert cnn.token_grid is None and vit.token_grid is not None
-    monkeypatch.setattr(inversion, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(machine, "cpu_has_native_bf16", lambda: True)
     assert inversion.resolve_precision("auto", cnn, "cpu") == "bf16"
     assert inversion.resolve_precision("auto", vit, "cpu") == "fp32"  # measured slower for transformers
     assert inversion.resolve_precision("auto", cnn, "cuda") == "fp32"  # not measured on a GPU yet
     assert inversion.resolve_precision("fp32", cnn, "cpu") == "fp32"
     assert inversion.resolve_precision("bf16", vit, "cpu") == "bf16"  # an explicit choice is kept
     assert not inversion.bf16_emulated("bf16", "cpu")
-    monkeypatch.setattr(inversion, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(machine, "cpu_has_native_bf16", lambda: False)
     assert inversion.resolve_precision("auto", cnn, "cpu") == "fp32"  # emulated bf16 would be slower
     assert inversion.bf16_emulated("bf16", "cpu")  # a forced bf16 here is what the CLI warns about
     assert not inversion.bf16_emulated("auto", "cpu") and not inversion.bf16_emulated("fp32", "cpu")
@@ -173,9 +174,9 @@ def test_bf16_inversion_is_deterministic_finds_the_trigger_and_restores_the_mode
 
 
 def test_scan_records_the_precision_that_ran(tiny_bd, monkeypatch) -> None:
-    from bdscan.detect import inversion
+    from bdscan import machine
 
-    monkeypatch.setattr(inversion, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(machine, "cpu_has_native_bf16", lambda: False)
     f = scan(tiny_bd.tiny.wrapper, tiny_bd.tiny.data, ScanConfig(modes=("pixel",), inversion=SMOKE.with_(steps=2)))
     assert SMOKE.precision == "auto" and f.config.inversion.precision == "fp32"
 

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from bdscan.cli import app
 
 #: the cheapest scan that still runs the whole pipeline (load, data, inversion, verdict, outputs)
-TINY_SCAN = ["--budget", "smoke", "--steps", "2", "--mode", "pixel", "--no-activations"]
+TINY_SCAN = ["--budget", "smoke", "--steps", "2", "--levels", "pixel", "--no-activations"]
 
 
 @dataclass

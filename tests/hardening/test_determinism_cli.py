@@ -10,7 +10,7 @@ import numpy as np
 
 from tests.hardening.clirun import bdscan
 
-BOTH = ["--budget", "smoke", "--steps", "4", "--samples", "40", "--mode", "both", "--activations", "-q", "--seed", "7"]
+BOTH = ["--budget", "smoke", "--steps", "4", "--samples", "40", "--levels", "both", "--activations", "-q", "--seed", "7"]
 
 
 def _run(model: Path, data: Path, out: Path) -> tuple[dict, dict[str, np.ndarray]]:

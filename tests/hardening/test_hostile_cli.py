@@ -161,7 +161,7 @@ def test_repair_refuses(ckpts: Checkpoints, corpus: Corpus, npz4: Path, kind: st
     for trust in ([], ["--trust-pickle"]):
         fixed, js = corpus.dir / "repaired.safetensors", corpus.dir / "repair.json"
         r = bdscan("repair", model, "--arch", "bdscan_cnn6", "--num-classes", "4", "--data", npz4, "--out", fixed,
-                   "--json", js, "--budget", "smoke", "--mode", "pixel", "--epochs", "1", *trust)
+                   "--json", js, "--budget", "smoke", "--levels", "pixel", "--epochs", "1", *trust)
         line = one_line(r, 1, "finding")
         assert ref in line, line
         assert not fixed.exists() and not js.exists()

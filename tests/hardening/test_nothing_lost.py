@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bdscan.io.atomic import atomic_write_bytes, atomic_write_text, atomic_write_with
+from bdscan.atomic import atomic_write_bytes, atomic_write_text, atomic_write_with
 from tests.hardening.clirun import TINY_SCAN, Ran, bdscan, lines, no_crash, one_line
 
 SCAN = [*TINY_SCAN, "--samples", "20", "-q"]
@@ -218,6 +218,6 @@ def test_ctrl_c_during_the_scan_writes_nothing(tiny_bd, tmp_path: Path, monkeypa
     assert not any(p.exists() for p in outs.values())
     assert old.read_text() == "OLD" and not temp_files(tmp_path)
     fixed = tmp_path / "fixed.safetensors"  # repair scans first: Ctrl-C there exports nothing either
-    _interrupted(bdscan("repair", tiny_bd.model, "--data", tiny_bd.data, "--out", fixed, "--budget", "smoke", "--mode", "pixel",
+    _interrupted(bdscan("repair", tiny_bd.model, "--data", tiny_bd.data, "--out", fixed, "--budget", "smoke", "--levels", "pixel",
                           "-q"))
     assert not fixed.exists() and not temp_files(tmp_path)

@@ -22,7 +22,7 @@ from torch import nn
 
 from bdscan.io import LoadOptions, export_onnx, save_safetensors
 from bdscan.io.build import create_net, finalize
-from bdscan.io.torchscript import META_FILE, bdscan_meta
+from bdscan.io.selfdescribing import META_FILE, bdscan_meta
 from bdscan.models.wrapper import ModelInfo, ModelWrapper
 
 MEAN = (0.5, 0.4, 0.3)

@@ -9,13 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from bdscan.detect.config import BUDGETS
-from bdscan.detect.scan import ScanConfig, ScanFindings, scan
+from bdscan.detect import ScanSettings
+from bdscan.detect.scan import ScanFindings
 from bdscan.io import load_model
 from bdscan.io.base import LoadedModel
+from bdscan.pipeline import Outputs, scan_loaded, write_scan_outputs
 from bdscan.repair import RepairConfig, RepairResult, repair
-from bdscan.report.json_report import scan_document
-from bdscan.report.outdir import write_scan_dir
 
 
 @pytest.fixture(autouse=True)
@@ -36,12 +35,11 @@ def smoke_scan(tiny_bd, tmp_path_factory: pytest.TempPathFactory) -> Scanned:  #
     scan folder exactly as ``bdscan scan --out DIR`` writes it."""
     torch.set_num_threads(1)
     lm = load_model(tiny_bd.model)
-    cfg = ScanConfig(modes=("pixel",), budget="smoke", inversion=BUDGETS["smoke"].with_(steps=20))
-    findings = scan(lm.wrapper, tiny_bd.tiny.data, cfg)
-    doc = scan_document(lm, tiny_bd.tiny.data, findings, seed=0)
+    data = tiny_bd.tiny.data
+    doc, det = scan_loaded(lm, data, Path("data"), ScanSettings(budget="smoke", levels=("pixel",), steps=20), activations=False)
     out = tmp_path_factory.mktemp("scan")
-    write_scan_dir(out, doc, findings, None)
-    return Scanned(lm, findings, out)
+    write_scan_outputs(doc, det, data, Outputs(folder=out), str(tiny_bd.model))
+    return Scanned(lm, det.results["neural-cleanse"].findings, out)
 
 
 @pytest.fixture(scope="session")

@@ -75,6 +75,33 @@ def test_out_of_tolerance_needs_force(unlearned, tiny_bd, tmp_path: Path) -> Non
 
 
 def test_unknown_suffix_lists_the_supported_ones(unlearned, tiny_bd, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(UsageError, match=r"\.safetensors, \.onnx, \.pt"):
+    with pytest.raises(UsageError, match=r"\.h5") as e:
         _export(unlearned, tiny_bd, tmp_path / "fixed.h5")
+    listed = str(e.value).rsplit("one of:", 1)[-1]
+    assert all(s in listed for s in (".safetensors", ".onnx", ".pt"))  # listed in the format registry's order
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_writer_failure_names_the_other_formats_and_leaves_nothing(unlearned, tiny_bd, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from bdscan.errors import BdscanError, ModelLoadError
+    from bdscan.io import writers
+    from bdscan.repair import ExportError
+
+    ts = writers()["torchscript"]
+
+    def broken_write(*a: object, **k: object) -> None:
+        raise BdscanError("cannot export it as TorchScript: no")
+
+    monkeypatch.setattr(ts, "write", broken_write)
+    with pytest.raises(ExportError, match=r"no \(export \.safetensors or \.onnx instead\)"):
+        _export(unlearned, tiny_bd, tmp_path / "fixed.pt")
+    monkeypatch.undo()
+
+    def broken_read(*a: object, **k: object) -> None:
+        raise ModelLoadError("the written TorchScript file does not load back: no")
+
+    monkeypatch.setattr(ts, "read_back", broken_read)
+    with pytest.raises(ExportError, match=r"^fixed\.pt: the written TorchScript file does not load back"):
+        _export(unlearned, tiny_bd, tmp_path / "fixed.pt")
     assert not list(tmp_path.iterdir())

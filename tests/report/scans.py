@@ -10,13 +10,12 @@ from typing import Any
 
 import torch
 
-from bdscan.analysis.activations import activations_section
 from bdscan.data import CleanData
-from bdscan.detect.config import BUDGETS
-from bdscan.detect.scan import ScanConfig, ScanFindings, scan
+from bdscan.detect import ScanSettings
+from bdscan.detect.scan import ScanFindings
 from bdscan.io import load_model
 from bdscan.io.base import LoadedModel
-from bdscan.report.json_report import scan_document
+from bdscan.pipeline import scan_loaded
 
 
 @dataclass
@@ -36,13 +35,8 @@ def scanned(model: Path, data: CleanData, modes: tuple[str, ...] = ("pixel", "pa
     if key not in _CACHE:
         torch.set_num_threads(1)
         lm = load_model(model)
-        # one CNN patch grid (4 px, plus its half-patch offset) instead of two keeps the scan at a few seconds
-        cfg = ScanConfig(modes=modes, budget="smoke", inversion=BUDGETS["smoke"], cnn_patch_sizes=(4,))
-        findings = scan(lm.wrapper, data, cfg)
-        doc = scan_document(lm, data, findings, seed=0)
-        if activations:
-            doc["activations"] = activations_section(lm.wrapper, data, findings, lm.original_trigger)
-        _CACHE[key] = Scanned(lm, data, findings, doc)
+        doc, det = scan_loaded(lm, data, Path(data.source or "data"), ScanSettings(budget="smoke", levels=modes), activations=activations)
+        _CACHE[key] = Scanned(lm, data, det.results["neural-cleanse"].findings, doc)
     return _CACHE[key]
 
 

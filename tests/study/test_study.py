@@ -97,7 +97,7 @@ def test_resume_skips_saved_models(study: dict[str, Any], monkeypatch: pytest.Mo
     def boom(*a: object, **k: object) -> None:
         raise AssertionError("scan must not run again")
 
-    monkeypatch.setattr(study_run, "scan", boom)
+    monkeypatch.setattr(study_run, "detect", boom)
     r = run_study(study["manifest"], study["out"], CFG)
     assert r.computed == [] and r.reused == ["tiny_clean", "tiny_bd"]
     assert r.models[1]["verdict"] == study["result"].models[1]["verdict"]
@@ -179,10 +179,10 @@ def test_failing_model_is_reported_not_saved(tmp_path: Path) -> None:
 
 def test_hash_follows_what_auto_precision_means_on_this_cpu(monkeypatch) -> None:
     """bf16 results from one machine must not be reused where "auto" means float32, and the other way round."""
-    from bdscan.study import run
+    from bdscan import machine
 
     e = {"name": "a", "config_hash": "x", "file": "a.safetensors"}
-    monkeypatch.setattr(run, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(machine, "cpu_has_native_bf16", lambda: True)
     with_bf16 = CFG.hash_for(e)
-    monkeypatch.setattr(run, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(machine, "cpu_has_native_bf16", lambda: False)
     assert CFG.hash_for(e) != with_bf16

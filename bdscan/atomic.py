@@ -38,6 +38,13 @@ def check_output_path(out: Path, folder: bool = False) -> None:
         raise UsageError(f"cannot write {out}: {parent} is a file, not a folder", f"give a {kind} path in a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UsageError(f"cannot write {out}: no permission to write in {parent}", "choose a writable output path")
+    # permission bits do not tell everything (root, read-only mounts, /proc): create and remove a file there
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".bdscan-probe.", dir=parent)
+    except OSError as e:
+        raise UsageError(f"cannot write {out}: {e.strerror or e} in {parent}", "choose a writable output path") from e
+    os.close(fd)
+    os.unlink(probe)
 
 
 @contextlib.contextmanager

@@ -1,12 +1,8 @@
 """How close do a budget's trigger sizes come to what Neural Cleanse's own schedule converges to?
 
-Usage:
-    python benchmarks/bench_converged.py NAME=RESULTS.json[,MORE.json] [NAME=...]
-                                         [--original benchmarks/results/speed_original.json]
-
-Each ``NAME=files`` is one recorded scan of the zoo (``bench_detect.py --histories`` outputs, merged by model).
-The reference is the original schedule's per-label pixel sizes cached by ``bench_speed.py`` (1000 samples,
-batch 32, up to 1000 epochs, label by label). For every model the original ran on, it prints, per recording:
+Each ``NAME=files`` is one recorded scan of the zoo (``detect --histories`` outputs, merged by model).
+The reference is the original schedule's per-label pixel sizes cached by ``speed`` (1000 samples, batch 32,
+up to 1000 epochs, label by label). For every model the original ran on, it prints, per recording:
 
 * ``others ×``: the geometric mean, over the non-target labels the original ran, of (budget's size / original's):
   how far from converged the budget stops (1.00 = converged);
@@ -20,13 +16,12 @@ Only the pixel level is compared: the original schedule has no patch level.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import statistics
 from pathlib import Path
 
-from bench_schedule import recordings
+from benchmarks.common import RESULTS, add_manifest, new_parser, recordings, sha16, table_header
 
 
 def originals(cache: dict, manifest: list[dict], root: Path) -> dict[str, tuple[dict[int, float], int | None]]:
@@ -36,7 +31,7 @@ def originals(cache: dict, manifest: list[dict], root: Path) -> dict[str, tuple[
         f = root / e["file"]
         if not f.exists():
             continue
-        h = hashlib.sha256(f.read_bytes()).hexdigest()[:16]
+        h = sha16(f)
         best: dict[int, float] = {}
         for key, v in cache.items():
             if key.startswith(h + "|") and v.get("which") == "original":
@@ -54,16 +49,19 @@ def final_pixel_sizes(row: dict) -> dict[int, float | None]:
     return {int(k): (h[-1] if h else None) for k, h in hs.items()}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def parser() -> argparse.ArgumentParser:
+    ap = new_parser(__doc__)
     ap.add_argument("recordings", nargs="+", help="NAME=file.json[,file2.json]")
-    ap.add_argument("--original", type=Path, default=Path("benchmarks/results/speed_original.json"))
-    ap.add_argument("--manifest", type=Path, default=Path("sample_models/zoo.json"))
-    args = ap.parse_args()
+    ap.add_argument("--original", type=Path, default=RESULTS / "speed_original.json",
+                    help="the original schedule's cached runs (default: benchmarks/results/speed_original.json)")
+    add_manifest(ap)
+    return ap
+
+
+def run(args: argparse.Namespace) -> None:
     ref = originals(json.loads(args.original.read_text()), json.loads(args.manifest.read_text()), args.manifest.parent)
     recs = {name: {m: final_pixel_sizes(r) for m, r in rows.items()} for name, rows in recordings(args.recordings).items()}
-    print("| model | original's labels | recording | others × | spread | target × |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    table_header("model", "original's labels", "recording", "others ×", "spread", "target ×")
     for model, (orig, target) in ref.items():
         for name, rec in recs.items():
             if model not in rec:
@@ -74,6 +72,3 @@ def main() -> None:
             print(f"| {model} | {len(orig)} | {name} | {math.exp(statistics.fmean(logs)):.2f} | "
                   f"{statistics.pstdev(logs):.2f} | {tcell} |")
 
-
-if __name__ == "__main__":
-    main()

@@ -1,9 +1,5 @@
 """How fast a scan could be on this CPU: the model's arithmetic against what the CPU does with it.
 
-Usage:
-    python benchmarks/bench_floor.py MODEL [--images 32] [--threads 1] [--rounds 7] [--workers 2]
-                                           [--hist benchmarks/results/detect_hist.json]
-
 For one forward+backward pass of the model (gradients to the input only, weights frozen, float32, as in trigger
 inversion) on ``--images`` images it prints:
 
@@ -16,17 +12,14 @@ inversion) on ``--images`` images it prints:
   perfect kernels).
 
 Then it turns each rate into a default scan's inversion time: the label-steps the recorded default scan of that
-model ran (``detect_hist.json``, both levels) × images per step, spread over ``--workers`` side-by-side
+model ran (``--hist``, a ``detect --histories`` output, both levels) × images per step, spread over ``--workers`` side-by-side
 inversions of ``--threads`` threads each (the default scan's layout on 2 cores: 2 × 1).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import time
 from collections import defaultdict
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +33,17 @@ from torch.utils.flop_counter import (
     sdpa_flop_count,
 )
 
-from bdscan.detect.config import BUDGETS
-from bdscan.io import load_model
+from benchmarks.common import (
+    RESULTS,
+    add_threads,
+    best_seconds,
+    budget_config,
+    load_model,
+    machine_line,
+    new_parser,
+    read_json,
+    set_threads,
+)
 
 aten = torch.ops.aten
 
@@ -76,43 +78,34 @@ class _Recorder(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def _best(fn: Callable[[], Any], rounds: int) -> float:
-    """Best wall time of ``rounds`` calls after one warm-up call, in seconds."""
-    fn()
-    ts = []
-    for _ in range(rounds):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return min(ts)
-
-
 def _label_steps(hist: Path, model: str) -> int | None:
     """Label-steps a default scan of ``model`` runs, both levels, as recorded (``None`` if not recorded).
 
-    ``detect_hist.json`` recorded a CNN's patch level with the full 4-grid sweep (for ``bench_schedule.py
-    --sweep``); the default runs only its first member, the 4-pixel grid (``ScanConfig.cnn_patch_sizes``), so
+    ``detect_hist.json`` recorded a CNN's patch level with the full 4-grid sweep (for ``schedule --sweep``);
+    the default runs only its first member, the 4-pixel grid (``ScanConfig.cnn_patch_sizes``), so
     only that one is counted.
     """
-    if not hist.exists():
-        return None
-    for row in json.loads(hist.read_text())["rows"]:
+    for row in read_json(hist, {"rows": []})["rows"]:
         if row["model"] == model:
             return sum(len(h) for level in row["histories"].values()
                        for inv in list(level.values())[:1] for h in inv.values())
     return None
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def parser() -> argparse.ArgumentParser:
+    ap = new_parser(__doc__)
     ap.add_argument("model")
-    ap.add_argument("--images", type=int, default=32)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--hist", type=Path, default=Path(__file__).parent / "results" / "detect_hist.json")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    ap.add_argument("--images", type=int, default=32, help="images per pass")
+    add_threads(ap, 1)
+    ap.add_argument("--rounds", type=int, default=7, help="timed calls of each measurement (best kept)")
+    ap.add_argument("--workers", type=int, default=2, help="inversions side by side, --threads each")
+    ap.add_argument("--hist", type=Path, default=RESULTS / "detect_hist.json",
+                    help="recorded default scans (default: benchmarks/results/detect_hist.json)")
+    return ap
+
+
+def run(args: argparse.Namespace) -> None:
+    set_threads(args.threads)
     torch.manual_seed(0)
     m = load_model(args.model).wrapper.eval()
     m.requires_grad_(False)
@@ -130,15 +123,15 @@ def main() -> None:
     rec = _Recorder(set(counts))
     with rec:
         step()
-    t_pass = _best(step, args.rounds)
+    t_pass = best_seconds(step, args.rounds)
     by_op: dict[str, float] = defaultdict(float)
     for f, a, k in rec.calls:
-        by_op[str(f.overloadpacket)] += _best(lambda f=f, a=a, k=k: f(*a, **k), args.rounds)
+        by_op[str(f.overloadpacket)] += best_seconds(lambda f=f, a=a, k=k: f(*a, **k), args.rounds)
     t_ops = sum(by_op.values())
 
     a = torch.rand(1024, 1024)
     b = torch.rand(1024, 1024)
-    gflops_peak = 2 * 1024**3 / _best(lambda: torch.mm(a, b), args.rounds) / 1e9
+    gflops_peak = 2 * 1024**3 / best_seconds(lambda: torch.mm(a, b), args.rounds) / 1e9
 
     rates = {
         "real pass": args.images / t_pass,
@@ -146,8 +139,7 @@ def main() -> None:
         "every counted FLOP at the 1024^3 GEMM rate": gflops_peak * 1e9 / flops,
     }
     name = Path(args.model).name.split(".")[0]
-    print(f"{name}: {args.images} images per pass, {args.threads} thread(s), torch {torch.__version__}, "
-          f"CPU {torch.backends.cpu.get_cpu_capability()}")
+    print(f"{name}: {args.images} images per pass; {machine_line()}")
     print(f"  {flops / 1e6:.1f} MFLOP per image (forward + input gradient):")
     for op, n in sorted(counts.items(), key=lambda kv: -kv[1]):
         print(f"    {op!s:60s} {n / args.images / 1e6:7.1f} MFLOP   alone {by_op.get(str(op), 0) * 1e3:7.2f} ms")
@@ -155,7 +147,7 @@ def main() -> None:
           f"({t_ops / t_pass:.0%} of it); 1024^3 GEMM {gflops_peak:.1f} GFLOP/s per {args.threads} thread(s); "
           f"the real pass runs at {flops * args.images / t_pass / 1e9:.1f} GFLOP/s")
     steps = _label_steps(args.hist, name)
-    fast = BUDGETS["fast"]
+    fast = budget_config("fast")
     per_step = fast.batch_size * (fast.batches_per_step or 1)
     for what, rate in rates.items():
         line = f"  {what:45s} {rate:7.0f} images/s"
@@ -164,6 +156,3 @@ def main() -> None:
                      f"{steps * per_step / (rate * args.workers):6.1f} s of inversion")
         print(line)
 
-
-if __name__ == "__main__":
-    main()

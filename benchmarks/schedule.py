@@ -1,19 +1,18 @@
 """Replays recorded scans to ask: what verdict would a shorter schedule have given?
 
-Usage:
-    python benchmarks/bench_detect.py --histories --out benchmarks/results/detect_hist.json   # record (slow)
-    python benchmarks/bench_schedule.py benchmarks/results/detect_hist.json [--steps 10 15 20 25 30]
-                                        [--two-stage 10:0.25]
+Record first (slow): ``python -m benchmarks detect --histories --out benchmarks/results/detect_hist.json``.
 
 Every label's optimisation is independent of the others' (its own parameters, Adam state, λ schedule and
 early stop; all labels see the same mini-batches), so the best size a label had after step ``s`` of a long
-run is exactly what a run with ``steps=s`` would have reported. From one recorded run per model this script
-recomputes, for each step budget, each mode's anomaly index and the combined verdict, and the share of
-optimisation work it needs. ``--two-stage S1:FRAC`` also replays a K-Arm-like schedule: every label runs
-``S1`` steps, then only the lowest ``FRAC`` of labels (by size after ``S1``) run on to the end; the others keep
-their size after ``S1``.
+run is exactly what a run with ``steps=s`` would have reported (``tests/detect/test_inversion.py`` checks it).
+From one recorded run per model this recomputes, for each step budget, each mode's anomaly index and the
+combined verdict, and the share of optimisation work it needs. ``--two-stage S1:FRAC`` also replays a
+K-Arm-like schedule: every label runs ``S1`` steps, then only the lowest ``FRAC`` of labels (by size after
+``S1``) run on to the end; the others keep their size after ``S1``. ``--detail S`` prints the per-model
+detection table of benchmarks/README.md; ``--compare`` puts recordings (budgets, seeds) side by side.
 
-This is the evidence behind the step budget of the ``fast`` preset (benchmarks/README.md, "Speed").
+This is the evidence behind the step budget of the ``fast`` preset (benchmarks/README.md, "How the default
+was chosen").
 """
 
 from __future__ import annotations
@@ -22,20 +21,8 @@ import argparse
 import json
 import math
 from pathlib import Path
-from types import SimpleNamespace
 
-from bdscan.detect.anomaly import PATCH_MAD_FLOOR, anomaly
-from bdscan.detect.scan import combine
-
-
-def at(h: list[float | None], s: int) -> float | None:
-    """Best size after step ``s`` (a label that stopped early keeps its last value)."""
-    return h[min(s, len(h)) - 1] if h else None
-
-
-def smin(vals: list[float | None]) -> float | None:
-    ok = [v for v in vals if v is not None]
-    return min(ok) if ok else None
+from benchmarks.common import at, is_right, judge, load_rows, new_parser, recordings, smin, table_header
 
 
 def labels_of(per_param: dict) -> list[int]:
@@ -46,7 +33,7 @@ def replay(row: dict, steps_of: dict[int, int] | int, log: bool = False) -> tupl
     """Per-mode anomaly results, the combined verdict, and the work in label-steps, when label ``k`` runs
     ``steps_of[k]`` steps (or every label ``steps_of``). ``log``: the same MAD test on log sizes (scale-free;
     the token floor has no meaning there)."""
-    modes, work = {}, 0.0
+    sizes, work = {}, 0.0
     for mode, per_param in row["histories"].items():
         norms = {}
         for k in labels_of(per_param):
@@ -55,8 +42,9 @@ def replay(row: dict, steps_of: dict[int, int] | int, log: bool = False) -> tupl
             work += sum(min(s, len(hs[str(k)])) for hs in per_param.values())
         if log:
             norms = {k: (math.log(max(v, 1e-6)) if v is not None else None) for k, v in norms.items()}
-        modes[mode] = anomaly(norms, 2.0, PATCH_MAD_FLOOR if mode == "patch" and not log else 0.0)
-    return modes, combine({m: SimpleNamespace(anomaly=a) for m, a in modes.items()}, 2.0), work
+        sizes[mode] = norms
+    modes, verdict = judge(sizes, patch_floor=not log)
+    return modes, verdict, work
 
 
 def two_stage_steps(row: dict, s1: int, frac: float, full: int) -> dict[int, int]:
@@ -73,8 +61,8 @@ def two_stage_steps(row: dict, s1: int, frac: float, full: int) -> dict[int, int
 
 def detail(rows: list[dict], s: int) -> None:
     """The detection table of benchmarks/README.md for a run of ``s`` steps."""
-    print("\n| model | kind | true target | pixel AI (smallest class) | patch AI (smallest class) | verdict | recorded s |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print()
+    table_header("model", "kind", "true target", "pixel AI (smallest class)", "patch AI (smallest class)", "verdict", "recorded s")
     right = 0
     for r in rows:
         an, v, _ = replay(r, s)
@@ -89,12 +77,6 @@ def detail(rows: list[dict], s: int) -> None:
     print(f"\nright verdicts: {right} of {len(rows)}")
 
 
-def is_right(v: object, row: dict) -> bool:
-    """A backdoored model flagged with its true target, or a clean model not flagged."""
-    tgt = row["true_target"]
-    return v.status == "backdoor" and v.target == tgt if tgt is not None else v.status != "backdoor"
-
-
 def cell(v: object, row: dict) -> str:
     mark = "✔" if is_right(v, row) else "✘"
     if v.status == "backdoor":
@@ -102,41 +84,11 @@ def cell(v: object, row: dict) -> str:
     return f"{v.anomaly_index:.2f} {mark}"
 
 
-def load_rows(paths: list[Path], sweep: str | None = None) -> list[dict]:
-    """The recorded rows of ``paths`` (first recording of a model wins); ``sweep`` keeps only those CNN patch grids."""
-    seen: set[str] = set()
-    rows = []
-    for p in paths:
-        for r in json.loads(p.read_text())["rows"]:
-            if "histories" in r and r["model"] not in seen:
-                seen.add(r["model"])
-                rows.append(r)
-    if sweep:
-        keep = {int(v) for v in sweep.split(",")}
-        for r in rows:
-            pp = r["histories"].get("patch", {})
-            r["recorded_sweep"] = len(pp)
-            if len(pp) > 1:
-                names = list(pp)
-                r["histories"]["patch"] = {n: pp[n] for i, n in enumerate(names, 1) if i in keep}
-    return rows
-
-
-def recordings(specs: list[str], sweep: str | None = None) -> dict[str, dict[str, dict]]:
-    """``NAME=file.json[,more.json]`` specs -> name -> model -> recorded row (see :func:`load_rows`)."""
-    out = {}
-    for spec in specs:
-        name, files = spec.split("=", 1)
-        out[name] = {r["model"]: r for r in load_rows([Path(p) for p in files.split(",")], sweep)}
-    return out
-
-
 def compare(specs: list[str], sweep: str | None, steps: int) -> None:
     """One column per recording (``NAME=file[,file]``, e.g. one budget at one seed): each model's verdict."""
     recs = recordings(specs, sweep)
     models = list(dict.fromkeys(m for rec in recs.values() for m in rec))
-    print("| model | true target | " + " | ".join(recs) + " |")
-    print("| --- | --- | " + " | ".join("---" for _ in recs) + " |")
+    table_header("model", "true target", *recs)
     right = {n: [0, 0] for n in recs}
     for m in models:
         cells = []
@@ -158,9 +110,9 @@ def compare(specs: list[str], sweep: str | None, steps: int) -> None:
               + " | ".join(f"**{a}/{len(common)}**" for a in counts) + " |")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("results", type=Path, nargs="*", help="bench_detect.py --histories outputs (rows are merged)")
+def parser() -> argparse.ArgumentParser:
+    ap = new_parser(__doc__)
+    ap.add_argument("results", type=Path, nargs="*", help="`detect --histories` outputs (rows are merged)")
     ap.add_argument("--steps", type=int, nargs="*", default=[10, 15, 20, 25, 30])
     ap.add_argument("--two-stage", nargs="*", default=[], help="S1:FRAC, e.g. 10:0.25")
     ap.add_argument("--sweep", default=None,
@@ -169,7 +121,10 @@ def main() -> None:
     ap.add_argument("--log", action="store_true", help="replay the outlier test on log sizes instead of sizes")
     ap.add_argument("--compare", nargs="*", metavar="NAME=FILES",
                     help="instead: one column per recording (NAME=file.json[,more.json]), verdicts at the largest --steps")
-    args = ap.parse_args()
+    return ap
+
+
+def run(args: argparse.Namespace) -> None:
     if args.compare:
         compare(args.compare, args.sweep, max(args.steps))
         return
@@ -181,8 +136,7 @@ def main() -> None:
     cols = [f"{s} steps" for s in args.steps] + [f"2-stage {t}" for t in args.two_stage]
     print(f"machine of the recording: {data['machine']}; budget {data['budget']} {data.get('set', '')}\n")
     print("Cell: highest anomaly index, then ✔ / ✘ for a right / wrong verdict (with the flagged class).\n")
-    print("| model | true target | " + " | ".join(cols) + " |")
-    print("| --- | --- | " + " | ".join("---" for _ in cols) + " |")
+    table_header("model", "true target", *cols)
     totals = {c: [0, 0.0] for c in cols}
     full = max(args.steps)
     for r in rows:
@@ -199,7 +153,3 @@ def main() -> None:
     n = len(rows)
     print("| **right verdicts** | | " + " | ".join(f"**{totals[c][0]}/{n}**" for c in cols) + " |")
     print("| **work vs full** | | " + " | ".join(f"{totals[c][1] / max(n, 1):.2f}" for c in cols) + " |")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,116 +1,124 @@
-"""Speed: the default scan against Neural Cleanse's original schedule, on the same model, data and machine.
-
-Usage:
-    python benchmarks/bench_speed.py MODEL [MODEL ...] [--labels-sample 5] [--full-original] [--threads 2]
-                                     [--budget fast] [--precision auto|fp32|bf16] [--device cpu|cuda]
-                                     [--out benchmarks/results/speed.json]
+"""Speed: a bdscan scan against Neural Cleanse's original schedule, on the same model, data and machine.
 
 For each model, in one run:
-* the bdscan scan (``--mode both``, labels batched) with ``--budget`` (default ``fast``, the scan's default);
+
+* the bdscan scan (both levels, labels batched) with ``--budget`` (default ``fast``, the scan's default);
+  ``--precision`` overrides its precision (default: the budget's, ``auto``);
 * the original schedule (budget ``original``: 1000 samples, batch 32, up to 1000 epochs, early stop 25), run
-  label by label as the original does, at the pixel level. The original takes hours on a CPU, so by default it
-  runs on a sample of ``--labels-sample`` labels (the true target among them) and its wall time is extrapolated
-  per label to all labels; the output says so. ``--full-original`` runs every label (then the verdict and target
-  of the original schedule are real, not extrapolated). A cached full run of a model is used in preference to
-  a sampled one.
-* ``--precision`` overrides the bdscan scan's precision (default: the budget's, ``auto``); the original
-  schedule always runs in float32, as Neural Cleanse does.
+  label by label as the original does, at the pixel level, always in float32 as Neural Cleanse does. It takes
+  hours on a CPU, so by default it runs on a sample of ``--labels-sample`` labels (the true target among them)
+  and its wall time is extrapolated per label to all labels; the output says so. ``--full-original`` runs
+  every label (then the original's verdict and target are real, not extrapolated). A cached full run of a
+  model is used in preference to a sampled one.
+
 Each measurement runs in its own subprocess so peak memory (max RSS) is per measurement.
 
 The original schedule's measurements are kept in ``--original-cache`` (keyed by model file hash, labels,
-threads and device) so that hours of CPU are not spent twice; ``--original-only`` fills the cache without
-the default scan. Every measurement records when it ran and the load average, and the output names cached
-rows, so a reader knows which numbers come from the same run.
+threads, device and the CPU's vector capability) so that hours of CPU are not spent twice; ``--original-only``
+fills the cache without the bdscan scan. Every measurement records when it ran and the load average, and the
+output names cached rows, so a reader knows which numbers come from the same run.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
-import platform
 import resource
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import torch
+from benchmarks.common import (
+    RESULTS,
+    Stopwatch,
+    add_budget,
+    add_out,
+    add_threads,
+    budget_config,
+    load_model,
+    load_with_samples,
+    machine_line,
+    new_parser,
+    print_row,
+    read_json,
+    run_benchmark,
+    scan,
+    scan_config,
+    set_threads,
+    sha16,
+    table_header,
+    true_target,
+    utc_now,
+    versions,
+    write_json,
+)
 
 
 def child(model: str, which: str, labels: list[int] | None, threads: int, device: str, budget_name: str = "fast",
           precision: str = "-") -> dict:
     """Runs one measurement in this process (called through a subprocess)."""
-    torch.set_num_threads(threads)
-    from bdscan.data import load_clean_data
-    from bdscan.detect.config import budget
-    from bdscan.detect.scan import ScanConfig, scan
-    from bdscan.io import load_model
-
-    lm = load_model(model)
+    set_threads(threads)
+    lm, data = load_with_samples(model)
     info = lm.wrapper.info
-    data = load_clean_data(Path(model).parent / info.metadata["samples"], info.input_size, info.num_classes, info.class_names)
     if which == "default":
-        inv = budget(budget_name)
-        cfg = ScanConfig(budget=budget_name, inversion=inv.with_(precision=precision) if precision != "-" else inv, device=device)
+        inv = budget_config(budget_name, precision=precision) if precision != "-" else budget_config(budget_name)
+        cfg = scan_config(budget_name, inv, device=device)
     else:
-        cfg = ScanConfig(modes=("pixel",), budget="original", inversion=budget("original").with_(batched=False),
-                         labels=tuple(labels) if labels else None, device=device)
+        cfg = scan_config("original", budget_config("original", batched=False), modes=("pixel",),
+                          labels=tuple(labels) if labels else None, device=device)
     load_before = os.getloadavg()[0]
-    t = time.perf_counter()
-    f = scan(lm.wrapper, data, cfg)
-    secs = time.perf_counter() - t
+    with Stopwatch() as sw:
+        f = scan(lm.wrapper, data, cfg)
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     per_label = {m: {r.label: {"norm": r.norm, "steps": r.steps} for r in mr.labels} for m, mr in f.modes.items()}
-    return {"which": which, "budget": cfg.budget, "seconds": secs, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    return {"which": which, "budget": cfg.budget, "seconds": sw.seconds, "measured_at": utc_now(),
             "loadavg_before": round(load_before, 2), "loadavg_after": round(os.getloadavg()[0], 2), "per_label": per_label,
             "labels": len(cfg.labels) if cfg.labels else info.num_classes,
             "num_classes": info.num_classes, "peak_rss_mb": round(rss_mb), "verdict": f.verdict.status,
-            "target": f.verdict.target, "true_target": lm.original_trigger.target if lm.original_trigger else None,
+            "target": f.verdict.target, "true_target": true_target(lm),
             "ai": {m: round(r.anomaly.anomaly_index, 2) for m, r in f.modes.items()}, "precision": f.config.inversion.precision,
             "min_label": {m: r.anomaly.min_label for m, r in f.modes.items()}}
 
 
 def run_child(*args: str) -> dict:
-    p = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True, check=False)
+    p = run_benchmark("speed", "--child", *args)
     if p.returncode != 0:
         raise SystemExit(p.stderr[-2000:])
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def parser() -> argparse.ArgumentParser:
+    ap = new_parser(__doc__)
     ap.add_argument("models", nargs="*")
-    ap.add_argument("--labels-sample", type=int, default=5)
-    ap.add_argument("--full-original", action="store_true")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--labels-sample", type=int, default=5, help="labels the original runs on, the target among them")
+    ap.add_argument("--full-original", action="store_true", help="run the original on every label")
+    add_threads(ap, 2)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/speed.json"))
-    ap.add_argument("--original-cache", type=Path, default=Path("benchmarks/results/speed_original.json"))
+    add_out(ap, "speed.json")
+    ap.add_argument("--original-cache", type=Path, default=RESULTS / "speed_original.json",
+                    help="the original schedule's runs (default: benchmarks/results/speed_original.json)")
     ap.add_argument("--original-only", action="store_true", help="only measure (and cache) the original schedule")
-    ap.add_argument("--budget", default="fast", help="budget of the bdscan scan measured against the original (default: the default)")
+    add_budget(ap, help="budget of the bdscan scan measured against the original")
     ap.add_argument("--precision", default="-", help="precision of the bdscan scan (default: the budget's)")
     ap.add_argument("--child", nargs=7, help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    return ap
+
+
+def run(args: argparse.Namespace) -> None:
     if args.child:
         model, which, labels, threads, device, budget_name, precision = args.child
         lab = [int(v) for v in labels.split(",")] if labels != "-" else None
         print(json.dumps(child(model, which, lab, int(threads), device, budget_name, precision)))
         return
-    from bdscan.report.json_report import versions
-
+    set_threads(args.threads)  # as the measurements run, so that the machine line says their thread count
     # the host's vector instructions and bf16, as every scan report records them
     host = versions()
     rows = []
     for m in args.models:
-        from bdscan.io import load_model
-
         lm = load_model(m)
         k = lm.wrapper.num_classes
-        target = lm.original_trigger.target if lm.original_trigger else 0
-        cache = json.loads(args.original_cache.read_text()) if args.original_cache.exists() else {}
-        digest = hashlib.sha256(Path(m).read_bytes()).hexdigest()[:16]
+        target = true_target(lm) or 0
+        cache = read_json(args.original_cache, {})
+        digest = sha16(m)
         # the host's vector instructions are part of the key: the project's machine is not always the same host
         # (AVX-512 with bf16 on some days, AVX2 only on others), and the original's seconds differ between them
         cpu = host["cpu_capability"]
@@ -126,9 +134,8 @@ def main() -> None:
         else:
             o = run_child(m, "original", labels, str(args.threads), args.device, "original", "-")
             cache[key] = o
-            args.original_cache.parent.mkdir(parents=True, exist_ok=True)
-            args.original_cache.write_text(json.dumps(cache, indent=1) + "\n")
-        print(json.dumps({"model": m, "original": {k: v for k, v in o.items() if k != "per_label"}}), flush=True)
+            write_json(args.original_cache, cache)
+        print_row({"model": m, "original": {k: v for k, v in o.items() if k != "per_label"}})
         if args.original_only:
             continue
         d = run_child(m, "default", "-", str(args.threads), args.device, args.budget, args.precision)
@@ -138,19 +145,15 @@ def main() -> None:
                "original_extrapolated": labels != "-", "original_seconds_all_labels": round(orig_full, 1),
                "speedup": round(orig_full / d["seconds"], 1)}
         rows.append(row)
-        print(json.dumps(row), flush=True)
+        print_row(row)
     if args.original_only:
         return
     precision = args.precision if args.precision != "-" else "the budget's"
-    machine = (f"{platform.machine()} ({host['cpu_capability']}, bf16 {host['cpu_bf16']}), {args.threads} torch "
-               f"threads, torch {torch.__version__}, device {args.device}, "
-               f"budget {args.budget}, precision {precision}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"machine": machine, "rows": rows}, indent=1) + "\n")
+    machine = machine_line(device=args.device, budget=args.budget, precision=precision)
+    write_json(args.out, {"machine": machine, "rows": rows})
     print(f"\nmachine: {machine}\n")
-    print("| model | classes | default scan s | precision | default verdict (target) | default peak MB | original s (all labels) | "
-          "original verdict (target) | speed-up |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    table_header("model", "classes", "default scan s", "precision", "default verdict (target)", "default peak MB",
+                 "original s (all labels)", "original verdict (target)", "speed-up")
     for r in rows:
         d, o = r["default"], r["original"]
         ext = f" (extrapolated from {o['labels']} labels)" if r["original_extrapolated"] else ""
@@ -158,7 +161,3 @@ def main() -> None:
         print(f"| {r['model']} | {r['classes']} | {d['seconds']:.0f} | {d.get('precision', 'fp32')} | {d['verdict']} ({d['target']}) | "
               f"{d['peak_rss_mb']} | "
               f"{r['original_seconds_all_labels']:.0f}{ext} | {ov} | {r['speedup']}× |")
-
-
-if __name__ == "__main__":
-    main()

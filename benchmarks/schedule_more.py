@@ -1,8 +1,5 @@
-"""More replays of recorded scans (see bench_schedule.py): per-level step budgets, a plateau early stop, and a
+"""More replays of recorded scans (see ``schedule``): per-level step budgets, a plateau early stop, and a
 two-stage schedule whose stopped labels are extrapolated instead of kept as they were.
-
-Usage:
-    python benchmarks/bench_schedule_more.py benchmarks/results/detect_hist.json [--sweep 1]
 
 Every replay is exact for what it replays (a label's best size after step ``s`` is what an ``s``-step run
 reports, and each rule below only looks at a label's own history), except that the two-stage rule's
@@ -16,12 +13,8 @@ import argparse
 import math
 import statistics
 from pathlib import Path
-from types import SimpleNamespace
 
-from bench_schedule import at, is_right, load_rows
-
-from bdscan.detect.anomaly import PATCH_MAD_FLOOR, anomaly
-from bdscan.detect.scan import combine
+from benchmarks.common import at, is_right, judge, load_rows, new_parser
 
 
 def plateau_stop(h: list[float | None], steps: int, patience: int | None, factor: float) -> int:
@@ -72,22 +65,24 @@ def evaluate(rows: list[dict], sizes_of) -> tuple[int, float]:
     """Right verdicts and relative work when ``sizes_of(mode, histories) -> (sizes, work)``."""
     right, work, full = 0, 0, 0
     for r in rows:
-        modes = {}
+        sizes = {}
         for mode, per_param in r["histories"].items():
             hs = next(iter(per_param.values()))
-            sizes, w = sizes_of(mode, hs)
+            sizes[mode], w = sizes_of(mode, hs)
             work += w
             full += sum(len(h) for h in hs.values())
-            modes[mode] = anomaly(sizes, 2.0, PATCH_MAD_FLOOR if mode == "patch" else 0.0)
-        right += is_right(combine({m: SimpleNamespace(anomaly=a) for m, a in modes.items()}, 2.0), r)
+        right += is_right(judge(sizes)[1], r)
     return right, work / full
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("results", type=Path, nargs="+")
-    ap.add_argument("--sweep", default="1", help="CNN patch grids to keep (as bench_schedule.py --sweep)")
-    args = ap.parse_args()
+def parser() -> argparse.ArgumentParser:
+    ap = new_parser(__doc__)
+    ap.add_argument("results", type=Path, nargs="+", help="`detect --histories` outputs (rows are merged)")
+    ap.add_argument("--sweep", default="1", help="CNN patch grids to keep (as `schedule --sweep`)")
+    return ap
+
+
+def run(args: argparse.Namespace) -> None:
     rows = load_rows(args.results, args.sweep)
     n = len(rows)
 
@@ -114,6 +109,3 @@ def main() -> None:
                 r, w = evaluate(rows, lambda mode, hs, a=(s1, frac, every): two_stage(hs, *a))
                 print(f"  {s1:2d}, {frac}, {every}: {r}/{n}, {w:.2f}")
 
-
-if __name__ == "__main__":
-    main()

@@ -1,9 +1,6 @@
 """Forward+backward throughput of a timm ViT with its attention written four other ways (same arithmetic).
 
-Usage:
-    python benchmarks/bench_attention.py MODEL [--threads 1] [--size 64] [--rounds 8]
-
-The profile of a ViT inversion (``profile_inversion.py``) shows a share of ``aten::copy_`` and ``aten::cat``:
+The profile of a ViT inversion (``profile-inversion``) shows a share of ``aten::copy_`` and ``aten::cat``:
 timm's ``Attention`` permutes q/k/v out of one ``[B, N, 3, H, d]`` tensor, so the backward stacks the three
 gradients and copies them back into that layout. This measures whether an attention without those copies is
 faster, before anyone patches a suspect model's forward for it:
@@ -22,7 +19,6 @@ and the best images/s of each is printed: this shared machine's speed drifts wit
 from __future__ import annotations
 
 import argparse
-import time
 import types
 from collections.abc import Callable
 
@@ -30,7 +26,7 @@ import timm.models.vision_transformer as vt
 import torch
 import torch.nn.functional as F
 
-from bdscan.io import load_model
+from benchmarks.common import add_threads, best_seconds, load_model, machine_line, new_parser, set_threads
 
 Forward = Callable[..., torch.Tensor]
 
@@ -84,22 +80,20 @@ VARIANTS: dict[str, Forward | None] = {"timm": None, "views": _views, "views_mat
 def images_per_s(model: torch.nn.Module, size: int, reps: int = 7) -> float:
     """Best forward+backward rate of ``reps`` calls after the first (a warm-up)."""
     x = torch.rand(size, 3, 32, 32, requires_grad=True)
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        model(x).sum().backward()
-        ts.append(time.perf_counter() - t)
-    return size / min(ts[1:])
+    return size / best_seconds(lambda: model(x).sum().backward(), rounds=reps - 1)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def parser() -> argparse.ArgumentParser:
+    ap = new_parser(__doc__)
     ap.add_argument("model")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--size", type=int, default=64)
-    ap.add_argument("--rounds", type=int, default=8)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    add_threads(ap, 1)
+    ap.add_argument("--size", type=int, default=64, help="images per forward")
+    ap.add_argument("--rounds", type=int, default=8, help="interleaved rounds over the variants")
+    return ap
+
+
+def run(args: argparse.Namespace) -> None:
+    set_threads(args.threads)
     probe = torch.rand(16, 3, 32, 32)
     reference = load_model(args.model).wrapper.eval()(probe)
     models = {}
@@ -121,10 +115,6 @@ def main() -> None:
     for _ in range(args.rounds):
         for name, m in models.items():
             best[name] = max(best[name], images_per_s(m, args.size))
-    print(f"{args.model} ({args.threads} threads, {args.size} images, best of {args.rounds} rounds, "
-          f"{torch.backends.cpu.get_cpu_capability()}): "
+    print(f"{args.model} ({args.size} images, best of {args.rounds} rounds; {machine_line()}): "
           + ", ".join(f"{n} {v:.0f}" for n, v in best.items()) + " images/s")
 
-
-if __name__ == "__main__":
-    main()

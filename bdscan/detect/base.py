@@ -1,0 +1,258 @@
+"""The detector plug-in point: what every detector takes and returns, the registry, and the combined verdict.
+
+A detector (captum's "one verb per algorithm family") is an object with a name and one verb,
+:meth:`Detector.detect`: it takes the suspect model's wrapper, clean data and its own frozen configuration,
+and returns a :class:`DetectorResult`. It knows nothing of files, the CLI or report formats.
+
+Adding a detector is one new module that defines the class and registers it with :func:`register_detector`
+(timm's ``@register_model`` pattern), plus its import in :mod:`bdscan.detect` so that the registration runs.
+Everything the reports show of it comes from what its result returns:
+
+* :meth:`DetectorResult.section`: its section of the scan document, stored under :attr:`Detector.json_key`;
+* :meth:`DetectorResult.arrays` and :meth:`DetectorResult.images`: what the scan folder stores of it;
+* its :class:`Evidence` (status, suspected class, score): the combined verdict, the SARIF result and the
+  HTML summary. :meth:`Detector.evidence_from_doc` reads it back from a saved document, so that a report can
+  be re-rendered from JSON alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+from bdscan.data import CleanData
+from bdscan.errors import UsageError
+from bdscan.models.wrapper import ModelWrapper
+
+#: the verdicts a detector (and the combined scan) can reach
+STATUSES = ("backdoor", "clean", "inconclusive")
+
+#: progress(task, done, total, stats): ``task`` names one unit of work (e.g. "pixel"), called from worker threads
+DetectorProgress = Callable[[str, int, int, dict[str, float]], None]
+
+
+@dataclass(frozen=True)
+class ScanSettings:
+    """The options every detector is configured from (the command line's scan options, budget included).
+
+    Attributes:
+        budget: the budget's name (``bdscan.detect.config.BUDGETS``).
+        levels: the Neural Cleanse levels to run ("pixel", "patch").
+        threshold: the decision threshold of a detector's statistic (Neural Cleanse: the anomaly index).
+        seed: seed of every random choice a detector makes.
+        device: "cpu" or "cuda".
+        workers: work items run at once on a CPU (None = automatic).
+        steps: override of the budget's optimisation steps.
+        samples: override of the budget's clean samples.
+        precision: override of the budget's arithmetic ("auto", "fp32", "bf16").
+    """
+
+    budget: str = "fast"
+    levels: tuple[str, ...] = ("pixel", "patch")
+    threshold: float = 2.0
+    seed: int = 0
+    device: str = "cpu"
+    workers: int | None = None
+    steps: int | None = None
+    samples: int | None = None
+    precision: str | None = None
+
+    def overrides(self) -> dict[str, Any]:
+        """The inversion overrides the user set (seed always), as ``InversionConfig.with_`` takes them."""
+        over: dict[str, Any] = {"seed": self.seed}
+        for k in ("steps", "samples", "precision"):
+            if getattr(self, k) is not None:
+                over[k] = getattr(self, k)
+        return over
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """One detector's conclusion about one model.
+
+    Attributes:
+        detector: the detector's registry name.
+        status: "backdoor", "clean" or "inconclusive".
+        target: the suspected target class (None when the detector names none).
+        score: the detector's own statistic for the suspected (or most suspicious) class.
+        threshold: the score above which the detector flags a class.
+        reason: one plain sentence.
+        details: further JSON-able fields the verdict section carries when this detector decides it.
+    """
+
+    detector: str
+    status: str
+    target: int | None
+    score: float
+    threshold: float
+    reason: str
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.status not in STATUSES:
+            raise ValueError(f"unknown status {self.status!r}")
+
+
+@runtime_checkable
+class DetectorResult(Protocol):
+    """What a detector returns (a dataclass of its own).
+
+    Attributes:
+        evidence: its conclusion.
+        config: the frozen configuration that ran (with a ``to_dict()``), as resolved by the detector.
+        seconds: its wall time.
+
+    A result may also define ``timings() -> dict[str, float]`` (the document's ``timings`` entries; default
+    ``{"<name>_s": seconds}``) and ``samples_used`` (clean images the detector drew).
+    """
+
+    evidence: Evidence
+    config: Any
+    seconds: float
+
+    def section(self, class_names: list[str], example: torch.Tensor | None, original: Any | None) -> dict[str, Any]:
+        """Its section of the scan document (JSON-able).
+
+        Args:
+            class_names: the model's class names.
+            example: a clean image (C, H, W) in [0, 1] to stamp in pictures, or None.
+            original: the model's own trigger (a :class:`bdscan.trigger.Trigger`, lab models only), or None.
+        """
+        ...
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Full-precision arrays the scan folder keeps (``triggers.npz``); names must not clash across detectors."""
+        ...
+
+    def images(self, example: torch.Tensor | None) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(relative path, image (C, H, W) or (H, W) in [0, 1])`` pairs the scan folder writes as PNGs."""
+        ...
+
+
+class Detector:
+    """Base of every detector: its identity, its configuration and its one verb.
+
+    Subclasses set the class attributes and implement :meth:`configure` and :meth:`detect`.
+    """
+
+    #: registry name, used by ``--detectors`` (lowercase, dashes)
+    name: ClassVar[str] = ""
+    #: human name, for reports
+    title: ClassVar[str] = ""
+    #: one line for ``bdscan detectors``
+    summary: ClassVar[str] = ""
+    #: the scan document's key that holds this detector's section
+    json_key: ClassVar[str] = ""
+    #: where the document keeps this detector's configuration: a top-level key, or None for ``section["config"]``
+    config_key: ClassVar[str | None] = None
+    #: citation of the method
+    reference: ClassVar[str] = ""
+    #: the SARIF rule this detector's findings are reported under (id, name, descriptions, help)
+    sarif_rule: ClassVar[dict[str, Any]] = {}
+
+    def configure(self, settings: ScanSettings) -> Any:
+        """This detector's frozen configuration for ``settings`` (raises :class:`UsageError` when invalid)."""
+        raise NotImplementedError
+
+    def detect(self, model: ModelWrapper, data: CleanData, config: Any,
+               progress: DetectorProgress | None = None) -> DetectorResult:
+        """Runs the detector on ``model`` with ``data`` (clean images of its classes)."""
+        raise NotImplementedError
+
+    def evidence_from_doc(self, doc: Mapping[str, Any]) -> Evidence | None:
+        """This detector's evidence as a saved scan document holds it (None when it did not run).
+
+        The default reads ``doc[json_key]["evidence"]``; a detector whose section stores its evidence elsewhere
+        overrides it.
+        """
+        sec = doc.get(self.json_key)
+        ev = sec.get("evidence") if isinstance(sec, Mapping) else None
+        if not isinstance(ev, Mapping):
+            return None
+        return Evidence(self.name, str(ev.get("status", "inconclusive")), ev.get("target"), float(ev.get("score") or 0.0),
+                        float(ev.get("threshold") or 0.0), str(ev.get("reason") or ""), dict(ev.get("details") or {}))
+
+
+DETECTORS: dict[str, Detector] = {}
+#: the detectors a scan runs when none are named
+DEFAULT_DETECTORS: tuple[str, ...] = ("neural-cleanse",)
+
+
+def register_detector(cls: type[Detector]) -> type[Detector]:
+    """Class decorator: adds one instance of ``cls`` to :data:`DETECTORS` under ``cls.name``."""
+    if not cls.name or not cls.json_key:
+        raise ValueError(f"{cls.__name__} needs a name and a json_key")
+    clash = [d.name for d in DETECTORS.values() if d.json_key == cls.json_key and d.name != cls.name]
+    if clash:
+        raise ValueError(f"{cls.__name__}: json_key {cls.json_key!r} is already used by {clash[0]}")
+    DETECTORS[cls.name] = cls()
+    return cls
+
+
+def get_detector(name: str) -> Detector:
+    """The registered detector ``name``; raises :class:`UsageError` naming the registered ones."""
+    try:
+        return DETECTORS[name]
+    except KeyError:
+        raise UsageError(f"unknown detector {name!r}", f"use one of: {', '.join(DETECTORS)} (see `bdscan detectors`)") from None
+
+
+def parse_detectors(spec: str | Iterable[str] | None) -> tuple[str, ...]:
+    """``"a,b"`` (or a list of names) -> validated, de-duplicated names in the given order; None -> the default."""
+    if spec is None:
+        return DEFAULT_DETECTORS
+    names = spec.split(",") if isinstance(spec, str) else list(spec)
+    out: list[str] = []
+    for n in (x.strip() for x in names):
+        if n and n not in out:
+            get_detector(n)
+            out.append(n)
+    if not out:
+        raise UsageError("--detectors names no detector", f"use one of: {', '.join(DETECTORS)}")
+    return tuple(out)
+
+
+def detectors_in(doc: Mapping[str, Any]) -> list[Detector]:
+    """The registered detectors whose section a scan document holds, in registry order."""
+    return [d for d in DETECTORS.values() if isinstance(doc.get(d.json_key), Mapping)]
+
+
+@dataclass(frozen=True)
+class CombinedVerdict:
+    """The scan's verdict over all detectors that ran.
+
+    Attributes:
+        status: "backdoor", "clean" or "inconclusive".
+        target: the suspected target class, or None.
+        decided_by: the evidence the verdict rests on (None when no detector ran).
+        evidence: every detector's evidence, in the order they ran.
+    """
+
+    status: str
+    target: int | None
+    decided_by: Evidence | None
+    evidence: tuple[Evidence, ...]
+
+    @property
+    def reason(self) -> str:
+        return self.decided_by.reason if self.decided_by else "No detector ran."
+
+
+def combine(evidence: Iterable[Evidence]) -> CombinedVerdict:
+    """The one rule that combines detectors (README, "How the verdict is made").
+
+    A backdoor is suspected when any detector suspects one; the verdict then rests on the first such detector
+    in the order they ran (``--detectors``' order), and its suspected class is the target. Otherwise the model is
+    clean when at least one detector could judge it (the first such decides), and inconclusive when none could.
+    A detector's own levels (Neural Cleanse's pixel and patch) are combined inside the detector.
+    """
+    ev = tuple(evidence)
+    for status in STATUSES:  # backdoor first, then clean, then inconclusive
+        hit = next((e for e in ev if e.status == status), None)
+        if hit is not None:
+            return CombinedVerdict(status, hit.target if status == "backdoor" else None, hit, ev)
+    return CombinedVerdict("inconclusive", None, None, ev)

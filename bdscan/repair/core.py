@@ -1,0 +1,432 @@
+"""What every repair method shares: the configuration, the result, the clean-data split, the before/after
+measurements, the table of repair methods, and :func:`repair`, which runs one of them.
+
+The clean data is split once, stratified by class and seeded: the *repair* part is what a method works on
+(unlearning trains on it, pruning ranks neurons and decides with it); the *held-out* part is never used by a
+method and is where ``before`` and ``after`` are measured. Attack success (``asr_*``) is the share of held-out
+images **not of the trigger's target class** that the stamped trigger sends to the target.
+
+A repair method is a function with the :class:`RepairMethod` signature, registered under its name with
+:func:`register_method` in its own module (see :mod:`bdscan.repair.unlearn`, :mod:`bdscan.repair.prune`); a
+new method is one new module plus one import line in :mod:`bdscan.repair`'s ``__init__``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Protocol, TypeVar
+
+import torch
+from torch import nn
+
+from bdscan.data import CleanData
+from bdscan.errors import NumericalError, UsageError, first_line
+from bdscan.models.wrapper import ModelWrapper
+from bdscan.trigger import Trigger
+
+log = logging.getLogger(__name__)
+
+#: progress(done, total, stats): unlearning reports once per epoch, pruning once per pruning step
+RepairProgress = Callable[[int, int, dict[str, float]], None]
+
+OPTIMIZERS = ("adam", "sgd")
+#: fewest clean images a repair accepts (both parts of the split need a few of them)
+MIN_IMAGES = 10
+
+
+# ------------------------------------------------------------------------------------------ the method table
+
+
+class RepairMethod(Protocol):
+    """A repair method: repairs a copy of ``model`` using the repair images ``data``.
+
+    Args:
+        model: the model to repair; never modified (start from :func:`working_copy`).
+        data: the repair part of the clean data.
+        trigger: the trigger to remove, checked against the model, its ``target`` set.
+        cfg: the configuration.
+        progress: optional ``(done, total, stats)`` callback.
+
+    Returns:
+        the repaired copy (end with :func:`finish`) and method-specific facts for :attr:`RepairResult.details`.
+    """
+
+    def __call__(
+        self, model: ModelWrapper, data: CleanData, trigger: Trigger, cfg: RepairConfig, progress: RepairProgress | None = None
+    ) -> tuple[ModelWrapper, dict[str, Any]]: ...
+
+
+_METHODS: dict[str, RepairMethod] = {}
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def register_method(name: str) -> Callable[[_F], _F]:
+    """Function decorator: registers a :class:`RepairMethod` under ``name`` (the value of ``--method``)."""
+
+    def deco(fn: _F) -> _F:
+        _METHODS[name] = fn
+        return fn
+
+    return deco
+
+
+def repair_methods() -> dict[str, RepairMethod]:
+    """Method name -> implementation, in registration order."""
+    return dict(_METHODS)
+
+
+def get_method(name: str) -> RepairMethod:
+    """The method registered under ``name``; raises :class:`UsageError` for an unknown one."""
+    if name not in _METHODS:
+        raise UsageError(f"unknown repair method {name!r}", f"use one of: {', '.join(_METHODS)}")
+    return _METHODS[name]
+
+
+# ------------------------------------------------------------------------------------------ configuration and result
+
+
+@dataclass(frozen=True)
+class RepairConfig:
+    """How a model is repaired.
+
+    Defaults follow Neural Cleanse's unlearning (20 % of images stamped with the reversed trigger and their
+    true labels, a small clean set, a modest learning rate) scaled to the few hundred clean images a bdscan
+    user has: a few epochs of Adam over the repair part of the data. With too few clean images the backdoor
+    still goes but clean accuracy drops, whatever the optimizer or learning rate; the tolerance check then
+    refuses the export unless forced (measurements: docs/study.md, Tables 4-5).
+
+    Attributes:
+        method: a registered repair method: "unlearn" (fine-tune with the stamped trigger) or "prune" (zero
+            penultimate neurons).
+        stamp_fraction: share of repair images stamped with the trigger in each epoch (unlearning).
+        epochs: passes over the repair images (unlearning).
+        lr: learning rate (unlearning).
+        batch_size: images per mini-batch (training and measuring).
+        optimizer: "adam" or "sgd" (SGD uses momentum 0.9).
+        weight_decay: optimizer weight decay.
+        freeze_norm: keep normalisation layers in eval mode while fine-tuning, so BatchNorm running
+            statistics are not re-estimated from a few hundred (partly stamped) images; their affine
+            parameters are still trained.
+        holdout_fraction: share of the clean data held out (stratified by class) to measure before/after.
+        seed: seed of the split, the stamping and the mini-batch order.
+        max_acc_drop: tolerated drop in held-out clean accuracy (a fraction: 0.03 = 3 points).
+        prune_max_fraction: pruning stops after this share of the penultimate neurons.
+        prune_step: share of the penultimate neurons added at each pruning step.
+        prune_target_asr: pruning stops once the trigger's attack success on the repair images is below this.
+        device: "cpu" or "cuda".
+    """
+
+    method: str = "unlearn"
+    stamp_fraction: float = 0.2
+    epochs: int = 8
+    lr: float = 1e-3
+    batch_size: int = 32
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    freeze_norm: bool = True
+    holdout_fraction: float = 0.3
+    seed: int = 0
+    max_acc_drop: float = 0.03
+    prune_max_fraction: float = 0.5
+    prune_step: float = 0.02
+    prune_target_asr: float = 0.05
+    device: str = "cpu"
+
+    def with_(self, **changes: Any) -> RepairConfig:
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def validate(self) -> RepairConfig:
+        """Returns self; raises :class:`UsageError` for values that cannot work."""
+        get_method(self.method)
+        if self.optimizer not in OPTIMIZERS:
+            raise UsageError(f"unknown optimizer {self.optimizer!r}", f"use one of: {', '.join(OPTIMIZERS)}")
+        if not 0 < self.stamp_fraction <= 1:
+            raise UsageError(f"stamp fraction {self.stamp_fraction:g} is not in (0, 1]", "Neural Cleanse stamps 0.2")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise UsageError("epochs and batch size must be positive", "e.g. --epochs 8 --batch-size 32")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise UsageError(f"learning rate {self.lr:g} is not positive", "e.g. --lr 0.001")
+        if not 0 < self.holdout_fraction < 1:
+            raise UsageError(f"hold-out fraction {self.holdout_fraction:g} is not in (0, 1)", "e.g. 0.3")
+        if not 0 <= self.max_acc_drop <= 1:
+            raise UsageError(f"accuracy-drop tolerance {self.max_acc_drop:g} is not in [0, 1]",
+                             "give it as a fraction: 0.03 means 3 points of accuracy")
+        if not 0 < self.prune_max_fraction <= 1 or not 0 < self.prune_step <= 1:
+            raise UsageError("pruning fractions must be in (0, 1]", "e.g. prune_max_fraction 0.5, prune_step 0.02")
+        if not 0 <= self.prune_target_asr <= 1:
+            raise UsageError(f"target attack success {self.prune_target_asr:g} is not in [0, 1]", "e.g. 0.05")
+        return self
+
+
+@dataclass
+class RepairResult:
+    """A repaired model and what the repair did to it.
+
+    Attributes:
+        wrapper: the repaired model (a copy; the input model is untouched), in eval mode, no gradients.
+        method: the repair method's name ("unlearn", "prune").
+        trigger: the trigger the repair used (its ``target`` filled in if it had to be inferred).
+        original: the model's original trigger when known (lab models), measured as ``asr_original``.
+        before: held-out metrics of the input model: ``clean_accuracy``, ``asr_reversed``, ``asr_original``.
+        after: the same metrics of the repaired model.
+        acc_drop: ``before.clean_accuracy - after.clean_accuracy`` (negative when accuracy rose).
+        tolerance: the configured ``max_acc_drop``.
+        within_tolerance: ``acc_drop <= tolerance``.
+        config: the configuration.
+        repair_images: clean images the repair used.
+        holdout_images: clean images held out for measuring.
+        seconds: wall time of the repair (split, training or pruning, measuring).
+        details: method-specific facts (unlearning: epochs, stamped images, loss per epoch; pruning: neurons
+            pruned, layer, stop reason).
+        holdout: the held-out images (used by :func:`~bdscan.repair.export.export_repaired` for parity checks).
+    """
+
+    wrapper: ModelWrapper
+    method: str
+    trigger: Trigger
+    original: Trigger | None
+    before: dict[str, float | None]
+    after: dict[str, float | None]
+    acc_drop: float
+    tolerance: float
+    within_tolerance: bool
+    config: RepairConfig
+    repair_images: int
+    holdout_images: int
+    seconds: float
+    details: dict[str, Any] = field(default_factory=dict)
+    holdout: CleanData | None = field(default=None, repr=False)
+
+    def trigger_dict(self) -> dict[str, Any]:
+        return trigger_summary(self.trigger)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The scan document's ``repair`` section (rendered by the HTML report's Repair table)."""
+        return {
+            "method": self.method,
+            "trigger": self.trigger_dict(),
+            "before": {k: _r(v) for k, v in self.before.items()},
+            "after": {k: _r(v) for k, v in self.after.items()},
+            "acc_drop": _r(self.acc_drop),
+            "tolerance": self.tolerance,
+            "within_tolerance": self.within_tolerance,
+            "config": self.config.to_dict(),
+            "holdout_images": self.holdout_images,
+            "repair_images": self.repair_images,
+            "seconds": round(self.seconds, 3),
+            "details": _jsonable(self.details),
+        }
+
+
+def _r(x: float | None, nd: int = 6) -> float | None:
+    return None if x is None else round(float(x), nd)
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, torch.Tensor):
+        return v.tolist() if v.numel() <= 64 else f"tensor{tuple(v.shape)}"
+    if isinstance(v, float):
+        return None if not math.isfinite(v) else round(v, 6)
+    if v is None or isinstance(v, (str, int, bool)):
+        return v
+    return str(v)
+
+
+def trigger_summary(t: Trigger) -> dict[str, Any]:
+    """A small JSON description of a trigger: kind, target, mask L1 norm, shape, and its scalar parameters."""
+    d: dict[str, Any] = {"kind": t.kind, "target": None if t.target is None else int(t.target), "l1": _r(t.l1()),
+                         "size": list(t.mask.shape)}
+    d.update({k: _jsonable(v) for k, v in t.params.items()
+              if k not in d and (isinstance(v, (str, int, float, bool)) or v is None)})
+    return d
+
+
+# ------------------------------------------------------------------------------------------ shared steps
+
+
+def check_trigger(trigger: Trigger, model: ModelWrapper) -> Trigger:
+    """The trigger as float tensors on the CPU; raises :class:`UsageError` when it does not fit the model."""
+    c, h, w = model.input_size
+    mask, pattern = trigger.mask.detach().float().cpu(), trigger.pattern.detach().float().cpu()
+    if mask.dim() == 3 and mask.shape[0] == 1:
+        mask = mask[0]
+    if pattern.dim() == 2:
+        pattern = pattern.unsqueeze(0).expand(c, -1, -1)
+    if pattern.dim() == 3 and pattern.shape[0] == 1 and c > 1:
+        pattern = pattern.expand(c, -1, -1)
+    if tuple(mask.shape) != (h, w) or tuple(pattern.shape) != (c, h, w):
+        raise UsageError(
+            f"the trigger (mask {tuple(mask.shape)}, pattern {tuple(pattern.shape)}) does not fit the model's "
+            f"{c}x{h}x{w} input",
+            f"give a mask of shape ({h}, {w}) and a pattern of shape ({c}, {h}, {w})",
+        )
+    if not (torch.isfinite(mask).all() and torch.isfinite(pattern).all()):
+        raise UsageError("the trigger contains NaN or inf values", "give a mask and pattern in [0, 1]")
+    if trigger.target is not None and not 0 <= int(trigger.target) < model.num_classes:
+        raise UsageError(f"the trigger's target {trigger.target} is not a class of this model (0..{model.num_classes - 1})",
+                         "check the trigger's target label")
+    return replace(trigger, mask=mask.clamp(0, 1), pattern=pattern.clamp(0, 1).contiguous())
+
+
+def split_data(data: CleanData, holdout_fraction: float, seed: int) -> tuple[CleanData, CleanData]:
+    """(repair, held-out): a seeded split stratified by class; every class with 2+ images has one in each part."""
+    if len(data) < MIN_IMAGES:
+        raise UsageError(f"repair needs at least {MIN_IMAGES} clean images, got {len(data)}",
+                         "give a few hundred clean images with --data")
+    g = torch.Generator().manual_seed(seed)
+    rep: list[torch.Tensor] = []
+    hold: list[torch.Tensor] = []
+    for c in torch.unique(data.y).tolist():
+        idx = (data.y == c).nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        k = round(len(idx) * holdout_fraction)
+        if len(idx) >= 2:
+            k = min(max(k, 1), len(idx) - 1)
+        hold.append(idx[:k])
+        rep.append(idx[k:])
+    r, h = torch.cat(rep).sort().values, torch.cat(hold).sort().values
+    if len(h) == 0 or len(r) == 0:
+        raise UsageError("the clean data is too small to split into repair and held-out images",
+                         "give a few hundred clean images with --data")
+    return data.subset(r), data.subset(h)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters(), torch.empty(0)).device
+
+
+@torch.no_grad()
+def predict(model: ModelWrapper, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Predicted labels (N,) in eval mode (checks the outputs are finite)."""
+    model.eval()
+    dev = _device_of(model)
+    outs = []
+    for i in range(0, len(x), batch_size):
+        out = model(x[i : i + batch_size].to(dev))
+        if not torch.isfinite(out).all():
+            raise NumericalError("the model produces NaN or inf on clean images", "lower the learning rate (--lr)")
+        outs.append(out.argmax(1).cpu())
+    return torch.cat(outs) if outs else torch.empty(0, dtype=torch.long)
+
+
+def attack_success(model: ModelWrapper, data: CleanData, trigger: Trigger | None, batch_size: int = 256) -> float | None:
+    """Share of images not of the trigger's target class that the stamped trigger sends to the target (None
+    without a trigger, a target, or such images)."""
+    if trigger is None or trigger.target is None:
+        return None
+    keep = data.y != int(trigger.target)
+    if not bool(keep.any()):
+        return None
+    pred = predict(model, trigger.stamp(data.x[keep]), batch_size)
+    return float((pred == int(trigger.target)).float().mean())
+
+
+def clean_accuracy(model: ModelWrapper, data: CleanData, batch_size: int = 256) -> float:
+    return float((predict(model, data.x, batch_size) == data.y).float().mean())
+
+
+def measure(model: ModelWrapper, data: CleanData, trigger: Trigger, original: Trigger | None) -> dict[str, float | None]:
+    """``clean_accuracy``, ``asr_reversed`` (the trigger used) and ``asr_original`` (None without one) on ``data``."""
+    return {
+        "clean_accuracy": clean_accuracy(model, data),
+        "asr_reversed": attack_success(model, data, trigger),
+        "asr_original": attack_success(model, data, original) if original is not None else None,
+    }
+
+
+def infer_target(model: ModelWrapper, data: CleanData, trigger: Trigger) -> int:
+    """The class the stamped trigger sends most images to (for triggers given without a target)."""
+    pred = predict(model, trigger.stamp(data.x))
+    return int(torch.bincount(pred, minlength=model.num_classes).argmax())
+
+
+def trainable_tensors(net: nn.Module) -> list[torch.Tensor]:
+    """The tensors fine-tuning updates: floating-point parameters, plus the non-scalar floating-point buffers
+    onnx2torch keeps ONNX initializers in (``initializers.onnx_initializer_<n>``: a converted transformer holds
+    most of its weights there, not in parameters)."""
+    out: list[torch.Tensor] = [p for p in net.parameters() if p.is_floating_point()]
+    out += [b for n, b in net.named_buffers() if "onnx_initializer" in n and b.is_floating_point() and b.numel() > 1]
+    return out
+
+
+def working_copy(model: ModelWrapper, device: str) -> ModelWrapper:
+    """A deep copy of ``model`` on ``device``, without gradients (see :func:`trainable_tensors` to enable them)."""
+    try:
+        net = copy.deepcopy(model)
+    except Exception as e:  # e.g. a module holding an unpicklable handle
+        raise UsageError(f"cannot copy the model to repair it: {first_line(e, 150)}",
+                         "load it from safetensors, a state dict, TorchScript or ONNX") from e
+    net = net.to(device)
+    net.requires_grad_(False)
+    return net
+
+
+def finish(net: ModelWrapper) -> ModelWrapper:
+    net.eval()
+    for t in trainable_tensors(net):
+        t.requires_grad_(False)
+    return net.cpu()
+
+
+# ------------------------------------------------------------------------------------------ the entry point
+
+
+def repair(
+    model: ModelWrapper,
+    data: CleanData,
+    trigger: Trigger,
+    cfg: RepairConfig,
+    original: Trigger | None = None,
+    progress: RepairProgress | None = None,
+) -> RepairResult:
+    """Repairs a copy of ``model`` with ``cfg.method`` and measures it before and after on held-out images.
+
+    Args:
+        model: the backdoored model; never modified.
+        data: clean labelled images (a few hundred), split into repair and held-out parts.
+        trigger: the trigger to remove (usually the scan's reversed trigger); a trigger without a target gets
+            the class it sends most held-out images to.
+        cfg: the configuration.
+        original: the model's original trigger when known (lab models): measured as ``asr_original``.
+        progress: optional ``(done, total, stats)`` callback.
+
+    Returns:
+        :class:`RepairResult`.
+
+    Raises:
+        UsageError: bad configuration, a trigger that does not fit the model, too little data.
+        NumericalError: the repaired model produces NaN or inf.
+    """
+    cfg = cfg.validate()
+    t0 = time.perf_counter()
+    trigger = check_trigger(trigger, model)
+    original = check_trigger(original, model) if original is not None else None
+    rep, hold = split_data(data, cfg.holdout_fraction, cfg.seed)
+    if trigger.target is None:
+        target = infer_target(model, hold, trigger)
+        log.info("the trigger has no target; it sends most held-out images to class %d", target)
+        trigger = replace(trigger, target=target, params={**trigger.params, "target_inferred": True})
+    before = measure(model, hold, trigger, original)
+    log.info("before repair: %s", before)
+    net, details = get_method(cfg.method)(model, rep, trigger, cfg, progress)
+    after = measure(net, hold, trigger, original)
+    log.info("after repair: %s", after)
+    drop = float(before["clean_accuracy"] or 0.0) - float(after["clean_accuracy"] or 0.0)
+    return RepairResult(
+        wrapper=net, method=cfg.method, trigger=trigger, original=original, before=before, after=after,
+        acc_drop=drop, tolerance=cfg.max_acc_drop, within_tolerance=drop <= cfg.max_acc_drop + 1e-9, config=cfg,
+        repair_images=len(rep), holdout_images=len(hold), seconds=time.perf_counter() - t0, details=details,
+        holdout=hold,
+    )
