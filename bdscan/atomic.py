@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import stat
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -69,6 +70,8 @@ def atomic_path(path: Path) -> Iterator[Path]:
         except IsADirectoryError as e:
             raise UsageError(f"cannot write {path}: it is a folder", "choose a file path") from e
     except BaseException:  # KeyboardInterrupt too: leave no half-written file
+        if tmp_p.is_dir():  # a folder writer (a model folder) replaced the temp file with a folder
+            shutil.rmtree(tmp_p, ignore_errors=True)
         with contextlib.suppress(FileNotFoundError):
             tmp_p.unlink()
         raise

@@ -18,6 +18,8 @@ import typer
 from rich.table import Table
 
 from bdscan import __version__
+from bdscan.commands import batch as batch_commands
+from bdscan.commands import guard as guard_commands
 from bdscan.commands import lab as lab_commands
 from bdscan.commands import repair as repair_commands
 from bdscan.commands.common import (
@@ -59,6 +61,8 @@ app = typer.Typer(
 )
 app.add_typer(lab_commands.lab_app, name="lab")
 app.command("repair")(repair_commands.repair_cmd)
+app.command("guard")(guard_commands.guard_cmd)
+app.command("guard-check")(guard_commands.check_cmd)
 app.command("study")(lab_commands.study_cmd)
 
 
@@ -166,7 +170,9 @@ def inspect_cmd(
 
 @app.command("scan")
 def scan_cmd(
-    model: Annotated[Path, typer.Argument(help="Model file (.safetensors, .pt/.pth, TorchScript, .pt2, .onnx).")],
+    model: Annotated[list[Path] | None, typer.Argument(help=(
+        "Model file (.safetensors, .pt/.pth, TorchScript, .pt2, .onnx); several, or a folder (walked recursively), "
+        "scan each as a Ray task (README, 'Scanning a registry')."))] = None,
     data: Annotated[Path | None, typer.Option("--data", help="Clean images: a folder (one sub-folder per class) or .npz.")] = None,
     levels: LevelsOpt = None,
     mode: ModeOpt = None,
@@ -197,11 +203,21 @@ def scan_cmd(
     arch: ArchOpt = None, num_classes: NumClassesOpt = None, input_size: InputSizeOpt = None, mean: MeanOpt = None,
     std: StdOpt = None, scale: ScaleOpt = None, patch_size: PatchOpt = None, trust_pickle: TrustOpt = False,
     fmt: FormatOpt = None,
+    manifest: Annotated[Path | None, typer.Option("--manifest", help=(
+        "Scan the models a manifest lists (JSON, JSON Lines, YAML or CSV: model, data and scan options per row)."))] = None,
+    ray_address: Annotated[str | None, typer.Option("--ray-address", help=(
+        "Run a batch on this Ray cluster (auto, HOST:PORT or ray://HOST:PORT; default: a local Ray)."))] = None,
+    cpus_per_model: Annotated[int, typer.Option("--cpus-per-model", min=1, help="CPUs (and torch threads) per model in a batch.")] = 1,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Rescan the models a batch in --out already scanned.")] = False,
 ) -> None:
     """Scan a model for a backdoor (Neural Cleanse at pixel and patch level by default; see `bdscan detectors`).
 
     Exit codes: 0 clean; 1 backdoor suspected or unsafe serialization; 2 usage error; 3 cannot load; 4 internal error.
+    Several models: 1 if any is a finding, else 3 if any could not be scanned, else 0.
     """
+    opts = dict(locals())  # every option by name: a batch's defaults
+    if batch_commands.wanted(model, manifest):
+        run_guarded(lambda: batch_commands.scan_batch(opts))
 
     def body() -> int:
         from bdscan.pipeline import Outputs, ScanRequest, run_scan
@@ -209,7 +225,7 @@ def scan_cmd(
         settings = ScanSettings(budget=budget_name, levels=levels_of(levels, mode), threshold=threshold, seed=seed,
                                 device=device, workers=workers, steps=steps, samples=samples,
                                 precision=precision.value if precision else None)
-        req = ScanRequest(model=model, data=data,
+        req = ScanRequest(model=model[0], data=data,
                           load=load_options(arch, num_classes, input_size, mean, std, scale, patch_size, trust_pickle),
                           fmt=fmt, settings=settings, detectors=parse_detectors(detectors), samples_per_class=samples_per_class,
                           activations=activations, outputs=Outputs(out_dir, json_path, sarif_path, report_path))
@@ -242,7 +258,8 @@ def report_cmd(
         check_targets(targets, [scan_paths(scan_dir)[0]])
         doc = read_document(scan_dir)
         try:  # a hand-edited or partial document must not crash the renderers (all are rendered before any is written)
-            write_outputs(doc, targets, RenderContext(str((doc.get("model") or {}).get("file", "model"))))
+            uri = (doc.get("invocation") or {}).get("model") or (doc.get("model") or {}).get("file", "model")  # as the scan was given it
+            write_outputs(doc, targets, RenderContext(str(uri)))
         except (KeyError, TypeError, AttributeError, IndexError, ValueError) as e:
             raise LoadError(f"{scan_dir}: the scan document is incomplete or malformed ({type(e).__name__}: {first_line(e, 100)})",
                             "re-run `bdscan scan --out` to get a complete document") from e

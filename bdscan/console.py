@@ -12,10 +12,12 @@ from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from bdscan.pipeline import ScanEvents, ScanPlan
+from bdscan.report.charts import size_words
+from bdscan.report.suggest import repair_command
 
 # soft_wrap: a verdict or error line is never broken, so pipelines can grep it
 out = Console(highlight=False, soft_wrap=True)
@@ -24,12 +26,12 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 @contextmanager
 def progress_bar(enabled: bool) -> Iterator[Progress | None]:
-    """A transient rich progress display on stderr (None when disabled)."""
+    """A transient rich progress display on stderr (None when disabled): done, per cent, elapsed and time left."""
     if not enabled:
         yield None
         return
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                  TimeElapsedColumn(), console=err, transient=True) as p:
+    with Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TextColumn("{task.fields[info]}"),
+                  TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(), console=err, transient=True) as p:
         yield p
 
 
@@ -49,30 +51,69 @@ def progress_callback(bar: Progress | None, title: str) -> Callable[[int, int, d
 
 
 class ConsoleEvents(ScanEvents):
-    """Shows a scan's plan, warnings and one progress bar per detector task."""
+    """Shows a scan's plan, warnings and one progress bar for the whole detection.
+
+    The bar counts optimisation steps: every inversion (one per level, and per grid of a CNN's patch sweep)
+    reports its label-steps (:data:`bdscan.detect.inversion.Progress`), and the bar shows their sum against the
+    total planned for all inversions, so it moves with every step, across levels that run side by side or one
+    after the other, and rich estimates the time left from its pace. When every inversion is done the bar says
+    what the scan is still doing (activation statistics, writing the report).
+    """
 
     def __init__(self, bar: Progress | None, quiet: bool) -> None:
         self.bar, self.quiet = bar, quiet
-        self.tasks: dict[str, Any] = {}
+        self.task: Any = None
+        self.parts: dict[str, tuple[int, int, dict[str, float]]] = {}
+        self.expected = 0  # label-steps of every planned inversion (0: unknown until they report)
         self.lock = threading.Lock()  # progress arrives from the inversions' threads
 
     def planned(self, plan: ScanPlan) -> None:
+        self.expected = planned_steps(plan)
         if not self.quiet:
             for line in plan_lines(plan):
                 err.print(line)
+        for note in plan.model.notes:  # shown even with --quiet, as every warning
+            if note.startswith(OVERRIDE_NOTE):
+                self.warning(note)
 
     def progress(self, task: str, done: int, total: int, stats: dict[str, float]) -> None:
         if self.bar is None:
             return
         with self.lock:
-            if task not in self.tasks:
-                self.tasks[task] = self.bar.add_task(f"{task:>14}", total=total, info="")
-            self.bar.update(self.tasks[task], completed=done,
-                            info=f"step {int(stats.get('step', 0))}, {int(stats.get('active', 0))} active, "
-                                 f"λ {stats.get('mean_lambda', 0):.1e}, success {stats.get('mean_success', 0):.0%}")
+            self.parts[task] = (done, total, stats)
+            done_all = sum(d for d, _, _ in self.parts.values())
+            total_all = max(self.expected, sum(t for _, t, _ in self.parts.values()))
+            if self.task is None:
+                self.task = self.bar.add_task("scanning", total=total_all, info="")
+            finished = done_all >= total_all
+            info = " · ".join(f"{name} step {int(st.get('step', 0))}/{int(st.get('steps', 0))}"
+                              + (f", {int(st.get('labels_done', 0))}/{int(st.get('labels', 0))} classes done" if st.get("labels") else "")
+                              for name, (_, _, st) in self.parts.items())
+            self.bar.update(self.task, completed=done_all, total=total_all,
+                            description="finishing (activation statistics, report)" if finished else "scanning",
+                            info="" if finished else info)
 
     def warning(self, message: str) -> None:
         err.print(f"[yellow]warning[/]: {escape(message)}")
+
+
+#: loader notes that start with this are shown as warnings (a command-line option overrode what the model says)
+OVERRIDE_NOTE = "--patch-size"
+
+
+def planned_steps(plan: ScanPlan) -> int:
+    """Label-steps of every inversion Neural Cleanse will run (0 when it does not run): levels × grids × labels × steps."""
+    nc = plan.configs.get("neural-cleanse")
+    if nc is None:
+        return 0
+    from bdscan.detect.scan import params_for
+
+    labels = len(nc.labels) if nc.labels is not None else plan.model.wrapper.num_classes
+    try:
+        inversions = sum(len(params_for(plan.model.wrapper, m, nc.cnn_patch_sizes, nc.cnn_patch_offsets)) for m in nc.modes)
+    except Exception:  # the scan itself reports a bad configuration; the bar then sizes itself from the reports
+        return 0
+    return inversions * labels * int(nc.inversion.steps)
 
 
 def plan_lines(plan: ScanPlan) -> list[str]:
@@ -91,7 +132,24 @@ def plan_lines(plan: ScanPlan) -> list[str]:
         shifted = " and half-patch offsets" if nc.cnn_patch_offsets else ""
         lines.append("token grid: " + (f"{grid.grid[0]}×{grid.grid[1]}, stride {grid.stride} ({escape(grid.source)})" if grid
                                        else f"none found: sweeping {sweep}-pixel grids{shifted}"))
+    if plan.estimate_s is not None and plan.estimate_s >= LONG_SCAN_S:
+        lines.append(f"[yellow]this scan may take up to {duration(plan.estimate_s)}[/] on this machine (from the model's FLOPs and "
+                     "a measured forward+backward rate; labels that stop early make it shorter)")
     return lines
+
+
+#: scans estimated to take longer than this get a line saying so before they start
+LONG_SCAN_S = 60.0
+
+
+def duration(seconds: float) -> str:
+    """``95`` -> "1 min 35 s", ``4000`` -> "1 h 7 min"."""
+    s = round(seconds)
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60} s"
+    return f"{s // 3600} h {(s % 3600) // 60} min"
 
 
 def verdict_line(doc: dict[str, Any]) -> str:
@@ -126,11 +184,16 @@ def print_scan(doc: dict[str, Any], quiet: bool) -> None:
             t.add_row(str(r["label"]), escape(names[r["label"]]), "-" if r["norm"] is None else f"{r['norm']:.2f}",
                       f"{r['anomaly_index']:.2f}", f"{r['success_rate']:.0%}", str(r["steps"]), flag)
         out.print(t)
+        words = size_words(doc, mode, a.get("min_label"), a.get("min_norm"))
         out.print(f"{mode}: median {a['median']:.2f}, MAD {a['mad']:.2f}, anomaly index {a['anomaly_index']:.2f} "
-                  f"(class {a['min_label']})" if a["conclusive"] else f"{mode}: inconclusive (fewer than 3 classes reachable)")
+                  f"(class {a['min_label']}" + (f"; its trigger: {words}" if words else "") + ")"
+                  if a["conclusive"] else f"{mode}: inconclusive (fewer than 3 classes reachable)")
     if len(doc.get("modes") or {}) > 1:
         out.print("pixel and patch levels " + ("agree" if doc["verdict"].get("modes_agree") else "disagree") + " on the smallest class")
     out.print(line)
+    cmd = repair_command(doc) if doc["verdict"].get("status") == "backdoor" else None
+    if cmd:
+        out.print(f"to remove it (from this folder): {escape(cmd)}")
 
 
 def pickle_line(ps: dict[str, Any] | None) -> str:
@@ -170,24 +233,39 @@ def print_inspection(d: dict[str, Any], title: str) -> None:
 
 
 def print_repair(rep: dict[str, Any], quiet: bool) -> None:
-    """The before/after table of a repair and its one-line summary."""
+    """The before/after table of a repair with 95 % intervals, its two checks and a one-line summary."""
     b, a = rep["before"], rep["after"]
+    iv = rep.get("intervals") or {}
 
     def pct(v: float | None) -> str:
         return "-" if v is None else f"{v:.1%}"
 
+    def cell(when: str, key: str) -> str:
+        ci = (iv.get(when) or {}).get(key)
+        return pct(rep[when].get(key)) + (f" ({ci[0]:.0%}–{ci[1]:.0%})" if ci else "")
+
+    passed = rep.get("passed", rep.get("within_tolerance", True))
     line = (f"repair ({rep['method']}): clean accuracy {pct(b['clean_accuracy'])} → {pct(a['clean_accuracy'])}, "
-            f"attack success (reversed trigger) {pct(b['asr_reversed'])} → {pct(a['asr_reversed'])}"
-            + (f", (original trigger) {pct(b['asr_original'])} → {pct(a['asr_original'])}" if b.get("asr_original") is not None else ""))
+            f"attack success (trigger used) {pct(b['asr_reversed'])} → {pct(a['asr_reversed'])}"
+            + (f", (original trigger) {pct(b['asr_original'])} → {pct(a['asr_original'])}" if b.get("asr_original") is not None else "")
+            + ("; [bold green]PASSED[/]" if passed else "; [bold red]FAILED[/]"))
     if quiet:
         out.print(line)
         return
-    t = Table(title=f"repair by {rep['method']} on {rep['holdout_images']} held-out images")
+    t = Table(title=f"repair by {rep['method']} on {rep['holdout_images']} held-out images (95 % intervals)")
     for c in ("", "before", "after"):
         t.add_column(c, justify="right" if c else "left")
-    t.add_row("clean accuracy", pct(b["clean_accuracy"]), pct(a["clean_accuracy"]))
-    t.add_row("attack success, reversed trigger", pct(b["asr_reversed"]), pct(a["asr_reversed"]))
-    if b.get("asr_original") is not None:
-        t.add_row("attack success, original trigger", pct(b["asr_original"]), pct(a["asr_original"]))
+    rows = [("clean accuracy", "clean_accuracy"), ("attack success, trigger used", "asr_reversed"),
+            ("attack success, original trigger", "asr_original"), ("sent to the target with no trigger", "target_without_trigger")]
+    for title, key in rows:
+        if b.get(key) is not None or a.get(key) is not None:
+            t.add_row(title, cell("before", key), cell("after", key))
     out.print(t)
+    for c in rep.get("checks") or []:
+        out.print(("[green]✓[/] " if c["passed"] else "[red]✗[/] ") + f"{c['check']}: {escape(c['text'])}")
     out.print(line)
+
+
+def warn(message: str) -> None:
+    """A warning line on stderr (shown even with --quiet)."""
+    err.print(f"[yellow]warning[/]: {escape(message)}")

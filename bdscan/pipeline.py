@@ -10,6 +10,7 @@ from its CLI). Errors are :class:`bdscan.errors.BdscanError` subclasses; only th
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,7 +25,8 @@ from bdscan.detect.inversion import bf16_emulated, resolve_precision
 from bdscan.errors import UnsafeModelError, UsageError
 from bdscan.io import LoadedModel, LoadOptions, load_model
 from bdscan.io.base import sha256_file
-from bdscan.report.json_report import example_image, scan_document, unsafe_document
+from bdscan.models.cost import estimate_seconds
+from bdscan.report.json_report import example_image, invocation_section, scan_document, unsafe_document
 from bdscan.report.outputs import RenderContext, check_targets, write_outputs
 
 log = logging.getLogger(__name__)
@@ -92,6 +94,8 @@ class ScanPlan:
     detectors: tuple[str, ...]
     configs: Mapping[str, Any]
     precision: str
+    #: at most this many seconds of detection, from the model's FLOPs and a measured rate (None: short, or unknown)
+    estimate_s: float | None = None
 
 
 class ScanEvents:
@@ -149,7 +153,8 @@ def resolve_data(data: Path | None, lm: LoadedModel) -> Path:
         return data
     rel = lm.wrapper.info.metadata.get("samples")
     if rel:
-        p = (lm.path.parent / str(rel)).resolve()
+        # relative to the current directory when the model path was relative: reports keep the user's relative paths
+        p = Path(os.path.normpath(lm.path.parent / str(rel)))
         if p.exists():
             return p
     raise UsageError(f"no clean data given for {lm.path.name}",
@@ -200,7 +205,9 @@ def scan_loaded(lm: LoadedModel, data: CleanData, data_path: Path, settings: Sca
     if bf16_emulated(settings.precision or _budget_precision(settings), settings.device):
         ev.warning("this CPU has no native bf16 instructions (AVX512-BF16 or AMX), so --precision bf16 runs emulated, "
                    "about 10× slower than fp32; use --precision auto")
-    ev.planned(ScanPlan(lm, data, data_path, settings, tuple(detectors), configs, precision))
+    nc_config = configs.get("neural-cleanse")
+    estimate = estimate_seconds(lm.wrapper, nc_config) if nc_config is not None and settings.device == "cpu" else None
+    ev.planned(ScanPlan(lm, data, data_path, settings, tuple(detectors), configs, precision, estimate))
     det = detect(lm, data, settings, detectors, ev, configs)
     doc = scan_document(lm, data, det.results, det.verdict, settings.seed, example_image(data, det.verdict.target),
                         time.perf_counter() - t0)
@@ -240,6 +247,7 @@ def run_scan(request: ScanRequest, events: ScanEvents | None = None) -> ScanOutc
     data_path, data = load_data(lm, req.data, req.samples_per_class, req.settings.seed)
     doc, det = scan_loaded(lm, data, data_path, req.settings, req.detectors, req.activations, events)
     doc["timings"]["total_s"] = round(time.perf_counter() - t0, 3)
+    doc["invocation"] = invocation_section(req.model, data_path, req.outputs.folder, req.load, req.fmt)
     written = write_scan_outputs(doc, det, data, req.outputs, str(req.model))
     return ScanOutcome(doc, lm, data, det, written)
 

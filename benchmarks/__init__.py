@@ -27,6 +27,9 @@ BENCHMARKS: dict[str, str] = {
     "floor": "a model's arithmetic against what this CPU does with it: how fast a scan could be",
     "profile-inversion": "torch.profiler around the real batched inversion loop: where its time goes",
     "batched": "batched against label-by-label inversion: the same per-label results, the wall time of each",
+    "guard": "the input guard on the zoo's backdoored models: triggered inputs flagged at a false-positive rate, per family",
+    "big-inputs": "224×224 end to end: `bdscan scan` of a timm ViT-Tiny/16 folder (10 and 43 classes), wall time and estimate",
+    "batch": "the zoo one model after the other against one batch `bdscan scan` on Ray, and on a two-node local cluster",
 }
 
 

@@ -26,14 +26,19 @@ from bdscan.detect.anomaly import PATCH_MAD_FLOOR, anomaly
 from bdscan.detect.config import budget
 from bdscan.detect.inversion import invert
 from bdscan.detect.scan import ScanConfig, combine, params_for, scan
+from bdscan.guard import GuardConfig, build_guard, split_guard_data
 from bdscan.io import load_model
+from bdscan.models.archs import BDSCAN_ARCHS
+from bdscan.repair import reversed_trigger_from_findings
+from bdscan.trigger import Trigger
 
 __all__ = [
-    "RESULTS", "ROOT", "SAMPLE_MODELS", "THRESHOLD", "ZOO_MANIFEST", "Stopwatch", "add_budget", "add_manifest", "add_out",
-    "add_overrides", "add_threads", "at", "best_seconds", "budget_config", "invert", "is_right", "judge", "load_model",
-    "load_rows", "load_with_samples", "machine_line", "new_parser", "parse_overrides", "print_row", "read_json",
-    "recordings", "run_benchmark", "scan", "scan_config", "set_threads", "sha16", "smin", "table_header",
-    "trigger_param", "true_target", "utc_now", "versions", "write_json",
+    "BDSCAN_ARCHS", "RESULTS", "ROOT", "SAMPLE_MODELS", "THRESHOLD", "ZOO_MANIFEST", "GuardConfig", "Stopwatch", "Trigger", "add_budget",
+    "add_manifest", "add_out", "add_overrides", "add_threads", "at", "best_seconds", "budget_config", "build_guard", "invert",
+    "is_right", "judge", "load_model", "load_rows", "load_with_samples", "machine_line", "new_parser", "parse_overrides",
+    "print_row", "read_json", "recordings", "reversed_trigger_from_findings", "run_benchmark", "scan", "scan_config",
+    "set_threads", "sha16", "smin", "split_guard_data", "table_header", "trigger_param", "true_target", "utc_now", "versions",
+    "write_json",
 ]
 
 #: the repository root: default paths hang off it, so the suite runs the same from any directory

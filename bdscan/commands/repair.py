@@ -26,9 +26,12 @@ from bdscan.commands.common import (
     load_options,
     run_guarded,
 )
-from bdscan.console import ConsoleEvents, out, print_repair, progress_bar, progress_callback
+from bdscan.console import ConsoleEvents, out, print_repair, progress_bar, progress_callback, warn
 from bdscan.detect.config import DEFAULT_BUDGET
 from bdscan.errors import UsageError
+from bdscan.repair.core import RepairConfig
+
+_DEFAULTS = RepairConfig()
 
 
 def repair_cmd(
@@ -41,11 +44,22 @@ def repair_cmd(
     label: Annotated[int | None, typer.Option("--label", help="Repair this class's reversed trigger instead of the suspected target.")] = None,
     method: Annotated[str, typer.Option("--method", help="unlearn (fine-tune with the stamped trigger) or prune (penultimate neurons).")] = "unlearn",
     epochs: Annotated[int, typer.Option("--epochs", help="Unlearning epochs over the repair images.")] = 8,
-    lr: Annotated[float, typer.Option("--lr", help="Unlearning learning rate.")] = 1e-3,
-    stamp_fraction: Annotated[float, typer.Option("--stamp-fraction", help="Share of repair images stamped (true labels kept).")] = 0.2,
-    holdout: Annotated[float, typer.Option("--holdout", help="Share of the clean images held out for measuring.")] = 0.3,
-    tolerance: Annotated[float, typer.Option("--tolerance", help="Refuse to export if clean accuracy drops by more points.")] = 3.0,
-    force: Annotated[bool, typer.Option("--force", help="Export even when the accuracy drop exceeds the tolerance.")] = False,
+    lr: Annotated[float | None, typer.Option("--lr", help=(
+        "Unlearning learning rate (Adam). Default: 0.001 for a model with a token grid (a transformer), 0.0003 for a CNN."))] = None,
+    stamp_fraction: Annotated[float, typer.Option("--stamp-fraction", help="Share of repair images stamped in each epoch.")] = (
+        _DEFAULTS.stamp_fraction),
+    targets: Annotated[str, typer.Option("--targets", help=(
+        "What unlearning trains every image towards: model (the input model's own answer on the unstamped image, which "
+        "keeps its clean accuracy) or labels (the true labels, as Neural Cleanse)."))] = _DEFAULTS.targets,
+    holdout: Annotated[float, typer.Option("--holdout", help="Share of the clean images held out for measuring.")] = _DEFAULTS.holdout_fraction,
+    tolerance: Annotated[float, typer.Option("--tolerance", help=(
+        "Refuse to export when clean accuracy is shown to drop by more points: when the whole 95 % interval of the "
+        "drop lies above it."))] = _DEFAULTS.max_acc_drop * 100,
+    max_asr: Annotated[float, typer.Option("--max-asr", help=(
+        "Refuse to export when a trigger still sends more than this percentage of held-out images of other classes "
+        "to the target after the repair."))] = _DEFAULTS.max_asr * 100,
+    force: Annotated[bool, typer.Option("--force", help=(
+        "Export even when the repair failed a check (marked as forced in the model and the report)."))] = False,
     levels: LevelsOpt = None,
     mode: ModeOpt = None,
     budget_name: Annotated[str, typer.Option("--budget", help="Budget of the scan run when --scan is not given.")] = DEFAULT_BUDGET,
@@ -60,8 +74,9 @@ def repair_cmd(
 ) -> None:
     """Unlearn (or prune) a backdoor, measure it before and after, and export the repaired model.
 
-    Exit codes: 0 repaired and exported; 1 unsafe serialization; 2 usage error (also: export refused because
-    clean accuracy dropped more than --tolerance; --force overrides); 3 cannot load; 4 internal error.
+    Exit codes: 0 repaired and exported; 1 unsafe serialization; 2 usage error (also: export refused because the
+    repair failed a check: clean accuracy shown to drop more than --tolerance, or a trigger still working above
+    --max-asr; --force overrides); 3 cannot load; 4 internal error.
     """
 
     def body() -> int:
@@ -72,14 +87,14 @@ def repair_cmd(
         from bdscan.io import load_model
         from bdscan.pipeline import check_device, load_data, scan_loaded
         from bdscan.repair import (
-            RepairConfig,
             export_repaired,
             repair,
             reversed_trigger_from_findings,
             reversed_trigger_from_scan,
             trigger_from_file,
         )
-        from bdscan.report.json_report import repair_only_document
+        from bdscan.repair.export import refusal
+        from bdscan.report.json_report import repair_only_document, repair_section
         from bdscan.report.outputs import write_outputs
         from bdscan.report.scandir import read_document
 
@@ -93,8 +108,11 @@ def repair_cmd(
         check_device(device)
         if not 0 <= tolerance <= 100:
             raise UsageError(f"--tolerance {tolerance:g} is not in [0, 100] points", "e.g. --tolerance 3")
-        cfg = RepairConfig(method=method, epochs=epochs, lr=lr, stamp_fraction=stamp_fraction, holdout_fraction=holdout,
-                           seed=seed, max_acc_drop=tolerance / 100, device=device).validate()
+        if not 0 <= max_asr <= 100:
+            raise UsageError(f"--max-asr {max_asr:g} is not in [0, 100] percent", "e.g. --max-asr 10")
+        cfg = RepairConfig(method=method, epochs=epochs, lr=lr, stamp_fraction=stamp_fraction, targets=targets,
+                           holdout_fraction=holdout, seed=seed, max_acc_drop=tolerance / 100, max_asr=max_asr / 100,
+                           device=device).validate()
         torch.manual_seed(seed)
         lm = load_model(model, opts, fmt)
         data_path, clean = load_data(lm, data, None, seed)
@@ -117,15 +135,27 @@ def repair_cmd(
             trig = trigger_from_file(Path(trigger))
         with progress_bar(not quiet) as bar:
             result = repair(lm.wrapper, clean, trig, cfg, original=lm.original_trigger, progress=progress_callback(bar, method))
-        rep = result.to_dict()
+        refused = refusal(result)
+        rep = repair_section(result, clean, export={"file": str(out_path), "written": False, "forced": False,
+                                                    "refused": refused is not None and not force})
         print_repair(rep, quiet)
         doc = doc if doc is not None else repair_only_document(lm, clean, seed, trig.target)
         doc["repair"] = rep
-        write_outputs(doc, {"json": json_path, "html": report_path})
+        reports = {"json": json_path, "html": report_path}
+        if refused is not None and not force:  # the measurements are worth keeping even when the model is not
+            for path in write_outputs(doc, reports):
+                out.print(f"wrote {path}")
+            raise refused
         export_repaired(result, out_path, lm.path, lm.sha256,
                         {"scan": str(scan_dir) if scan_dir else None, "trigger_source": trigger}, force=force)
+        rep["export"].update(written=True, forced=refused is not None)
+        written = [*write_outputs(doc, reports), out_path]
+        if refused is not None:
+            warn(f"--force: {out_path} was written although the repair failed its {' and '.join(refused.failed)} check; "
+                 "its provenance and the report mark it as forced")
         if not quiet:
-            out.print(f"wrote {out_path}")
+            for path in written:
+                out.print(f"wrote {path}")
         return EXIT_CLEAN
 
     run_guarded(body)

@@ -89,16 +89,53 @@ def fit_channels_and_size(x: torch.Tensor, input_size: tuple[int, int, int], nam
     return x.contiguous()
 
 
+#: what ``--data`` accepts, for messages
+DATA_HINT = "give a folder with one sub-folder of images per class, or an .npz with x (images) and y (labels) saved with numpy.savez"
+
+
+def _clip(text: str, limit: int = 160) -> str:
+    """``text`` on one line, cut at a word boundary with "…" when longer than ``limit``."""
+    one = " ".join(text.split())
+    if len(one) <= limit:
+        return one
+    return one[:limit].rsplit(" ", 1)[0].rstrip(",;:") + " …"
+
+
+def _not_an_npz(path: Path) -> DataLoadError | None:
+    """A clear error for a file that cannot be an .npz archive (numpy would call a text file "pickled data")."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if head.startswith(b"PK") or head.startswith(b"\x93NUMPY"):
+        return None
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return DataLoadError(f"{path.name}: a single image, not a set of clean images", DATA_HINT)
+    try:
+        text = head.decode("utf-8")
+        is_text = bool(text.strip()) and all(c.isprintable() or c in "\r\n\t" for c in text)
+    except UnicodeDecodeError:
+        is_text = False
+    what = "a text file" if is_text else "not a zip archive, which an .npz is"
+    return DataLoadError(f"{path.name}: not clean images: it is {what}", DATA_HINT)
+
+
 def load_npz(path: Path, split: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Reads ``x``/``y`` (or ``x_<split>``/``y_<split>``, preferring test) without allowing pickles."""
+    bad = _not_an_npz(path)
+    if bad is not None:
+        raise bad
     try:
-        with np.load(path, allow_pickle=False) as d:
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.ndarray):  # a single .npy array, not an archive of named arrays
+            raise DataLoadError(f"{path.name}: a single numpy array, not an .npz with x and y", DATA_HINT)
+        with loaded as d:
             keys = set(d.files)
             for xs, ys in ([(f"x_{split}", f"y_{split}")] if split else []) + [("x", "y"), ("x_test", "y_test"), ("x_train", "y_train")]:
                 if xs in keys and ys in keys:
                     return d[xs], d[ys]
-    except (OSError, ValueError, EOFError) as e:
-        raise DataLoadError(f"{path.name}: cannot read it as .npz: {str(e)[:120]}", "give an .npz saved with numpy.savez") from e
+    except DataLoadError:
+        raise
+    except Exception as e:  # zipfile.BadZipFile, ValueError (pickled arrays), OSError, EOFError, zlib errors
+        raise DataLoadError(f"{path.name}: cannot read it as .npz ({type(e).__name__}: {_clip(str(e))})", DATA_HINT) from e
     raise DataLoadError(f"{path.name}: no arrays named x and y (found: {', '.join(sorted(keys)) or 'none'})",
                         "save images as x (uint8 NHWC or float NCHW) and labels as y")
 

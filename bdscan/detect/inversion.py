@@ -34,7 +34,10 @@ from bdscan.models.wrapper import ModelWrapper
 
 log = logging.getLogger(__name__)
 
-#: progress(labels_done, labels_total, stats) — stats has "step", "active", "mean_lambda", "mean_success"
+#: progress(done, total, stats) in label-steps: ``total`` = labels × the budget's maximum steps, ``done`` = the steps
+#: each label has run, a finished label (early stop or success schedule done) counting as all its steps, so the
+#: count moves with every optimisation step and reaches ``total`` when the inversion ends. stats has "step",
+#: "steps" (the maximum), "labels_done", "labels", and in the batched core "active", "mean_lambda", "mean_success"
 Progress = Callable[[int, int, dict[str, float]], None]
 
 
@@ -312,7 +315,8 @@ def invert_prepared(
             sub = invert_prepared(model, data, param, [lab], cfg.with_(batched=True), None, dev)
             results.extend(sub.labels)
             if progress:
-                progress(i + 1, len(order), {"step": sub.labels[0].steps})
+                progress((i + 1) * cfg.steps, len(order) * cfg.steps,
+                         {"step": sub.labels[0].steps, "steps": cfg.steps, "labels_done": i + 1, "labels": len(order)})
         return InversionResult(param.describe(), results, cfg, n, time.perf_counter() - t0)
 
     # Per-label parameters, initialised like the original (uniform random mask and pattern in [0, 1]
@@ -398,8 +402,8 @@ def invert_prepared(
                     done_count += 1
         if progress:
             act = [i for i in active if not states[i].done] or active
-            progress(done_count, len(order), {
-                "step": step,
+            progress(sum(cfg.steps if st.done else st.steps for st in states), len(order) * cfg.steps, {
+                "step": step, "steps": cfg.steps, "labels_done": done_count, "labels": len(order),
                 "active": len(act),
                 "mean_lambda": sum(states[i].cost for i in act) / len(act),
                 "mean_success": float(sum(float(acc_sum[i] / acc_den[i].clamp_min(1)) for i in act) / len(act)),

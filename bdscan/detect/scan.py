@@ -27,7 +27,7 @@ from bdscan.models.wrapper import ModelWrapper
 
 log = logging.getLogger(__name__)
 
-#: progress(mode, labels_done, labels_total, stats)
+#: progress(inversion name, label-steps done, label-steps in all, stats): see :data:`bdscan.detect.inversion.Progress`
 ScanProgress = Callable[[str, int, int, dict[str, float]], None]
 
 

@@ -14,6 +14,8 @@ from bdscan.io import torch_export as torch_export
 from bdscan.io import state_dict as state_dict
 from bdscan.io import onnx_io as onnx_io
 from bdscan.io import pickle_module as pickle_module
+from bdscan.io import hf_folder as hf_folder
+from bdscan.io import timm_folder as timm_folder
 
 # isort: on
 from bdscan.io.base import (

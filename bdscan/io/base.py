@@ -213,9 +213,14 @@ def writers() -> dict[str, Writer]:
     return {name: f.writer for name, f in _FORMATS.items() if f.writer is not None}
 
 
+#: the "suffix" of a writer that writes model folders: chosen for an output path without a suffix
+FOLDER_SUFFIX = "/"
+
+
 def output_suffixes(exclude: str | None = None) -> tuple[str, ...]:
     """The suffixes some writer is chosen for (without those of the format named ``exclude``)."""
-    return tuple(s for w in writers().values() if w.name != exclude for s in w.suffixes)
+    # a model folder's "suffix" (FOLDER_SUFFIX: a path without one) is no suffix to name in a message
+    return tuple(s for w in writers().values() if w.name != exclude for s in w.suffixes if s != FOLDER_SUFFIX)
 
 
 def writer_for(path: Path) -> Writer:
@@ -224,7 +229,7 @@ def writer_for(path: Path) -> Writer:
     Raises:
         UsageError: no writer writes that suffix.
     """
-    suffix = Path(path).suffix.lower()
+    suffix = Path(path).suffix.lower() or "/"  # a path without a suffix is a model folder (see FOLDER_SUFFIX)
     for w in writers().values():
         if suffix in w.suffixes:
             return w
@@ -239,7 +244,13 @@ def one_line(s: str, limit: int = 300) -> str:
 
 
 def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file; of a model folder: sha256 over its top-level files' names and digests, in name order."""
     h = hashlib.sha256()
+    if Path(path).is_dir():  # any change to weights, config or preprocessor config changes it
+        for p in sorted(Path(path).iterdir()):
+            if p.is_file():
+                h.update(p.name.encode("utf-8", "surrogateescape") + b"\0" + sha256_file(p).encode() + b"\n")
+        return h.hexdigest()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
@@ -252,7 +263,16 @@ def pick_loader(path: Path, fmt: str | None = None) -> Loader:
     if fmt:
         if fmt not in registered:
             raise UsageError(f"unknown format {fmt!r}", f"use one of: {', '.join(sorted(registered))}")
+        if path.is_dir() != bool(getattr(registered[fmt], "folder", False)):
+            raise UsageError(f"{path.name} is {'a folder' if path.is_dir() else 'a file'}; the {fmt} loader reads "
+                             f"{'model folders' if path.is_dir() is False else 'files'}", "leave out --format, or give the right path")
         return registered[fmt]
+    if path.is_dir():  # model folders (Hugging Face, timm): only loaders that declare ``folder = True`` look at them
+        for loader in registered.values():
+            if getattr(loader, "folder", False) and loader.sniff(path, b""):
+                return loader
+        raise ModelLoadError(f"{path.name}: a folder that holds no model bdscan reads",
+                             "give a model file, or a Hugging Face or timm model folder (config.json + model.safetensors)")
     with open(path, "rb") as f:
         head = f.read(64)
     for loader in registered.values():
@@ -274,9 +294,9 @@ def load_model(path: str | Path, options: LoadOptions | None = None, fmt: str | 
     p = Path(path)
     if not p.exists():
         raise ModelLoadError(f"{p}: no such file", "check the model path")
-    if not p.is_file():
+    if not p.is_file() and not p.is_dir():
         raise ModelLoadError(f"{p}: not a file", "give the path of a model file")
-    if p.stat().st_size == 0:
+    if p.is_file() and p.stat().st_size == 0:
         raise ModelLoadError(f"{p.name}: the file is empty", "re-export or re-download the model")
     loader = pick_loader(p, fmt)
     log.info("loading %s with the %s loader", p, loader.name)

@@ -17,7 +17,7 @@ import bdscan.models  # noqa: F401  (registers bdscan architectures with timm)
 from bdscan.errors import ModelLoadError, NumericalError, UsageError, first_line
 from bdscan.io.base import LoadedModel, LoadOptions, PickleScan, sha256_file
 from bdscan.models.grid import find_token_grid, grid_from_patch_size
-from bdscan.models.wrapper import ModelInfo, ModelWrapper, check_model_output
+from bdscan.models.wrapper import IMAGENET_MEAN, IMAGENET_STD, ModelInfo, ModelWrapper, TokenGrid, check_model_output
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +38,23 @@ def infer_num_classes(state: dict[str, torch.Tensor]) -> int | None:
     return None
 
 
+#: ``--arch PREFIX:name`` builders besides timm's registry (torchvision's classification models by name)
+TORCHVISION_PREFIX = "torchvision:"
+
+
+def _torchvision_net(name: str, num_classes: int) -> nn.Module:
+    from torchvision import models as tvm
+
+    if name not in tvm.list_models(module=tvm):
+        raise UsageError(f"unknown torchvision architecture {name!r}", "use a torchvision.models classification name, e.g. torchvision:resnet50")
+    return tvm.get_model(name, weights=None, num_classes=num_classes)
+
+
 def create_net(arch: str, num_classes: int, input_size: tuple[int, int, int], arch_kwargs: dict[str, Any] | None = None) -> nn.Module:
-    """``timm.create_model`` for bdscan's and timm's own architectures, never with pretrained weights."""
+    """``timm.create_model`` for bdscan's and timm's own architectures (or torchvision's by ``torchvision:NAME``), never with
+    pretrained weights."""
+    if arch.startswith(TORCHVISION_PREFIX):
+        return _torchvision_net(arch[len(TORCHVISION_PREFIX):], num_classes)
     if not timm.is_model(arch):
         raise UsageError(
             f"unknown architecture {arch!r}",
@@ -90,6 +105,21 @@ def load_state_into(net: nn.Module, state: dict[str, torch.Tensor], arch: str) -
     net.load_state_dict(state, strict=False)
 
 
+def _stated_grid(net: nn.Module, info: ModelInfo, patch: int, notes: list[str] | None) -> TokenGrid:
+    """The grid ``--patch-size`` states; a note (shown as a warning by the CLI) when it overrides a different grid
+    found in the model, saying which grid the patch level runs on."""
+    stated = grid_from_patch_size(patch, info.input_size)
+    try:
+        found = info.token_grid or find_token_grid(net, info.input_size)
+    except Exception:  # discovery is best effort; the stated grid is used either way
+        found = None
+    if found is not None and (found.stride, found.footprint) != (stated.stride, stated.footprint) and notes is not None:
+        notes.append(f"--patch-size {patch} overrides the token grid found in the model ({found.grid[0]}×{found.grid[1]} tokens of "
+                     f"{found.stride} pixels, from {found.source}): the patch level runs on a {stated.grid[0]}×{stated.grid[1]} "
+                     f"grid of {patch}×{patch}-pixel patches; leave --patch-size out to use the model's grid")
+    return stated
+
+
 def finalize(net: nn.Module, info: ModelInfo, options: LoadOptions, notes: list[str] | None = None) -> ModelWrapper:
     """Applies CLI overrides, finds the token grid, wraps the net and checks its output contract."""
     over: dict[str, Any] = {}
@@ -100,7 +130,7 @@ def finalize(net: nn.Module, info: ModelInfo, options: LoadOptions, notes: list[
     if over:
         info = info.with_(**over)
     if options.patch_size:
-        info = info.with_(token_grid=grid_from_patch_size(options.patch_size, info.input_size))
+        info = info.with_(token_grid=_stated_grid(net, info, options.patch_size, notes))
     elif info.token_grid is None:
         info = info.with_(token_grid=find_token_grid(net, info.input_size))
     c = info.input_size[0]
@@ -178,10 +208,11 @@ def build_from_state(
     num_classes = options.num_classes or infer_num_classes(tensors)
     if not num_classes:
         raise UsageError(f"cannot tell how many classes {path.name} has", "pass --num-classes")
-    input_size = tuple(options.input_size or (3, 32, 32))
+    tv = arch.startswith(TORCHVISION_PREFIX)  # torchvision's classifiers are ImageNet models: 224 and its statistics
+    input_size = tuple(options.input_size or ((3, 224, 224) if tv else (3, 32, 32)))
     c = input_size[0]
     info = ModelInfo(arch=arch, num_classes=int(num_classes), input_size=input_size,  # type: ignore[arg-type]
-                     mean=(0.0,) * c, std=(1.0,) * c)
+                     mean=IMAGENET_MEAN if tv and c == 3 else (0.0,) * c, std=IMAGENET_STD if tv and c == 3 else (1.0,) * c)
     net = create_net(arch, int(num_classes), input_size)  # type: ignore[arg-type]
     load_state_into(net, state, arch)
     notes: list[str] = []

@@ -195,7 +195,7 @@ def describe(
         options.input_size or declared_input or meta.get("input_size") or DEFAULT_INPUT
     )
     grid = meta.get("token_grid")
-    if grid is None and grid_fn is not None and not options.patch_size:
+    if grid is None and grid_fn is not None:  # also with --patch-size: a grid it overrides is worth a warning
         try:
             grid = grid_fn(net, input_size)
         except Exception:  # grid discovery is best effort; a model without one is scanned pixel-level

@@ -92,6 +92,26 @@ def weights_only_load(path: Path, fmt: str = "PyTorch weights") -> Any:
     return value
 
 
+def not_a_checkpoint(path: Path) -> ModelLoadError | None:
+    """A clear error for a file claimed only by its suffix that is neither a ``torch.save`` zip nor a binary
+    pickle (a text file named ``model.pt``, an HTML error page saved as a download), else None."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if head.startswith(ZIP_MAGIC) or head[:1] == b"\x80":
+        return None
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is not None and all(c.isprintable() or c in "\r\n\t" for c in text):
+        first = one_line(text.strip().splitlines()[0] if text.strip() else "", 40)
+        what = f"a text file (it begins {first!r})" if first else "a text file"
+    else:
+        what = f"neither a zip archive nor a pickle (it begins with bytes {head[:4].hex(' ')})"
+    return ModelLoadError(f"{path.name}: not a PyTorch checkpoint: torch.save writes a zip archive or a binary pickle, and this "
+                          f"is {what}", "check the path, or re-download or re-export the model")
+
+
 def missing_global(ref: str) -> str | None:
     """Why ``ref`` (``module.name``, from a pickle) cannot be imported here, or None if it can (or may).
 
@@ -142,10 +162,12 @@ class StateDictLoader:
         return path.suffix.lower() in TORCH_SUFFIXES
 
     def load(self, path: Path, options: LoadOptions) -> LoadedModel:
-        scan = scan_pickles(path)
+        scan = scan_pickles(path)  # first: a protocol-0 pickle with dangerous imports is text too, and a finding
         refuse_if_unsafe(path, scan, "a PyTorch checkpoint", "state-dict")
         try:
             obj = weights_only_load(path)
+        except ModelLoadError as e:
+            raise not_a_checkpoint(path) or e from None
         except PickledObjectsError as e:
             if options.trust_pickle:
                 return PickleModuleLoader().load_scanned(path, options, scan)

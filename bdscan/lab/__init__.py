@@ -22,16 +22,8 @@ from bdscan.lab.attacks import (
     register_attack,
 )
 from bdscan.lab.inject import InjectConfig, InjectResult, inject
-from bdscan.lab.train import (
-    ARCH_DEFAULTS,
-    AugmentConfig,
-    LabData,
-    TrainConfig,
-    TrainResult,
-    evaluate,
-    load_lab_data,
-    train_clean,
-)
+from bdscan.lab.labdata import AugmentConfig, LabData, load_lab_data
+from bdscan.lab.train import ARCH_DEFAULTS, TrainConfig, TrainResult, evaluate, train_clean
 
 _ZOO_NAMES = ("ZooEntry", "build_zoo", "default_manifest", "read_manifest")
 _RECIPE_NAMES = ("Recipe", "base_recipe", "get_recipe", "list_recipes", "register_recipe")

@@ -13,12 +13,14 @@ Library code: progress goes to :mod:`logging` and to an optional callback, never
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import json
 import logging
 import math
 import pickle
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -34,21 +36,9 @@ from torch.utils.data import DataLoader, Dataset
 from bdscan import machine
 from bdscan.atomic import atomic_write_text, atomic_write_with
 from bdscan.errors import BdscanError, NumericalError, UsageError
+from bdscan.lab.labdata import LabData, extra_train_files, find_data_dir, load_lab_data, split_train_val
 from bdscan.lab.recipes import Recipe, augment_batch_u8, auto_augment_policy, batch_mixer
-from bdscan.lab.train import (
-    LAB_VERSION,
-    LabData,
-    build_wrapper,
-    evaluate,
-    extra_train_files,
-    is_distilled,
-    load_lab_data,
-    make_optimizer,
-    round_to_half_,
-    split_train_val,
-    torch_threads,
-    warmup_cosine,
-)
+from bdscan.lab.train import LAB_VERSION, build_wrapper, evaluate, is_distilled, make_optimizer, round_to_half_, torch_threads, warmup_cosine
 from bdscan.models.wrapper import ModelWrapper
 
 log = logging.getLogger(__name__)
@@ -257,18 +247,21 @@ def train_base(
                  name, recipe.arch, recipe.arch_kwargs, sum(p.numel() for p in net.parameters()), data.name, n, recipe.epochs,
                  steps_per_epoch, dev, f"{amp} autocast" if amp else "float32")
         for epoch in range(start_epoch, recipe.epochs):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             stats = _train_epoch(wrapper, x_train, y_train, epoch, recipe, steps_per_epoch, batch, opt, sched, mixer, teacher_w, dev, amp, workers)
             mon_acc, _ = evaluate(wrapper, x_mon, y_mon)
             seconds = time.perf_counter() - t0
+            # CPU time too: on a shared host the wall time says more about the neighbours than about the recipe
             rec = {"epoch": epoch + 1, **stats, "monitor_acc": round(mon_acc, 4), "seconds": round(seconds, 1),
+                   "cpu_seconds": round(time.process_time() - c0, 1),
                    "images_per_s": round(steps_per_epoch * batch / seconds, 1), "lr": float(f"{sched.get_last_lr()[0]:.3g}")}
             history.append(rec)
             _write_checkpoint(ckpt_path, recipe, net, opt, sched, epoch + 1, history,
                               prior_seconds + time.perf_counter() - t_start, max_train)
             atomic_write_text(hist_path, json.dumps({"name": name, "recipe": recipe.to_dict(), "history": history}, indent=1) + "\n")
-            log.info("%s epoch %d/%d: loss %.4f, train acc %.4f, test acc (%d images) %.4f, %.0f s (%.0f images/s)",
-                     name, epoch + 1, recipe.epochs, rec["loss"], rec["train_acc"], len(y_mon), mon_acc, seconds, rec["images_per_s"])
+            log.info("%s epoch %d/%d: loss %.4f, train acc %.4f, test acc (%d images) %.4f, %.0f s (%.0f images/s, %.0f CPU s)",
+                     name, epoch + 1, recipe.epochs, rec["loss"], rec["train_acc"], len(y_mon), mon_acc, seconds, rec["images_per_s"],
+                     rec["cpu_seconds"])
             if on_epoch is not None:
                 on_epoch(rec)
         # the stored model: float16-rounded on the CPU, measured on the full test split
@@ -278,6 +271,7 @@ def train_base(
         round_to_half_(wrapper)
         xt, yt = data.test_set(None)
         clean_acc, _ = evaluate(wrapper, xt, yt)
+        machine_desc = machine.describe()  # inside torch_threads: the threads it trained with
     total_seconds = prior_seconds + time.perf_counter() - t_start
     meta = {
         "zoo_name": name,
@@ -299,9 +293,12 @@ def train_base(
         "teacher": teacher_desc,
         "history": history,
         "train_seconds": round(total_seconds, 1),
+        "train_cpu_seconds_epochs": round(sum(h.get("cpu_seconds", 0.0) for h in history), 1),
         "device": str(dev),
         "autocast": str(amp) if amp else None,
-        "machine": machine.describe(),
+        "machine": machine_desc,
+        "threads": threads,
+        "workers": workers,
         "weights_dtype": "float16",
         "lab_version": LAB_VERSION,
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -456,3 +453,65 @@ def _save_half(wrapper: ModelWrapper, path: Path) -> None:
 
     half = ModelWrapper(copy.deepcopy(wrapper.net).half(), wrapper.info)
     save_safetensors(half, path)
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+
+
+def train_base_main(argv: Sequence[str]) -> int:
+    """``python -m bdscan.lab.zoo train-base --dataset gtsrb --arch bdscan_vit --out DIR``: trains one clean base
+    of the evaluation zoo from its registered recipe, resumably (rerun the same command to continue)."""
+    from bdscan.lab.base import train_base
+    from bdscan.lab.recipes import base_recipe, get_recipe
+
+    ap = argparse.ArgumentParser(prog="python -m bdscan.lab.zoo train-base",
+                                 description="Train one clean base of the evaluation zoo (resumable: rerun to continue).")
+    ap.add_argument("--dataset", choices=["gtsrb", "cifar10"], help="data set (with --arch picks the recipe <dataset>_<arch>)")
+    ap.add_argument("--arch", help="architecture, e.g. bdscan_vit")
+    ap.add_argument("--recipe", help="a registered recipe by name instead of --dataset/--arch (see the 'recipes' subcommand)")
+    ap.add_argument("--out", required=True, help="output folder (model, checkpoint, per-epoch history)")
+    ap.add_argument("--data-dir", default=None, help="folder with <dataset>_32.npz (default: shared/data)")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: leave the other core free)")
+    ap.add_argument("--workers", type=int, default=None, help="data-loading processes (default: 0 on CPU, 6 on CUDA)")
+    ap.add_argument("--teacher", default=None, help="teacher .safetensors for DeiT (default: the ResNet-18 base in --out)")
+    ap.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs (a different recipe digest)")
+    ap.add_argument("--seed", type=int, default=None, help="override the recipe's seed")
+    ap.add_argument("--max-train", type=int, default=None, help="train on at most this many images (smoke tests)")
+    ap.add_argument("--restart", action="store_true", help="ignore an existing checkpoint or model and start over")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.recipe:
+            recipe = get_recipe(args.recipe)
+        elif args.dataset and args.arch:
+            recipe = base_recipe(args.dataset, args.arch)
+        else:
+            raise UsageError("give --dataset and --arch, or --recipe", "e.g. --dataset gtsrb --arch bdscan_vit")
+        recipe = recipe.with_overrides(epochs=args.epochs, seed=args.seed)
+        workers = args.workers if args.workers is not None else (6 if args.device.startswith("cuda") else 0)
+        res = train_base(recipe, args.out, data_dir=find_data_dir(args.data_dir), device=args.device, threads=args.threads,
+                         workers=workers, teacher=args.teacher, restart=args.restart, max_train=args.max_train)
+    except BdscanError as e:
+        log.error("%s", e)
+        return 2
+    log.info("%s: clean accuracy %.4f%s", res.path, res.clean_acc, " (already trained)" if res.skipped else "")
+    return 0
+
+
+def recipes_main(argv: Sequence[str]) -> int:
+    """``python -m bdscan.lab.zoo recipes [--json]``: the registered base recipes."""
+    from bdscan.lab.recipes import get_recipe, list_recipes
+
+    ap = argparse.ArgumentParser(prog="python -m bdscan.lab.zoo recipes", description="List the evaluation zoo's base recipes.")
+    ap.add_argument("--json", action="store_true", help="full recipes as JSON")
+    args = ap.parse_args(argv)
+    recs = [get_recipe(n) for n in list_recipes()]
+    if args.json:
+        sys.stdout.write(json.dumps([r.to_dict() for r in recs], indent=2) + "\n")
+    else:
+        for r in recs:
+            sys.stdout.write(f"{r.name:18s} {r.arch:16s} {r.epochs:3d} epochs  {r.optimizer:5s} lr {r.lr:g}  "
+                             f"{r.auto_augment}{' +mix' if r.mix_prob else ''}{' teacher ' + r.teacher_arch if r.teacher_arch else ''}"
+                             f"  {r.arch_kwargs or ''}\n")
+    return 0

@@ -18,19 +18,8 @@ import torch
 
 from bdscan.errors import UsageError
 from bdscan.lab.attacks import ATTACKS, AttackConfig, make_trigger
-from bdscan.lab.train import (
-    LAB_VERSION,
-    AugmentConfig,
-    Poison,
-    Progress,
-    arch_defaults,
-    clone_for_training,
-    evaluate,
-    fit,
-    load_lab_data,
-    split_train_val,
-    torch_threads,
-)
+from bdscan.lab.labdata import AugmentConfig, load_lab_data, split_train_val
+from bdscan.lab.train import LAB_VERSION, Poison, Progress, arch_defaults, clone_for_training, evaluate, fit, torch_threads
 from bdscan.models.wrapper import ModelWrapper
 from bdscan.trigger import Trigger
 

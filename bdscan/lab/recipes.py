@@ -47,7 +47,7 @@ import torch
 from torchvision.transforms import v2
 
 from bdscan.errors import UsageError
-from bdscan.lab.train import AugmentConfig, augment_batch
+from bdscan.lab.labdata import AugmentConfig, augment_batch
 
 #: augmentation policies a recipe may name
 AUTO_AUGMENT = ("none", "trivialaugment", "randaugment")
@@ -229,20 +229,20 @@ def batch_mixer(recipe: Recipe, num_classes: int) -> Callable[[torch.Tensor, tor
 
 # -------------------------------------------------------------------------------------------- registry
 #
-# CNNs: SGD with Nesterov momentum, the standard strong recipe for small CNNs; light mixing only, since a
-# small CNN under-fits under heavy regularisation in few epochs. Transformers: AdamW, warm-up, label smoothing,
+# CNNs: SGD with Nesterov momentum, the standard strong recipe for small CNNs; no mixing, since a small CNN
+# under-fits under heavy regularisation in few epochs. Transformers: AdamW, warm-up, label smoothing,
 # stronger augmentation and mixing (they have no convolutional prior and over-fit 13,500 images otherwise),
 # a little stochastic depth. GTSRB: RandAugment at magnitude 9 (rotations within ±9°, colour changes mild
 # enough to keep red and blue signs apart) and no flips; CIFAR-10: TrivialAugmentWide and flips.
 
 _GTSRB_CNN: dict[str, Any] = dict(dataset="gtsrb", optimizer="sgd", lr=0.05, weight_decay=5e-4, warmup_epochs=1.0, label_smoothing=0.1,
-                  auto_augment="randaugment", hflip=False)
+                                  auto_augment="randaugment", hflip=False)
 _GTSRB_TF: dict[str, Any] = dict(dataset="gtsrb", optimizer="adamw", lr=1e-3, weight_decay=0.05, warmup_epochs=3.0, label_smoothing=0.1,
-                 auto_augment="randaugment", hflip=False, mixup_alpha=0.2, cutmix_alpha=1.0, mix_prob=0.3)
+                                 auto_augment="randaugment", hflip=False, mixup_alpha=0.2, cutmix_alpha=1.0, mix_prob=0.3)
 _CIFAR_CNN: dict[str, Any] = dict(dataset="cifar10", optimizer="sgd", lr=0.05, weight_decay=5e-4, warmup_epochs=1.0, label_smoothing=0.1,
-                  auto_augment="trivialaugment", hflip=True)
+                                  auto_augment="trivialaugment", hflip=True)
 _CIFAR_TF: dict[str, Any] = dict(dataset="cifar10", optimizer="adamw", lr=1e-3, weight_decay=0.05, warmup_epochs=2.0, label_smoothing=0.1,
-                 auto_augment="trivialaugment", hflip=True, mixup_alpha=0.8, cutmix_alpha=1.0, mix_prob=0.5)
+                                 auto_augment="trivialaugment", hflip=True, mixup_alpha=0.8, cutmix_alpha=1.0, mix_prob=0.5)
 
 #: transformer sizes: depth 6 and width 96-128 (0.45-0.6 M parameters) are what ~45 GTSRB minutes buy at enough
 #: epochs; the ViT, DeiT and ConViT share a trunk size so that the families are compared at equal size

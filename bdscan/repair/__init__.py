@@ -21,13 +21,13 @@ from bdscan.repair.unlearn import unlearn
 from bdscan.repair.prune import find_classifier, prune_neurons
 
 # isort: on
+from bdscan.repair.checks import Check, measure
 from bdscan.repair.core import (
     RepairConfig,
     RepairMethod,
     RepairProgress,
     RepairResult,
     get_method,
-    measure,
     register_method,
     repair,
     repair_methods,
@@ -43,6 +43,7 @@ METHODS = tuple(repair_methods())
 __all__ = [
     "METHODS",
     "SUFFIXES",
+    "Check",
     "ExportError",
     "OutOfToleranceError",
     "RepairConfig",

@@ -6,6 +6,9 @@ The clean data is split once, stratified by class and seeded: the *repair* part 
 method and is where ``before`` and ``after`` are measured. Attack success (``asr_*``) is the share of held-out
 images **not of the trigger's target class** that the stamped trigger sends to the target.
 
+Every measurement comes with its 95 % interval, and a repair passes or fails two checks (clean accuracy within
+tolerance, the backdoor gone): :mod:`bdscan.repair.checks`.
+
 A repair method is a function with the :class:`RepairMethod` signature, registered under its name with
 :func:`register_method` in its own module (see :mod:`bdscan.repair.unlearn`, :mod:`bdscan.repair.prune`); a
 new method is one new module plus one import line in :mod:`bdscan.repair`'s ``__init__``.
@@ -25,8 +28,9 @@ import torch
 from torch import nn
 
 from bdscan.data import CleanData
-from bdscan.errors import NumericalError, UsageError, first_line
+from bdscan.errors import UsageError, first_line
 from bdscan.models.wrapper import ModelWrapper
+from bdscan.repair.checks import Check, judge, outcomes, predict
 from bdscan.trigger import Trigger
 
 log = logging.getLogger(__name__)
@@ -35,6 +39,14 @@ log = logging.getLogger(__name__)
 RepairProgress = Callable[[int, int, dict[str, float]], None]
 
 OPTIMIZERS = ("adam", "sgd")
+#: what unlearning trains towards (see :attr:`RepairConfig.targets`)
+TARGETS = ("model", "labels")
+#: confidence of every interval a repair reports
+CONFIDENCE = 0.95
+#: unlearning's learning rate (Adam) for a model with a token grid (a transformer) and for one without (a CNN):
+#: on the bundled CNNs 1e-3 cost 8-25 points of clean accuracy while 3e-4 removed the backdoor as well; on the
+#: transformers 3e-4 left a fifth to a half of the original trigger working (docs/repair.md, "The recipe")
+LR_TRANSFORMER, LR_CNN = 1e-3, 3e-4
 #: fewest clean images a repair accepts (both parts of the split need a few of them)
 MIN_IMAGES = 10
 
@@ -94,18 +106,26 @@ def get_method(name: str) -> RepairMethod:
 class RepairConfig:
     """How a model is repaired.
 
-    Defaults follow Neural Cleanse's unlearning (20 % of images stamped with the reversed trigger and their
-    true labels, a small clean set, a modest learning rate) scaled to the few hundred clean images a bdscan
-    user has: a few epochs of Adam over the repair part of the data. With too few clean images the backdoor
-    still goes but clean accuracy drops, whatever the optimizer or learning rate; the tolerance check then
-    refuses the export unless forced (measurements: docs/study.md, Tables 4-5).
+    Unlearning follows Neural Cleanse (images stamped with the reversed trigger are trained towards what they
+    are, not the target) with two changes for the few hundred clean images a bdscan user has. First, the
+    images are trained towards the *input model's own answers on the unstamped image* (``targets="model"``,
+    self-distillation) rather than their true labels: fine-tuning on true labels re-fits a weak model to a
+    few hundred images and cost the bundled 50 %-accurate demo ViT about 10 points of clean accuracy, while
+    matching the model's own answers leaves its clean behaviour where it was and only takes the trigger's
+    effect away. Second, half the repair images are stamped in each epoch (``stamp_fraction=0.5``; Neural
+    Cleanse: 0.2): with the model's own answers as targets, stamping more removed more of the *original*
+    backdoor, of which the reversed trigger is only an approximation. Third, the learning rate depends on the
+    model (:meth:`resolved`): Adam at 1e-3 for a transformer, 3e-4 for a CNN (measured: docs/repair.md).
 
     Attributes:
         method: a registered repair method: "unlearn" (fine-tune with the stamped trigger) or "prune" (zero
             penultimate neurons).
         stamp_fraction: share of repair images stamped with the trigger in each epoch (unlearning).
+        targets: what unlearning trains every image towards: "model" (the input model's soft answers on the
+            unstamped image; labels are not used) or "labels" (the true labels, as Neural Cleanse).
         epochs: passes over the repair images (unlearning).
-        lr: learning rate (unlearning).
+        lr: learning rate (unlearning); None = by the model: :data:`LR_TRANSFORMER` for a model with a token
+            grid, :data:`LR_CNN` for one without (:meth:`resolved`).
         batch_size: images per mini-batch (training and measuring).
         optimizer: "adam" or "sgd" (SGD uses momentum 0.9).
         weight_decay: optimizer weight decay.
@@ -114,7 +134,9 @@ class RepairConfig:
             parameters are still trained.
         holdout_fraction: share of the clean data held out (stratified by class) to measure before/after.
         seed: seed of the split, the stamping and the mini-batch order.
-        max_acc_drop: tolerated drop in held-out clean accuracy (a fraction: 0.03 = 3 points).
+        max_acc_drop: tolerated drop in held-out clean accuracy (a fraction: 0.03 = 3 points); exceeded only
+            when the drop's whole 95 % interval lies above it (see the module docstring).
+        max_asr: highest attack success a trigger may keep after the repair (a fraction: 0.1 = 10 %).
         prune_max_fraction: pruning stops after this share of the penultimate neurons.
         prune_step: share of the penultimate neurons added at each pruning step.
         prune_target_asr: pruning stops once the trigger's attack success on the repair images is below this.
@@ -122,9 +144,10 @@ class RepairConfig:
     """
 
     method: str = "unlearn"
-    stamp_fraction: float = 0.2
+    stamp_fraction: float = 0.5
+    targets: str = "model"
     epochs: int = 8
-    lr: float = 1e-3
+    lr: float | None = None
     batch_size: int = 32
     optimizer: str = "adam"
     weight_decay: float = 0.0
@@ -132,6 +155,7 @@ class RepairConfig:
     holdout_fraction: float = 0.3
     seed: int = 0
     max_acc_drop: float = 0.03
+    max_asr: float = 0.10
     prune_max_fraction: float = 0.5
     prune_step: float = 0.02
     prune_target_asr: float = 0.05
@@ -139,6 +163,12 @@ class RepairConfig:
 
     def with_(self, **changes: Any) -> RepairConfig:
         return replace(self, **changes)
+
+    def resolved(self, model: ModelWrapper) -> RepairConfig:
+        """The configuration with the learning rate chosen for ``model`` when it was left to bdscan."""
+        if self.lr is not None:
+            return self
+        return replace(self, lr=LR_TRANSFORMER if model.token_grid is not None else LR_CNN)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -148,17 +178,21 @@ class RepairConfig:
         get_method(self.method)
         if self.optimizer not in OPTIMIZERS:
             raise UsageError(f"unknown optimizer {self.optimizer!r}", f"use one of: {', '.join(OPTIMIZERS)}")
+        if self.targets not in TARGETS:
+            raise UsageError(f"unknown unlearning targets {self.targets!r}", f"use one of: {', '.join(TARGETS)}")
         if not 0 < self.stamp_fraction <= 1:
             raise UsageError(f"stamp fraction {self.stamp_fraction:g} is not in (0, 1]", "Neural Cleanse stamps 0.2")
         if self.epochs < 1 or self.batch_size < 1:
             raise UsageError("epochs and batch size must be positive", "e.g. --epochs 8 --batch-size 32")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
+        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
             raise UsageError(f"learning rate {self.lr:g} is not positive", "e.g. --lr 0.001")
         if not 0 < self.holdout_fraction < 1:
             raise UsageError(f"hold-out fraction {self.holdout_fraction:g} is not in (0, 1)", "e.g. 0.3")
         if not 0 <= self.max_acc_drop <= 1:
             raise UsageError(f"accuracy-drop tolerance {self.max_acc_drop:g} is not in [0, 1]",
                              "give it as a fraction: 0.03 means 3 points of accuracy")
+        if not 0 <= self.max_asr <= 1:
+            raise UsageError(f"attack-success limit {self.max_asr:g} is not in [0, 1]", "give it as a fraction: 0.1 means 10 %")
         if not 0 < self.prune_max_fraction <= 1 or not 0 < self.prune_step <= 1:
             raise UsageError("pruning fractions must be in (0, 1]", "e.g. prune_max_fraction 0.5, prune_step 0.02")
         if not 0 <= self.prune_target_asr <= 1:
@@ -175,11 +209,13 @@ class RepairResult:
         method: the repair method's name ("unlearn", "prune").
         trigger: the trigger the repair used (its ``target`` filled in if it had to be inferred).
         original: the model's original trigger when known (lab models), measured as ``asr_original``.
-        before: held-out metrics of the input model: ``clean_accuracy``, ``asr_reversed``, ``asr_original``.
+        before: held-out metrics of the input model: ``clean_accuracy``, ``asr_reversed``, ``asr_original``, and
+            ``target_without_trigger`` (the share of images of other classes it sends to the target with no
+            trigger at all: the floor below which no attack success can go).
         after: the same metrics of the repaired model.
         acc_drop: ``before.clean_accuracy - after.clean_accuracy`` (negative when accuracy rose).
         tolerance: the configured ``max_acc_drop``.
-        within_tolerance: ``acc_drop <= tolerance``.
+        within_tolerance: the clean-accuracy check (not *shown* beyond tolerance; :mod:`bdscan.repair.checks`).
         config: the configuration.
         repair_images: clean images the repair used.
         holdout_images: clean images held out for measuring.
@@ -187,6 +223,11 @@ class RepairResult:
         details: method-specific facts (unlearning: epochs, stamped images, loss per epoch; pruning: neurons
             pruned, layer, stop reason).
         holdout: the held-out images (used by :func:`~bdscan.repair.export.export_repaired` for parity checks).
+        backdoor_removed: the attack-success check: every measured trigger at most ``config.max_asr`` after.
+        intervals: 95 % intervals: ``{"before": {metric: (lo, hi)}, "after": {...}, "acc_drop": (lo, hi)}``.
+        counts: the images behind each rate: ``clean`` (held-out images), ``attack`` (those not of the target),
+            ``lost``/``gained`` (images classified correctly before and not after / after and not before).
+        checks: the two checks with their sentences.
     """
 
     wrapper: ModelWrapper
@@ -204,20 +245,35 @@ class RepairResult:
     seconds: float
     details: dict[str, Any] = field(default_factory=dict)
     holdout: CleanData | None = field(default=None, repr=False)
+    backdoor_removed: bool = True
+    intervals: dict[str, Any] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        """Both checks passed: the export needs no ``force``."""
+        return self.within_tolerance and self.backdoor_removed
 
     def trigger_dict(self) -> dict[str, Any]:
         return trigger_summary(self.trigger)
 
     def to_dict(self) -> dict[str, Any]:
-        """The scan document's ``repair`` section (rendered by the HTML report's Repair table)."""
+        """The scan document's ``repair`` section (rendered by the HTML report's Repair page; docs/scan-json.md)."""
         return {
             "method": self.method,
             "trigger": self.trigger_dict(),
             "before": {k: _r(v) for k, v in self.before.items()},
             "after": {k: _r(v) for k, v in self.after.items()},
+            "intervals": _jsonable({"confidence": CONFIDENCE, **self.intervals}),
+            "counts": dict(self.counts),
             "acc_drop": _r(self.acc_drop),
             "tolerance": self.tolerance,
             "within_tolerance": self.within_tolerance,
+            "max_asr": self.config.max_asr,
+            "backdoor_removed": self.backdoor_removed,
+            "passed": self.passed,
+            "checks": [{"check": c.name, "passed": c.passed, "text": c.text} for c in self.checks],
             "config": self.config.to_dict(),
             "holdout_images": self.holdout_images,
             "repair_images": self.repair_images,
@@ -303,49 +359,6 @@ def split_data(data: CleanData, holdout_fraction: float, seed: int) -> tuple[Cle
     return data.subset(r), data.subset(h)
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    return next(model.parameters(), torch.empty(0)).device
-
-
-@torch.no_grad()
-def predict(model: ModelWrapper, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Predicted labels (N,) in eval mode (checks the outputs are finite)."""
-    model.eval()
-    dev = _device_of(model)
-    outs = []
-    for i in range(0, len(x), batch_size):
-        out = model(x[i : i + batch_size].to(dev))
-        if not torch.isfinite(out).all():
-            raise NumericalError("the model produces NaN or inf on clean images", "lower the learning rate (--lr)")
-        outs.append(out.argmax(1).cpu())
-    return torch.cat(outs) if outs else torch.empty(0, dtype=torch.long)
-
-
-def attack_success(model: ModelWrapper, data: CleanData, trigger: Trigger | None, batch_size: int = 256) -> float | None:
-    """Share of images not of the trigger's target class that the stamped trigger sends to the target (None
-    without a trigger, a target, or such images)."""
-    if trigger is None or trigger.target is None:
-        return None
-    keep = data.y != int(trigger.target)
-    if not bool(keep.any()):
-        return None
-    pred = predict(model, trigger.stamp(data.x[keep]), batch_size)
-    return float((pred == int(trigger.target)).float().mean())
-
-
-def clean_accuracy(model: ModelWrapper, data: CleanData, batch_size: int = 256) -> float:
-    return float((predict(model, data.x, batch_size) == data.y).float().mean())
-
-
-def measure(model: ModelWrapper, data: CleanData, trigger: Trigger, original: Trigger | None) -> dict[str, float | None]:
-    """``clean_accuracy``, ``asr_reversed`` (the trigger used) and ``asr_original`` (None without one) on ``data``."""
-    return {
-        "clean_accuracy": clean_accuracy(model, data),
-        "asr_reversed": attack_success(model, data, trigger),
-        "asr_original": attack_success(model, data, original) if original is not None else None,
-    }
-
-
 def infer_target(model: ModelWrapper, data: CleanData, trigger: Trigger) -> int:
     """The class the stamped trigger sends most images to (for triggers given without a target)."""
     pred = predict(model, trigger.stamp(data.x))
@@ -409,7 +422,7 @@ def repair(
         UsageError: bad configuration, a trigger that does not fit the model, too little data.
         NumericalError: the repaired model produces NaN or inf.
     """
-    cfg = cfg.validate()
+    cfg = cfg.validate().resolved(model)
     t0 = time.perf_counter()
     trigger = check_trigger(trigger, model)
     original = check_trigger(original, model) if original is not None else None
@@ -418,15 +431,17 @@ def repair(
         target = infer_target(model, hold, trigger)
         log.info("the trigger has no target; it sends most held-out images to class %d", target)
         trigger = replace(trigger, target=target, params={**trigger.params, "target_inferred": True})
-    before = measure(model, hold, trigger, original)
-    log.info("before repair: %s", before)
+    ob = outcomes(model, hold, trigger, original)
+    log.info("before repair: %s", ob.rates())
     net, details = get_method(cfg.method)(model, rep, trigger, cfg, progress)
-    after = measure(net, hold, trigger, original)
-    log.info("after repair: %s", after)
-    drop = float(before["clean_accuracy"] or 0.0) - float(after["clean_accuracy"] or 0.0)
+    oa = outcomes(net, hold, trigger, original)
+    log.info("after repair: %s", oa.rates())
+    before, after = ob.rates(), oa.rates()
+    j = judge(ob, oa, cfg.max_acc_drop, cfg.max_asr, trigger.target)
     return RepairResult(
         wrapper=net, method=cfg.method, trigger=trigger, original=original, before=before, after=after,
-        acc_drop=drop, tolerance=cfg.max_acc_drop, within_tolerance=drop <= cfg.max_acc_drop + 1e-9, config=cfg,
-        repair_images=len(rep), holdout_images=len(hold), seconds=time.perf_counter() - t0, details=details,
-        holdout=hold,
+        acc_drop=float(before["clean_accuracy"] or 0.0) - float(after["clean_accuracy"] or 0.0), tolerance=cfg.max_acc_drop,
+        within_tolerance=j.accuracy.passed, config=cfg, repair_images=len(rep), holdout_images=len(hold),
+        seconds=time.perf_counter() - t0, details=details, holdout=hold, backdoor_removed=j.attack.passed,
+        intervals=j.intervals, counts=j.counts, checks=[j.accuracy, j.attack],
     )

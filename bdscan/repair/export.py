@@ -12,7 +12,9 @@ within :data:`PARITY_TOL`.
 
 Safety: the output may not be the input (``refuse_input_overwrite``); the file is written to a temporary path
 next to the output, checked there, and only renamed into place when the check passes, so a failed export
-leaves nothing behind. A repair whose clean-accuracy drop exceeds its tolerance is refused unless ``force``.
+leaves nothing behind. A repair that failed one of its checks (:mod:`bdscan.repair.checks`: clean accuracy
+shown to drop beyond the tolerance, or a trigger that still works) is refused unless ``force``; a forced export
+says so in its provenance (``forced: true`` and the failed checks).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -44,17 +48,46 @@ PARITY_IMAGES = 64
 
 
 class OutOfToleranceError(UsageError):
-    """The repair cost more clean accuracy than its tolerance; exporting needs ``force``.
+    """The repair failed one of its checks (accuracy beyond tolerance, or the backdoor still works); exporting
+    needs ``force``.
 
     Attributes:
         acc_drop: the measured drop (fraction).
         tolerance: the tolerance (fraction).
+        failed: the names of the failed checks ("clean accuracy", "attack success").
     """
 
-    def __init__(self, message: str, acc_drop: float, tolerance: float, hint: str | None = None) -> None:
+    def __init__(self, message: str, acc_drop: float, tolerance: float, hint: str | None = None,
+                 failed: tuple[str, ...] = ()) -> None:
         super().__init__(message, hint)
         self.acc_drop = acc_drop
         self.tolerance = tolerance
+        self.failed = failed
+
+
+def refusal(result: RepairResult) -> OutOfToleranceError | None:
+    """Why the repaired model may not be exported without ``force`` (None when it passed both checks)."""
+    if result.passed:
+        return None
+    parts, hints, failed = [], [], []
+    if not result.within_tolerance:
+        lo = (result.intervals.get("acc_drop") or (result.acc_drop, result.acc_drop))[0]
+        parts.append(f"it lowered clean accuracy by {result.acc_drop * 100:.1f} points (95 % interval from {lo * 100:.1f}), "
+                     f"beyond the tolerance of {result.tolerance * 100:.1f} points")
+        hints.append("lower --lr or --epochs, or give more clean data")
+        failed.append("clean accuracy")
+    if not result.backdoor_removed:
+        worst = max((v for k, v in result.after.items() if k.startswith("asr_") and v is not None), default=None)
+        parts.append("the trigger still sends " + (f"{worst * 100:.1f} % " if worst is not None else "")
+                      + f"of the held-out images of other classes to the target, above the limit of {result.config.max_asr * 100:.0f} %")
+        hints.append("try --method unlearn, more --epochs, or the scan's other --level")
+        failed.append("attack success")
+    return OutOfToleranceError(
+        "the repair failed: " + "; and ".join(parts) + "; the repaired model was not written",
+        result.acc_drop, result.tolerance,
+        "; ".join(hints) + "; --force writes it anyway, marked as forced in its provenance and the report",
+        tuple(failed),
+    )
 
 
 class ExportError(BdscanError):
@@ -73,6 +106,12 @@ def provenance(result: RepairResult, input_path: Path, input_sha256: str, extra:
         "acc_drop": d["acc_drop"],
         "tolerance": d["tolerance"],
         "within_tolerance": d["within_tolerance"],
+        "intervals": d["intervals"],
+        "max_asr": d["max_asr"],
+        "backdoor_removed": d["backdoor_removed"],
+        "passed": d["passed"],
+        "forced": not d["passed"],
+        "checks": d["checks"],
         "config": d["config"],
         "holdout_images": d["holdout_images"],
         "repair_images": d["repair_images"],
@@ -101,7 +140,7 @@ def export_repaired(
         input_path: the repaired model's source file (never overwritten; named in the provenance).
         input_sha256: its sha256 (named in the provenance).
         extra_provenance: merged into the provenance record (e.g. the scan the trigger came from).
-        force: export even when the accuracy drop exceeds the tolerance.
+        force: export even when the repair failed one of its checks (the provenance records ``forced: true``).
 
     Returns:
         ``out``.
@@ -109,20 +148,16 @@ def export_repaired(
     Raises:
         UsageError: unknown suffix, ``out`` is the input, or a format that cannot hold the model (safetensors for a
             model without a registry architecture, loaded from ONNX/TorchScript).
-        OutOfToleranceError: the accuracy drop exceeds the tolerance and ``force`` is False.
+        OutOfToleranceError: the repair failed one of its checks and ``force`` is False.
         ExportError: the model cannot be written in that format, or the written file does not reproduce the
             repaired model's logits.
     """
     out = Path(out)
     writer = writer_for(out)
     refuse_input_overwrite(out, [Path(input_path)])
-    if not result.within_tolerance and not force:
-        raise OutOfToleranceError(
-            f"the repair lowered clean accuracy by {result.acc_drop * 100:.1f} points, more than the tolerance of "
-            f"{result.tolerance * 100:.1f} points; the repaired model was not written",
-            result.acc_drop, result.tolerance,
-            "--force overrides (writes it anyway); or raise the tolerance, lower --lr or --epochs, or give more clean data",
-        )
+    refused = refusal(result)
+    if refused is not None and not force:
+        raise refused
     prov = provenance(result, input_path, input_sha256, extra_provenance)
     w = result.wrapper
     input_metadata = json.loads(json.dumps(w.info.metadata, default=str))
@@ -142,8 +177,20 @@ def export_repaired(
         except BdscanError as e:
             raise ExportError(f"{out.name}: {e.message}", f"export {others} instead") from e
         diff = _check(back.written, back.expected, writer.title, out.name, others)
+        if tmp.is_file():  # a writer may create its file 0600 (a temp file of its own): give it the user's umask
+            os.chmod(tmp, file_mode(out))
     log.info("wrote %s (max |logit difference| to the repaired model %.2g)", out, diff)
     return out
+
+
+def file_mode(path: Path) -> int:
+    """The permission bits ``open(path, "w")`` would give: an existing file's, else 0666 less the umask."""
+    try:
+        return stat.S_IMODE(Path(path).stat().st_mode)
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def _parity_images(result: RepairResult) -> torch.Tensor:

@@ -28,15 +28,8 @@ from torch import nn
 from bdscan.data import CleanData
 from bdscan.errors import UsageError
 from bdscan.models.wrapper import ModelWrapper
-from bdscan.repair.core import (
-    RepairConfig,
-    RepairProgress,
-    attack_success,
-    clean_accuracy,
-    finish,
-    register_method,
-    working_copy,
-)
+from bdscan.repair.checks import attack_success, clean_accuracy
+from bdscan.repair.core import RepairConfig, RepairProgress, finish, register_method, working_copy
 from bdscan.trigger import Trigger
 
 log = logging.getLogger(__name__)

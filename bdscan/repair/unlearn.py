@@ -1,10 +1,13 @@
 """Removing a backdoor by unlearning its trigger (Neural Cleanse, Wang et al. 2019, section VI-C).
 
 Unlearning fine-tunes a copy of the model on a small clean set in which a share of the images
-(``stamp_fraction``, Neural Cleanse: 20 %) carry the trigger *with their true labels*, so the model learns
-that the trigger means nothing. Neural Cleanse used 10 % of the training data for one epoch; bdscan is given a
-few hundred clean images, so it runs a few epochs over them instead (see
-:class:`~bdscan.repair.core.RepairConfig`).
+(``stamp_fraction``) carry the trigger, trained towards what the image is rather than the target, so the model
+learns that the trigger means nothing. Neural Cleanse used 20 % stamped images with their *true labels* and 10 %
+of the training data for one epoch. bdscan is given a few hundred clean images, so it runs a few epochs over
+them instead, and by default trains every image (stamped or not) towards the *input model's own answer on the
+unstamped image* (``targets="model"``): a soft target that keeps the model's clean behaviour instead of
+re-fitting it to a few hundred labels (see :class:`~bdscan.repair.core.RepairConfig`; ``targets="labels"`` is
+Neural Cleanse's).
 """
 
 from __future__ import annotations
@@ -36,20 +39,38 @@ def set_train_mode(net: nn.Module, freeze_norm: bool) -> None:
 
 
 def make_optimizer(params: list[torch.Tensor], cfg: RepairConfig) -> torch.optim.Optimizer:
+    lr = float(cfg.lr if cfg.lr is not None else 1e-3)  # callers pass a resolved configuration
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
-    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay)
+
+
+@torch.no_grad()
+def soft_targets(model: ModelWrapper, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """The input model's class probabilities (N, K) on the (unstamped) images, in eval mode."""
+    model.eval()
+    dev = next(model.parameters(), torch.empty(0)).device
+    out = [F.softmax(model(x[i : i + batch_size].to(dev)).float(), 1).cpu() for i in range(0, len(x), batch_size)]
+    probs = torch.cat(out) if out else torch.empty(0, model.num_classes)
+    if not torch.isfinite(probs).all():
+        raise NumericalError("the model produces NaN or inf on the clean images", "check the model and its input scaling")
+    return probs
 
 
 @register_method("unlearn")
 def unlearn(
     model: ModelWrapper, data: CleanData, trigger: Trigger, cfg: RepairConfig, progress: RepairProgress | None = None
 ) -> tuple[ModelWrapper, dict[str, Any]]:
-    """Fine-tunes a copy of ``model`` on ``data`` with ``cfg.stamp_fraction`` of the images stamped (true labels).
+    """Fine-tunes a copy of ``model`` on ``data`` with ``cfg.stamp_fraction`` of the images stamped, every image
+    trained towards ``cfg.targets``: the input model's answer on the unstamped image, or its true label.
 
     Each epoch draws a fresh seeded permutation and a fresh set of stamped images. Returns the repaired copy and
-    ``{"epochs", "stamped_per_epoch", "loss"}`` (mean training loss per epoch).
+    ``{"epochs", "stamped_per_epoch", "targets", "loss"}`` (mean training loss per epoch; with the model's answers
+    as targets it is a cross-entropy to soft targets, so it cannot reach 0).
     """
+    cfg = cfg.resolved(model)  # the learning rate for this kind of model, when left to bdscan
+    # computed on the untouched input, before any step: what the repaired model should still answer
+    targets = soft_targets(model, data.x, cfg.batch_size) if cfg.targets == "model" else data.y
     net = working_copy(model, cfg.device)
     params = trainable_tensors(net)
     for p in params:
@@ -75,7 +96,7 @@ def unlearn(
             total, seen = 0.0, 0
             for s in range(0, n, cfg.batch_size):
                 idx = perm[s : s + cfg.batch_size]
-                xb, yb = x[idx].to(dev), data.y[idx].to(dev)
+                xb, yb = x[idx].to(dev), targets[idx].to(dev)
                 loss = F.cross_entropy(net(xb), yb)
                 if not torch.isfinite(loss):
                     raise NumericalError(f"the unlearning loss became {float(loss)} in epoch {epoch + 1}",
@@ -89,4 +110,5 @@ def unlearn(
             log.debug("unlearning epoch %d/%d: loss %.4f", epoch + 1, cfg.epochs, losses[-1])
             if progress:
                 progress(epoch + 1, cfg.epochs, {"epoch": float(epoch + 1), "loss": losses[-1]})
-    return finish(net), {"epochs": cfg.epochs, "stamped_per_epoch": n_stamp, "loss": [round(v, 5) for v in losses]}
+    return finish(net), {"epochs": cfg.epochs, "lr": cfg.lr, "stamped_per_epoch": n_stamp, "targets": cfg.targets,
+                         "loss": [round(v, 5) for v in losses]}

@@ -283,3 +283,40 @@ def layer_chart(series: list[tuple[str, str, dict[str, Any]]]) -> Markup | None:
         s.line(x, base, x, base + 4, "#888")
         s.text(x, base + 15, f"{100 * t:g} %", 9, "middle", fill="#555")
     return s.render()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# trigger sizes in words an auditor can picture
+
+
+def size_words(doc: dict[str, Any], mode: str, label: Any, norm: Any) -> str | None:
+    """A trigger's size as area: "about 5 pixels at full strength, 0.5 % of the 32×32 image".
+
+    The pixel level's size is the mask's L1 norm: its total weight, so N is the area of N fully opaque pixels.
+    The patch level's is "tokens touched", the sum of a mask with one value per token: on a grid of
+    non-overlapping P×P tokens, N tokens is the area of N·P² pixels (0.33 tokens of 4×4 pixels: about 5 pixels).
+    On an overlapping tokenizer (CCT) a token's receptive field overlaps its neighbours', so no area is given.
+    """
+    if not isinstance(norm, (int, float)) or isinstance(norm, bool) or norm >= INF_INDEX:
+        return None
+    size = dig(doc, "model", "input_size") or []
+    h, w = (size[1], size[2]) if len(size) == 3 and all(isinstance(s, int) for s in size) else (None, None)
+    pixels: float | None = None
+    unit = ""
+    m = dig(doc, "modes", mode) or {}
+    if mode == "pixel":
+        pixels = float(norm)
+    elif mode == "patch":
+        row = next((r for r in m.get("labels") or [] if isinstance(r, dict) and r.get("label") == label), {})
+        params = [p for p in m.get("params") or [] if isinstance(p, dict)]
+        param = next((p for p in params if p.get("name") == row.get("param")), params[0] if params else {})
+        grid = param.get("grid") or dig(doc, "model", "token_grid") or {}
+        stride, foot = grid.get("stride"), grid.get("footprint")
+        if not (isinstance(stride, int) and stride == foot and stride > 0):
+            return f"{norm:.2f} tokens whose receptive field the mask reaches, weighted by the mask" if foot else None
+        pixels = float(norm) * stride * stride
+        unit = f"{norm:.2f} of one {stride}×{stride}-pixel token, i.e. "
+    if pixels is None:
+        return None
+    share = f", {pixels / (h * w):.1%} of the {h}×{w} image" if h and w else ""
+    return f"{unit}the area of about {pixels:.0f} pixel{'s' if round(pixels) != 1 else ''} at full strength{share}"

@@ -10,7 +10,6 @@ inconclusive verdict) are shown as such rather than failing.
 from __future__ import annotations
 
 import json
-import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -33,8 +32,11 @@ from bdscan.report.charts import (
     pct,
     phase_charts,
     safe_image,
+    size_words,
     val,
 )
+from bdscan.report.repair_page import repair_view
+from bdscan.report.suggest import repair_command, rescan_command
 
 #: the folder of report templates, shipped inside the package (``bdscan/templates`` -> ``templates/``)
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
@@ -56,17 +58,11 @@ def _verdict(doc: dict[str, Any], names: list[str]) -> dict[str, Any]:
     status = v.get("status") if v.get("status") in STATUS else "inconclusive"
     title, tone = STATUS[status]
     target = v.get("target")
-    model_file = dig(doc, "model", "file", default="MODEL")
-    data_src = dig(doc, "data", "source", default="") or "DATA"
-    if not re.match(r"^[\w./:\\ -]+$", data_src):
-        data_src = "DATA"
     thr = v.get("threshold", dig(doc, "config", "threshold"))
     if status == "backdoor":
         meaning = (f"Images of any class can be sent to {class_label(names, target)} with a trigger far smaller than any other "
                    f"class needs: the signature of a planted backdoor that sends triggered inputs to that class.")
-        todo = [("Do not deploy this model.", None),
-                ("Remove the backdoor by unlearning the reversed trigger, then scan the repaired model again:",
-                 f"bdscan repair {model_file} --data {data_src}"),
+        todo = [("Do not deploy this model.", None), *_repair_todo(doc),
                 ("Or retrain from data you trust, and find out where this checkpoint came from.", None)]
     elif status == "clean":
         meaning = ("No class can be reached with an abnormally small trigger: this scan found no evidence of a backdoor "
@@ -95,6 +91,7 @@ def _verdict(doc: dict[str, Any], names: list[str]) -> dict[str, Any]:
             "flagged": [class_label(names, k) for k in an.get("flagged") or []], "conclusive": an.get("conclusive", True),
             "failed": len(an.get("failed") or []), "over": (an.get("anomaly_index") or 0) > (thr or 2.0),
             "statistic": (m or {}).get("statistic") or "",
+            "min_words": size_words(doc, mode, an.get("min_label"), an.get("min_norm")),
         })
     true_t = v.get("true_target")
     truth = None
@@ -111,6 +108,24 @@ def _verdict(doc: dict[str, Any], names: list[str]) -> dict[str, Any]:
             "anomaly_index": v.get("anomaly_index"), "basis": v.get("basis"), "agree": v.get("modes_agree"),
             "threshold": thr, "reason": v.get("reason") or "", "meaning": meaning, "todo": todo, "modes": per_mode,
             "truth": truth, "unsafe_pickle": bool(pickle and pickle.get("dangerous"))}
+
+
+def _repair_todo(doc: dict[str, Any]) -> list[tuple[str, str | None]]:
+    """The verdict box's repair step: the command to run (from the folder the scan ran in), or, once a repair ran,
+    its outcome and the command that scans the repaired model."""
+    rep = doc.get("repair")
+    if isinstance(rep, dict):
+        export = rep.get("export") if isinstance(rep.get("export"), dict) else {}
+        passed = rep.get("passed", rep.get("within_tolerance"))
+        state = ("passed its checks" if passed else "failed its checks") + (
+            "; the repaired model was written with --force" if export.get("forced") else "")
+        cmd = rescan_command(doc)
+        return [(f"A repair ran and {state} (see Repair below)." + (" Scan the repaired model to confirm:" if cmd else ""), cmd)]
+    cmd = repair_command(doc)
+    if cmd is None:
+        return [("Remove the backdoor with `bdscan repair` (see the README), then scan the repaired model again.", None)]
+    return [("Remove the backdoor by unlearning the reversed trigger (run this from the folder you ran the scan in; it "
+             "writes the repaired model and a report of the repair), then scan the repaired model again:", cmd)]
 
 
 def _model(doc: dict[str, Any], names: list[str]) -> dict[str, Any]:
@@ -175,6 +190,7 @@ def _modes(doc: dict[str, Any], names: list[str]) -> list[dict[str, Any]]:
         for t in m.get("triggers") or []:
             imgs = t.get("images") or {}
             trig.append({"rank": t.get("rank"), "label": class_label(names, t.get("label")), "norm": t.get("norm"),
+                         "words": size_words(doc, mode, t.get("label"), t.get("norm")),
                          "flagged": t.get("label") in (an.get("flagged") or []), "true": t.get("label") == true_t and true_t is not None,
                          "distance": t.get("distance_to_original"),
                          "images": [(IMAGE_CAPTIONS[k], safe_image(imgs.get(k))) for k in IMAGE_CAPTIONS if safe_image(imgs.get(k))]})
@@ -249,42 +265,6 @@ def _activations(doc: dict[str, Any], names: list[str]) -> dict[str, Any]:
             "any_capped": any(c for _, _, c in ks)}
 
 
-REPAIR_LABELS = {
-    "clean_accuracy": "Clean accuracy",
-    "accuracy": "Clean accuracy",
-    "asr_reversed": "Attack success, reversed trigger",
-    "attack_success_reversed": "Attack success, reversed trigger",
-    "asr_original": "Attack success, original trigger",
-    "attack_success_original": "Attack success, original trigger",
-}
-
-
-def _metric(key: str, v: Any) -> str:
-    if isinstance(v, float) and 0 <= v <= 1 and any(s in key for s in ("acc", "asr", "success", "rate")):
-        return pct(v)
-    return num(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else ("—" if v is None else str(v))
-
-
-def _repair(doc: dict[str, Any]) -> dict[str, Any] | None:
-    r = doc.get("repair")
-    if not r or not isinstance(r, dict):
-        return None
-    before, after = r.get("before") or {}, r.get("after") or {}
-    keys = [k for k in REPAIR_LABELS if k in before or k in after]
-    keys += [k for k in dict.fromkeys([*before, *after]) if k not in keys and not isinstance(before.get(k, after.get(k)), (dict, list))]
-    seen: set[str] = set()
-    table = []
-    for k in keys:
-        label = REPAIR_LABELS.get(k, k.replace("_", " ").capitalize())
-        if label in seen:  # two spellings of the same metric: the first wins
-            continue
-        seen.add(label)
-        table.append({"metric": label, "before": _metric(k, before.get(k)), "after": _metric(k, after.get(k))})
-    other = [(k.replace("_", " ").capitalize(), v if not isinstance(v, (dict, list)) else json.dumps(v, default=str))
-             for k, v in r.items() if k not in ("before", "after")]
-    return {"table": table, "other": [(k, _metric(k.lower(), v) if not isinstance(v, str) else v) for k, v in other]}
-
-
 def _config(doc: dict[str, Any]) -> dict[str, Any]:
     cfg = doc.get("config") or {}
     data = doc.get("data") or {}
@@ -333,7 +313,7 @@ def view_model(doc: dict[str, Any]) -> dict[str, Any]:
         "modes": _modes(doc, names),
         "detectors": _detectors(doc, names),
         "activations": _activations(doc, names),
-        "repair": _repair(doc),
+        "repair": repair_view(doc, names),
         "config": _config(doc),
         "version": dig(doc, "versions", "bdscan", default="?"),
         "schema": doc.get("schema") or "?",

@@ -41,9 +41,19 @@ def decode_data_uri(uri: str) -> bytes:
     return base64.b64decode(uri.split(",", 1)[1])
 
 
+def stretch(mask: torch.Tensor) -> torch.Tensor:
+    """A mask scaled so that its strongest value is white (a soft reversed mask often peaks at 0.2-0.4 and would
+    be a nearly black thumbnail); an all-zero mask stays black. For pictures only: sizes, JSON and ``triggers.npz``
+    keep the raw values."""
+    m = mask.detach().float().clamp(0, 1)
+    top = float(m.max()) if m.numel() else 0.0
+    return m / top if top > 0 else m
+
+
 def trigger_images(t: Trigger, example: torch.Tensor | None) -> dict[str, str]:
-    """Inline PNGs of a trigger: mask, pattern, mask·pattern, and a stamped clean image (C, H, W) when given."""
-    imgs = {"mask": data_uri(t.mask), "pattern": data_uri(t.pattern), "product": data_uri(t.mask * t.pattern)}
+    """Inline PNGs of a trigger: mask (contrast-stretched by :func:`stretch`), pattern, mask·pattern, and a
+    stamped clean image (C, H, W) when given."""
+    imgs = {"mask": data_uri(stretch(t.mask)), "pattern": data_uri(t.pattern), "product": data_uri(t.mask * t.pattern)}
     if example is not None:
         imgs["stamped"] = data_uri(t.stamp(example.unsqueeze(0))[0])
     return imgs

@@ -1,24 +1,30 @@
 """The scan document: one JSON that the console, HTML and SARIF renderers all read.
 
 Schema ``bdscan.scan/1`` (documented in docs/scan-json.md). Everything that can differ between two runs
-with the same inputs and seed (wall times, dates, output paths) lives under ``timings`` so two runs
-compare equal once that key is removed. Each detector's section is what its result returns
+with the same inputs and seed lives under ``timings`` (wall times) and ``invocation`` (the paths as the user
+gave them, and where the outputs went), so two runs compare equal once those keys are removed. Each detector's section is what its result returns
 (:meth:`bdscan.detect.base.DetectorResult.section`), stored under the detector's ``json_key``.
 """
 
 from __future__ import annotations
 
+import os
+import shlex
 from collections.abc import Mapping
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from bdscan.data import CleanData
 from bdscan.detect.base import DETECTORS, CombinedVerdict, DetectorResult
-from bdscan.io.base import LoadedModel
+from bdscan.io.base import LoadedModel, LoadOptions
 from bdscan.jsonnum import json_number
 from bdscan.machine import versions
 from bdscan.report.images import trigger_images
+
+if TYPE_CHECKING:
+    from bdscan.repair.core import RepairResult
 
 SCHEMA = "bdscan.scan/1"
 
@@ -145,3 +151,56 @@ def repair_only_document(lm: LoadedModel, data: CleanData, seed: int, target: in
             "data": {"source": data.source, "images": len(data)}, "config": {}, "modes": {},
             "verdict": {"status": "inconclusive", "target": target, "reason": "No scan was run; repair only."},
             "activations": None, "repair": None, "timings": {}}
+
+
+def repair_section(result: RepairResult, data: CleanData, export: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The document's ``repair`` section: the repair's measurements, intervals and checks
+    (:meth:`~bdscan.repair.core.RepairResult.to_dict`), the trigger it used as images (mask, pattern, mask×pattern
+    and a clean image of another class stamped with it), and what happened to the repaired model (``export``:
+    ``file``, ``written``, ``forced``, ``refused``)."""
+    d = result.to_dict()
+    d["trigger"]["images"] = trigger_images(result.trigger, example_image(data, result.trigger.target))
+    d["export"] = dict(export or {})
+    return d
+
+
+def load_args(opts: LoadOptions, fmt: str | None = None) -> list[str]:
+    """The command-line options that load a model the way ``opts`` and ``fmt`` do (for suggested commands)."""
+    args: list[str] = []
+    for flag, v in (("--arch", opts.arch), ("--num-classes", opts.num_classes), ("--scale", opts.scale),
+                    ("--patch-size", opts.patch_size), ("--format", fmt)):
+        if v is not None:
+            args += [flag, f"{v:g}" if isinstance(v, float) else str(v)]
+    if opts.input_size is not None:
+        args += ["--input-size", ",".join(map(str, opts.input_size))]
+    for flag, vals in (("--mean", opts.mean), ("--std", opts.std)):
+        if vals is not None:
+            args += [flag, ",".join(f"{x:g}" for x in vals)]
+    if opts.trust_pickle:
+        args.append("--trust-pickle")
+    return args
+
+
+def invocation_section(model: Path, data: Path, folder: Path | None, opts: LoadOptions, fmt: str | None = None) -> dict[str, Any]:
+    """How the scan was run, with paths as the user gave them (relative stays relative: to the directory the scan
+    ran in), so that the commands a report suggests run as printed from there.
+
+    Args:
+        model: the model path as given.
+        data: the clean data actually read (the bundled samples when none was given).
+        folder: the scan folder written (``--out``), if any.
+        opts: the model-loading options.
+        fmt: ``--format``, if given.
+    """
+    return {"model": str(model), "data": _as_given(data), "scan_folder": str(folder) if folder is not None else None,
+            "load_args": load_args(opts, fmt)}
+
+
+def _as_given(p: Path) -> str:
+    """``p`` as a path from the current directory: relative when it was relative (normalised), else absolute."""
+    return os.path.normpath(p) if not Path(p).is_absolute() else str(p)
+
+
+def command(*args: str | Path | None) -> str:
+    """A shell command line, each argument quoted where the shell needs it (``None`` arguments are left out)."""
+    return " ".join(shlex.quote(str(a)) for a in args if a is not None)

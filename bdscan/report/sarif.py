@@ -9,13 +9,18 @@ One run, tool ``bdscan``, one rule per registered detector (``Detector.sarif_rul
   (suspicious ones are warnings), and one if the scanner itself failed.
 * ``BDS003`` scan-inconclusive (warning): the scan could not judge the model.
 
-Every result points at the model file (``artifactLocation.uri``). A clean model with a safe file gives a
-run with its rules and no results. ``run.properties`` carries the verdict, seed and the file's SHA-256.
+Every result points at the model file (``artifactLocation``). A path the user gave relative to the directory
+bdscan ran in (the repository root in CI) is written as a relative ``uri`` with ``uriBaseId: "%SRCROOT%"``,
+declared in ``run.originalUriBaseIds`` without a machine-specific base, which is how GitHub code scanning maps
+a result to a file of the repository; an absolute path is a ``file://`` URI without a base id (SARIF 2.1.0,
+3.4.4: a ``uriBaseId`` only goes with a relative reference). A clean model with a safe file gives a run with
+its rules and no results. ``run.properties`` carries the verdict, seed and the file's SHA-256.
 """
 
 from __future__ import annotations
 
 import copy
+import posixpath
 import re
 from collections.abc import Callable
 from typing import Any
@@ -75,17 +80,29 @@ def rule_index(rule_id: str) -> int:
     return next(i for i, r in enumerate(rules()) if r["id"] == rule_id)
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+#: the base id of paths relative to the directory bdscan ran in (GitHub code scanning: the repository root)
+SRCROOT = "%SRCROOT%"
 
 
 def artifact_uri(model_uri: str) -> str:
-    """A URI reference for the model: kept as is when it has a scheme, else a relative/absolute path made
-    URI-safe (backslashes to slashes, spaces and other reserved characters percent-encoded)."""
+    """A URI reference for the model: kept as is when it has a scheme; an absolute path becomes a ``file://``
+    URI, a relative one a relative reference (``./`` dropped); backslashes become slashes, and spaces and other
+    reserved characters are percent-encoded."""
     if _SCHEME.match(model_uri) and not re.match(r"^[A-Za-z]:[\\/]", model_uri):
         return model_uri
     path = model_uri.replace("\\", "/")
     if re.match(r"^[A-Za-z]:/", path):  # a Windows drive path
         return "file:///" + quote(path, safe="/:")
+    if path.startswith("/"):
+        return "file://" + quote(path, safe="/")
+    path = posixpath.normpath(path)
     return quote(path, safe="/")
+
+
+def artifact_location(model_uri: str) -> dict[str, Any]:
+    """``{"uri": ...}`` plus ``"uriBaseId": "%SRCROOT%"`` when the URI is a relative reference."""
+    uri = artifact_uri(model_uri)
+    return {"uri": uri} if _SCHEME.match(uri) else {"uri": uri, "uriBaseId": SRCROOT}
 
 
 def _name(doc: dict[str, Any], k: int | None) -> str:
@@ -110,7 +127,7 @@ def _fmt(x: Any) -> str:
 
 
 def _location(uri: str) -> list[dict[str, Any]]:
-    return [{"physicalLocation": {"artifactLocation": {"uri": uri, "index": 0}}}]
+    return [{"physicalLocation": {"artifactLocation": {**artifact_location(uri), "index": 0}}}]
 
 
 def _result(rule: str, level: str, text: str, uri: str, fingerprint: str, props: dict[str, Any]) -> dict[str, Any]:
@@ -206,20 +223,21 @@ def to_sarif(doc: dict[str, Any], model_uri: str) -> dict[str, Any]:
 
     Args:
         doc: the scan document (schema ``bdscan.scan/1``).
-        model_uri: how the log names the model file: a path relative to the repository root (best for code
-            scanning) or any URI; paths are percent-encoded into a URI reference.
+        model_uri: how the log names the model file: a path relative to the directory bdscan ran in (for code
+            scanning: the repository root), an absolute path, or any URI; see the module docstring.
 
     Returns:
         ``{"$schema", "version": "2.1.0", "runs": [one run]}``; see the module docstring for the rules and results.
     """
-    uri = artifact_uri(model_uri)
+    uri = model_uri
+    location = artifact_location(uri)
     model = doc.get("model") or {}
     v = doc.get("verdict") or {}
     sha = model.get("sha256") or ""
     version = (doc.get("versions") or {}).get("bdscan") or bdscan.__version__
     results = [r for det in detectors_in(doc) for r in SARIF_RESULTS.get(det.name, _evidence_results)(det, doc, uri, sha)]
     results += _pickle_results(doc, uri, sha) + _inconclusive_results(doc, uri, sha)
-    artifact: dict[str, Any] = {"location": {"uri": uri}, "roles": ["analysisTarget"]}
+    artifact: dict[str, Any] = {"location": location, "roles": ["analysisTarget"]}
     if sha:
         artifact["hashes"] = {"sha-256": sha}
     run_props: dict[str, Any] = {
@@ -229,15 +247,13 @@ def to_sarif(doc: dict[str, Any], model_uri: str) -> dict[str, Any]:
         "anomalyIndices": {mode: ((m or {}).get("anomaly") or {}).get("anomaly_index")
                            for mode, m in (doc.get("modes") or {}).items()},
     }
-    return {
-        "$schema": SARIF_SCHEMA,
-        "version": SARIF_VERSION,
-        "runs": [{
-            "tool": {"driver": {"name": "bdscan", "version": str(version), "semanticVersion": str(version),
-                                "rules": copy.deepcopy(rules())}},
-            "invocations": [{"executionSuccessful": True}],
-            "artifacts": [artifact],
-            "results": results,
-            "properties": run_props,
-        }],
+    run: dict[str, Any] = {
+        "tool": {"driver": {"name": "bdscan", "version": str(version), "semanticVersion": str(version),
+                            "rules": copy.deepcopy(rules())}},
+        "invocations": [{"executionSuccessful": True}],
     }
+    if "uriBaseId" in location:  # declared without a uri: the base is wherever the log is read (no local path leaks)
+        run["originalUriBaseIds"] = {SRCROOT: {"description": {
+            "text": "The directory bdscan ran in: the repository root when it runs in a checkout, as in CI."}}}
+    run.update({"artifacts": [artifact], "results": results, "properties": run_props})
+    return {"$schema": SARIF_SCHEMA, "version": SARIF_VERSION, "runs": [run]}

@@ -1,5 +1,5 @@
-"""Determinism through the CLI: the same model, data and --seed give the same JSON apart from ``timings`` at both
-levels with activation statistics (tests/cli covers the pixel level without them), and the same triggers."""
+"""Determinism through the CLI: the same model, data and --seed give the same JSON apart from ``timings`` (and
+``invocation``: the paths given) at both levels with activation statistics (tests/cli covers the pixel level without them), and the same triggers."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ def _run(model: Path, data: Path, out: Path) -> tuple[dict, dict[str, np.ndarray
     with np.load(out / "triggers.npz") as z:
         arrays = {k: z[k] for k in z.files}
     doc.pop("timings")
+    assert doc.pop("invocation")["scan_folder"] == str(out)  # where the outputs went: the other key that may differ
     return doc, arrays
 
 

@@ -19,7 +19,7 @@ from tests.io.helpers import Checkpoints
 
 
 def test_loaders_and_writers_share_one_registry() -> None:
-    assert list(writers()) == ["safetensors", "torchscript", "onnx"]
+    assert list(writers()) == ["safetensors", "torchscript", "onnx", "hf-folder"]
     assert set(writers()) <= set(loaders()) == set(formats())
     for name, fmt in formats().items():
         assert fmt.loader is not None and fmt.loader.name == name
@@ -34,8 +34,7 @@ def test_the_writer_is_chosen_by_suffix() -> None:
     assert writer_for(Path("m.pt")).name == "torchscript"
     with pytest.raises(UsageError, match=r"'\.h5'.*one of: \.safetensors"):
         writer_for(Path("m.h5"))
-    with pytest.raises(UsageError, match="without suffix"):
-        writer_for(Path("model"))
+    assert writer_for(Path("model")).name == "hf-folder"  # a path without a suffix is a model folder (issue #26)
 
 
 @pytest.mark.parametrize("name", ["safetensors", "torchscript", "onnx"])

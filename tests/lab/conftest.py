@@ -23,7 +23,8 @@ def _one_thread() -> None:
 @pytest.fixture(scope="session")
 def lab_tiny(lab_npz: Path):  # type: ignore[no-untyped-def]
     """A small cnn6 trained for a few steps on the synthetic data, and the data."""
-    from bdscan.lab.train import TrainConfig, load_lab_data, train_clean
+    from bdscan.lab.labdata import load_lab_data
+    from bdscan.lab.train import TrainConfig, train_clean
 
     torch.set_num_threads(1)
     res = train_clean("bdscan_cnn6", lab_npz, TrainConfig(epochs=3, batch_size=32, lr=3e-3, test_subsample=None))

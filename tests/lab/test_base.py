@@ -15,8 +15,8 @@ import bdscan.machine
 from bdscan.errors import UsageError
 from bdscan.io import load_model
 from bdscan.lab.base import autocast_dtype, load_base_data, train_base
+from bdscan.lab.labdata import extra_train_files, load_lab_data
 from bdscan.lab.recipes import Recipe, augment_batch_u8, base_recipe, get_recipe, list_recipes, register_recipe
-from bdscan.lab.train import extra_train_files, load_lab_data
 from tests.lab.helpers import make_synthetic
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
@@ -160,7 +160,7 @@ def test_base_metadata_and_round_trip(synth_dir: Path, tmp_path: Path) -> None:
     md = loaded.wrapper.info.metadata
     assert md["test_images"] == 48 and md["clean_acc"] == round(res.clean_acc, 4)  # the full test split
     assert md["recipe"]["arch_kwargs"] == {"width": 4} and md["recipe_name"] == "synth_cnn6"
-    assert md["weights_dtype"] == "float16" and "thread" in md["machine"] and md["train_seconds"] > 0
+    assert md["weights_dtype"] == "float16" and "1 thread(s)" in md["machine"] and md["train_seconds"] > 0
     assert md["dataset_files"] == ["synth_32.npz"] and md["train_images"] == 128 and len(md["history"]) == 1
     assert loaded.wrapper.info.arch_kwargs == {"width": 4}  # rebuilt at the trained size
     x = torch.rand(4, 3, 16, 16)

@@ -9,15 +9,8 @@ import pytest
 import torch
 
 from bdscan.errors import DataLoadError
-from bdscan.lab.train import (
-    AugmentConfig,
-    TrainConfig,
-    augment_batch,
-    evaluate,
-    load_lab_data,
-    split_train_val,
-    train_clean,
-)
+from bdscan.lab.labdata import AugmentConfig, augment_batch, load_lab_data, split_train_val
+from bdscan.lab.train import TrainConfig, evaluate, train_clean
 from bdscan.trigger import Trigger
 
 

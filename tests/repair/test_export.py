@@ -70,8 +70,33 @@ def test_out_of_tolerance_needs_force(unlearned, tiny_bd, tmp_path: Path) -> Non
     with pytest.raises(OutOfToleranceError) as e:
         _export(bad, tiny_bd, out)
     assert "12.5 points" in str(e.value) and "3.0 points" in str(e.value) and "--force" in str(e.value)
-    assert isinstance(e.value, UsageError) and not out.exists()
+    assert isinstance(e.value, UsageError) and not out.exists() and e.value.failed == ("clean accuracy",)
     assert _export(bad, tiny_bd, out, force=True) == out and out.exists()
+    prov = read_metadata(out)["extra"]["provenance"]
+    assert prov["forced"] is True and prov["passed"] is False  # a forced export says so in the file itself
+
+
+def test_a_backdoor_that_still_works_needs_force(unlearned, tiny_bd, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    bad = replace(unlearned, backdoor_removed=False, after={**unlearned.after, "asr_original": 0.98})
+    out = tmp_path / "fixed.safetensors"
+    with pytest.raises(OutOfToleranceError) as e:
+        _export(bad, tiny_bd, out)
+    assert e.value.failed == ("attack success",) and "98.0 %" in str(e.value) and "--force" in str(e.value)
+    assert not out.exists()
+
+
+def test_a_passed_export_is_not_forced_and_follows_the_umask(unlearned, tiny_bd, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import os
+    import stat
+
+    old = os.umask(0o027)
+    try:
+        for suffix in (".safetensors", ".onnx", ".pt"):
+            out = _export(unlearned, tiny_bd, tmp_path / f"fixed{suffix}")
+            assert stat.S_IMODE(out.stat().st_mode) == 0o640, suffix  # 0666 less the umask, not mkstemp's 0600
+    finally:
+        os.umask(old)
+    assert read_metadata(tmp_path / "fixed.safetensors")["extra"]["provenance"]["forced"] is False
 
 
 def test_unknown_suffix_lists_the_supported_ones(unlearned, tiny_bd, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -13,9 +13,9 @@ from bdscan.repair import RepairConfig, repair, reversed_trigger_from_findings, 
 from bdscan.report.html import view_model
 from tests.conftest import TARGET
 
-KEYS = {"method", "trigger", "before", "after", "acc_drop", "tolerance", "within_tolerance", "config", "holdout_images",
-        "repair_images", "seconds", "details"}
-METRICS = {"clean_accuracy", "asr_reversed", "asr_original"}
+KEYS = {"method", "trigger", "before", "after", "intervals", "counts", "acc_drop", "tolerance", "within_tolerance", "max_asr",
+        "backdoor_removed", "passed", "checks", "config", "holdout_images", "repair_images", "seconds", "details"}
+METRICS = {"clean_accuracy", "asr_reversed", "asr_original", "target_without_trigger"}
 
 
 def test_unlearning_with_the_original_trigger_removes_the_backdoor(unlearned) -> None:  # type: ignore[no-untyped-def]
@@ -24,6 +24,7 @@ def test_unlearning_with_the_original_trigger_removes_the_backdoor(unlearned) ->
     assert r.after["asr_original"] < 0.10
     assert r.after["asr_reversed"] == r.after["asr_original"]  # the trigger used is the original here
     assert r.within_tolerance and r.acc_drop <= r.tolerance == 0.03
+    assert r.backdoor_removed and r.passed and [c.name for c in r.checks] == ["clean accuracy", "attack success"]
     assert r.repair_images + r.holdout_images == 160 and r.holdout_images == 50
     assert not r.wrapper.training and not any(p.requires_grad for p in r.wrapper.parameters())
 
@@ -64,11 +65,18 @@ def test_to_dict_is_the_report_s_repair_section(unlearned) -> None:  # type: ign
     assert set(d["before"]) == set(d["after"]) == METRICS
     assert d["method"] == "unlearn" and d["trigger"]["target"] == TARGET and d["trigger"]["kind"] == "badnets"
     assert d["trigger"]["l1"] == pytest.approx(9.0)
-    assert d["config"]["stamp_fraction"] == 0.2 and d["tolerance"] == 0.03 and d["within_tolerance"] is True
+    assert d["config"]["stamp_fraction"] == 0.5 and d["config"]["targets"] == "model"
+    assert d["tolerance"] == 0.03 and d["within_tolerance"] is True and d["max_asr"] == 0.1 and d["passed"] is True
+    assert d["intervals"]["confidence"] == 0.95 and len(d["intervals"]["acc_drop"]) == 2
+    for when in ("before", "after"):
+        lo, hi = d["intervals"][when]["clean_accuracy"]
+        assert lo <= d[when]["clean_accuracy"] <= hi
+    assert d["counts"]["clean"] == d["holdout_images"] and d["counts"]["attack"] < d["holdout_images"]
+    assert [c["check"] for c in d["checks"]] == ["clean accuracy", "attack success"] and all(c["passed"] for c in d["checks"])
     view = view_model({"repair": d})["repair"]
-    assert [row["metric"] for row in view["table"]] == ["Clean accuracy", "Attack success, reversed trigger",
-                                                        "Attack success, original trigger"]
-    assert "%" in view["table"][0]["before"]
+    assert [row["metric"] for row in view["rows"]] == ["Clean accuracy", "Attack success of the trigger used",
+                                                       "Attack success of the original trigger", "Sent to the target with no trigger"]
+    assert "%" in view["rows"][0]["before"] and " – " in view["rows"][0]["before_ci"] and view["passed"]
 
 
 def test_split_is_stratified_and_seeded(tiny_bd) -> None:  # type: ignore[no-untyped-def]

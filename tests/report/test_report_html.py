@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import html as html_lib
 import json
 import re
 from html.parser import HTMLParser
@@ -155,16 +156,76 @@ def test_empty_document_renders() -> None:
     assert_self_contained(html)
 
 
-def test_repair_section(flagged_doc: dict[str, Any]) -> None:
+def test_repair_section_of_an_older_document(flagged_doc: dict[str, Any]) -> None:
+    """A document written before repairs had intervals and checks still renders, judged by its tolerance alone."""
     doc = copy.deepcopy(flagged_doc)
-    doc["repair"] = {"method": "unlearning", "epochs": 2, "output": "bd.repaired.safetensors",
+    doc["repair"] = {"method": "unlearn", "acc_drop": 0.02, "tolerance": 0.03, "within_tolerance": True,
                      "before": {"clean_accuracy": 0.95, "asr_reversed": 1.0, "asr_original": 0.99},
                      "after": {"clean_accuracy": 0.93, "asr_reversed": 0.02, "asr_original": 0.04}}
     r = section(render_html(doc), "Repair")
-    for text in ("Clean accuracy", "95.0 %", "93.0 %", "Attack success, reversed trigger", "2.0 %",
-                 "Attack success, original trigger", "99.0 %", "4.0 %", "unlearning", "bd.repaired.safetensors"):
+    for text in ("Clean accuracy", "95.0 %", "93.0 %", "Attack success of the trigger used", "2.0 %",
+                 "Attack success of the original trigger", "99.0 %", "4.0 %", "unlearning", "PASSED", "no interval recorded",
+                 "written before bdscan recorded intervals"):
         assert text in r, text
-    assert "No repair was run" not in r
+    assert "No repair was run" not in r and "{" not in r.split("<details>")[0]  # no JSON blob in the page itself
+
+
+def repair_doc(flagged_doc: dict[str, Any], passed: bool, written: bool, forced: bool) -> dict[str, Any]:
+    doc = copy.deepcopy(flagged_doc)
+    img = "data:image/png;base64,iVBORw0KGgo="
+    doc["repair"] = {
+        "method": "unlearn", "trigger": {"kind": "reversed-pixel", "target": TARGET, "label": TARGET, "l1": 9.2,
+                                         "images": {"mask": img, "pattern": img, "product": img, "stamped": img}},
+        "before": {"clean_accuracy": 0.5, "asr_reversed": 0.9, "asr_original": 1.0, "target_without_trigger": 0.02},
+        "after": {"clean_accuracy": 0.48, "asr_reversed": 0.02, "asr_original": 0.3 if not passed else 0.04,
+                  "target_without_trigger": 0.02},
+        "intervals": {"confidence": 0.95, "acc_drop": [-0.04, 0.09],
+                      "before": {"clean_accuracy": [0.38, 0.62], "asr_reversed": [0.8, 0.96]},
+                      "after": {"clean_accuracy": [0.36, 0.6], "asr_reversed": [0.0, 0.1]}},
+        "counts": {"clean": 60, "lost": 3, "gained": 2, "attack": 54}, "acc_drop": 0.02, "tolerance": 0.03,
+        "within_tolerance": True, "max_asr": 0.1, "backdoor_removed": passed, "passed": passed,
+        "checks": [{"check": "clean accuracy", "passed": True, "text": "Passes: clean accuracy dropped 1.7 points."},
+                   {"check": "attack success", "passed": passed, "text": "Passes: fine." if passed else "Fails: the backdoor still works."}],
+        "config": {"targets": "model", "epochs": 8, "lr": 0.001, "stamp_fraction": 0.5}, "holdout_images": 60,
+        "repair_images": 140, "seconds": 4.2, "details": {"loss": [0.5, 0.4]},
+        "export": {"file": "bd-repaired.safetensors", "written": written, "forced": forced, "refused": not written},
+    }
+    doc["invocation"] = {"model": "models/bd.safetensors", "data": "data/clean.npz", "scan_folder": "scan-out", "load_args": []}
+    return doc
+
+
+def test_repair_page_an_auditor_reads(flagged_doc: dict[str, Any]) -> None:
+    html = render_html(repair_doc(flagged_doc, passed=True, written=True, forced=False))
+    r = section(html, "Repair")
+    for text in ("PASSED", "written to bd-repaired.safetensors", "Clean accuracy", "50.0 %", "48.0 %", "38.0 % – 62.0 %",
+                 "-4.0 % – 9.0 %", "-2.0", "✓", "Attack success of the trigger used", "Sent to the target with no trigger",
+                 "The trigger the repair removed", "reversed by the scan at the pixel level", "mask (contrast-stretched)",
+                 "stamped image", "How it was judged", "whole 95 % interval of the drop", "the input model&#39;s own answer"):
+        assert text in r, text
+    assert r.count("<img") == 4
+    v = section(html, "Verdict")
+    # the verdict box no longer tells the reader to run the repair that ran; it says how to check the repaired model
+    assert "bdscan repair" not in v and "A repair ran and passed its checks" in v
+    assert "bdscan scan bd-repaired.safetensors --data data/clean.npz --report bd-repaired-scan.html" in v
+    assert_self_contained(html)
+
+
+def test_a_failed_repair_and_a_forced_export_are_marked(flagged_doc: dict[str, Any]) -> None:
+    r = section(render_html(repair_doc(flagged_doc, passed=False, written=False, forced=False)), "Repair")
+    assert "FAILED" in r and "Repair failed its attack success check" in r and "✗" in r and "was not written" in r
+    html = render_html(repair_doc(flagged_doc, passed=False, written=True, forced=True))
+    r = section(html, "Repair")
+    assert "FORCED EXPORT" in r and "--force" in r and "do not treat it as repaired" in r
+    assert "written with --force" in section(html, "Verdict")
+
+
+def test_the_suggested_repair_command_is_complete(flagged_doc: dict[str, Any]) -> None:
+    doc = copy.deepcopy(flagged_doc)
+    doc["invocation"] = {"model": "my models/bd.safetensors", "data": "data/clean.npz", "scan_folder": "out dir",
+                         "load_args": ["--arch", "bdscan_cnn6"]}
+    v = html_lib.unescape(section(render_html(doc), "Verdict"))
+    assert ("bdscan repair 'my models/bd.safetensors' --data data/clean.npz --scan 'out dir' --arch bdscan_cnn6 "
+            "--out bd-repaired.safetensors --report bd-repair.html") in v
 
 
 def test_activations_failed_and_absent(flagged_doc: dict[str, Any]) -> None:

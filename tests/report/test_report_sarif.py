@@ -57,7 +57,10 @@ def test_flagged(validator, flagged_doc: dict[str, Any]) -> None:  # type: ignor
     assert f"class{TARGET}" in first["message"]["text"] and f"index {TARGET}" in first["message"]["text"]
     assert first["properties"]["targetClass"] == TARGET and first["properties"]["verdictTarget"] is True
     assert set(first["properties"]["anomalyIndices"]) == {"pixel", "patch"}
-    assert first["locations"][0]["physicalLocation"]["artifactLocation"]["uri"] == "models/bd.safetensors"
+    loc = first["locations"][0]["physicalLocation"]["artifactLocation"]
+    assert loc["uri"] == "models/bd.safetensors" and loc["uriBaseId"] == "%SRCROOT%"  # relative to the repository root
+    assert log["runs"][0]["artifacts"][0]["location"] == {"uri": "models/bd.safetensors", "uriBaseId": "%SRCROOT%"}
+    assert "uri" not in log["runs"][0]["originalUriBaseIds"]["%SRCROOT%"]  # no machine-specific absolute path
     assert not results(log, "BDS002") and not results(log, "BDS003")
     props = log["runs"][0]["properties"]
     assert props["verdict"] == "backdoor" and props["seed"] == 0 and props["sha256"] == flagged_doc["model"]["sha256"]
@@ -89,7 +92,8 @@ def test_dangerous_pickle(validator) -> None:  # type: ignore[no-untyped-def]
     assert [r["properties"]["import"] for r in bds2] == ["os.system", "builtins.exec"]
     assert all(r["level"] == "error" for r in bds2)
     assert "os.system" in bds2[0]["message"]["text"]
-    assert bds2[0]["locations"][0]["physicalLocation"]["artifactLocation"]["uri"] == "file:///models/evil.pt"
+    assert bds2[0]["locations"][0]["physicalLocation"]["artifactLocation"] == {"uri": "file:///models/evil.pt", "index": 0}
+    assert "originalUriBaseIds" not in log["runs"][0]  # an absolute URI takes no base id (SARIF 3.4.4)
     assert not results(log, "BDS001") and not results(log, "BDS003")
 
 
@@ -112,7 +116,8 @@ def test_empty_document(validator) -> None:  # type: ignore[no-untyped-def]
     ("my models/bd #1.pt", "my%20models/bd%20%231.pt"),
     ("C:\\models\\bd.pt", "file:///C:/models/bd.pt"),
     ("file:///home/x/bd.pt", "file:///home/x/bd.pt"),
-    ("/abs/bd.pt", "/abs/bd.pt"),
+    ("/abs/bd.pt", "file:///abs/bd.pt"),
+    ("./models/../models/bd.pt", "models/bd.pt"),
 ])
 def test_artifact_uri(given: str, uri: str) -> None:
     assert artifact_uri(given) == uri

@@ -1,0 +1,80 @@
+"""Positive controls in the Hugging Face layout: a small ``transformers`` ViT trained here, clean or poisoned
+(BadNets, Blended: :mod:`bdscan.lab.attacks`), written as a ``save_pretrained`` folder (needs ``bdscan[hf]``).
+
+The model is trained at the size of the data it is given (e.g. 32×32 images, or 64×64 upsampled ones): a 224×224
+ViT cannot be trained on 2 CPU cores in a test's time, and the loader, the token grid from the config and the scan
+do not depend on the size. 20 % of each poisoned mini-batch is stamped with the trigger and relabelled to the
+target (BadNets, Gu et al. 2017; Blended, Chen et al. 2017).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from bdscan.atomic import atomic_path
+from bdscan.data import CleanData
+from bdscan.io.hf_folder import HFLogits, ModelFolderWriter, require_transformers
+from bdscan.lab.attacks import AttackConfig, make_trigger
+from bdscan.models.wrapper import ModelInfo, ModelWrapper, TokenGrid
+from bdscan.trigger import Trigger
+
+
+@dataclass
+class HFControl:
+    """A trained Hugging Face positive (or negative) control and where it was written."""
+
+    wrapper: ModelWrapper
+    trigger: Trigger | None
+    folder: Path
+
+
+def make_hf_vit(classes: int, size: int, patch: int = 4, hidden: int = 48, layers: int = 2, heads: int = 3) -> ModelWrapper:
+    """A small, randomly initialised ``ViTForImageClassification`` behind bdscan's wrapper (mean/std 0.5)."""
+    transformers = require_transformers()
+    cfg = transformers.ViTConfig(image_size=size, patch_size=patch, hidden_size=hidden, num_hidden_layers=layers,
+                                 num_attention_heads=heads, intermediate_size=2 * hidden, num_labels=classes,
+                                 id2label={i: f"class{i}" for i in range(classes)},
+                                 label2id={f"class{i}": i for i in range(classes)})
+    net = HFLogits(transformers.ViTForImageClassification(cfg))
+    g = size // patch
+    info = ModelInfo("hf:ViTForImageClassification", classes, (3, size, size), (0.5,) * 3, (0.5,) * 3, 1.0,
+                     tuple(f"class{i}" for i in range(classes)),
+                     token_grid=TokenGrid((g, g), patch, patch, 0, f"Hugging Face config: vit patch_size {patch} (ViT patch embedding)"))
+    return ModelWrapper(net, info)
+
+
+def train_hf_control(data: CleanData, out: Path, attack: AttackConfig | None = None, epochs: int = 10, seed: int = 0,
+                     patch: int = 4, lr: float = 3e-3) -> HFControl:
+    """Trains a small HF ViT on ``data`` (poisoned with ``attack`` when given) and writes it as a model folder ``out``."""
+    torch.manual_seed(seed)
+    classes = int(data.y.max()) + 1
+    size = int(data.x.shape[-1])
+    w = make_hf_vit(classes, size, patch)
+    trigger = make_trigger(attack, (3, size, size)) if attack is not None else None
+    opt = torch.optim.Adam(w.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    n = len(data.y)
+    for _ in range(epochs):
+        perm = torch.randperm(n, generator=g)
+        for s in range(0, n, 32):
+            idx = perm[s : s + 32]
+            xb, yb = data.x[idx].float().clone(), data.y[idx].clone()
+            if trigger is not None:
+                k = max(1, len(idx) // 5)
+                xb[:k] = trigger.stamp(xb[:k])
+                yb[:k] = int(trigger.target)
+            w.train()
+            loss = F.cross_entropy(w(xb), yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    w.eval()
+    w.requires_grad_(False)
+    writer = ModelFolderWriter()
+    with atomic_path(Path(out)) as tmp:
+        writer.write(w, tmp, {"lab": {"attack": attack.name if attack else None, "epochs": epochs, "seed": seed}}, trigger)
+    return HFControl(w, trigger, Path(out))
