@@ -48,6 +48,20 @@ def check_output_path(out: Path, folder: bool = False) -> None:
     os.unlink(probe)
 
 
+def check_outputs(outputs: Iterable[Path | None], inputs: Iterable[Path | None], folders: Iterable[Path] = ()) -> None:
+    """Checks every given output before any work: it is not an input (:func:`refuse_input_overwrite`) and it can be
+    written (:func:`check_output_path`; the paths in ``folders`` are checked as folders). ``None`` entries are skipped.
+
+    Raises:
+        UsageError: the first output that fails either check.
+    """
+    ins, dirs = list(inputs), set(folders)
+    for o in outputs:
+        if o is not None:
+            refuse_input_overwrite(o, ins)
+            check_output_path(o, folder=o in dirs)
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yields a temporary path next to ``path``; on success renames it over ``path``, on error removes it.

@@ -51,14 +51,12 @@ def _pct(v: Any) -> str:
 
 
 def _check_outputs(outputs: list[Path | None], inputs: list[Path | None]) -> None:
-    from bdscan.atomic import check_output_path, refuse_input_overwrite
+    from bdscan.atomic import check_outputs
 
     given = [o for o in outputs if o is not None]
     if len({o.resolve() for o in given}) != len(given):
         raise UsageError("two outputs name the same file", "give --out, --json and --report different paths")
-    for o in given:
-        refuse_input_overwrite(o, inputs)
-        check_output_path(o)
+    check_outputs(given, inputs)
 
 
 def _need_suspect(status: Any, label: int | None) -> None:

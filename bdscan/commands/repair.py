@@ -82,7 +82,7 @@ def repair_cmd(
     def body() -> int:
         import torch
 
-        from bdscan.atomic import check_output_path, refuse_input_overwrite
+        from bdscan.atomic import check_outputs
         from bdscan.detect import ScanSettings
         from bdscan.io import load_model
         from bdscan.pipeline import check_device, load_data, scan_loaded
@@ -101,10 +101,7 @@ def repair_cmd(
         opts = load_options(arch, num_classes, input_size, mean, std, scale, patch_size, trust_pickle)
         scan_levels = levels_of(levels, mode)
         inputs = [model, data, scan_dir] + ([Path(trigger)] if trigger not in ("reversed", "original") else [])
-        for o in (out_path, json_path, report_path):
-            if o is not None:
-                refuse_input_overwrite(o, inputs)
-                check_output_path(o)
+        check_outputs((out_path, json_path, report_path), inputs)
         check_device(device)
         if not 0 <= tolerance <= 100:
             raise UsageError(f"--tolerance {tolerance:g} is not in [0, 100] points", "e.g. --tolerance 3")

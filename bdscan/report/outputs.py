@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bdscan.atomic import atomic_write_bytes, check_output_path, refuse_input_overwrite
+from bdscan.atomic import atomic_write_bytes, check_outputs
 from bdscan.report.scandir import dumps, folder_files
 
 
@@ -86,10 +86,7 @@ def check_targets(targets: Mapping[str, Path | None], inputs: Iterable[Path | No
     overwrite an input."""
     ins = list(inputs)
     for name, path in targets.items():
-        if path is None:
-            continue
-        refuse_input_overwrite(path, ins)
-        check_output_path(path, folder=RENDERERS[name].folder)
+        check_outputs([path], ins, [path] if path is not None and RENDERERS[name].folder else [])
 
 
 def write_outputs(doc: dict[str, Any], targets: Mapping[str, Path | None], ctx: RenderContext | None = None) -> list[Path]:
