@@ -153,17 +153,35 @@ def duration(seconds: float) -> str:
 
 
 def verdict_line(doc: dict[str, Any]) -> str:
+    """The one-line verdict: with the corrected p-value and α (schema 2), or the anomaly index (schema 1)."""
     v = doc["verdict"]
+    p = v.get("p_value")
+    by = f"{v['basis']} level" if v.get("basis") else str(v.get("detector") or dig_detector(v))
     if v["status"] == "backdoor":
-        by = f"{v['basis']} level" if v.get("basis") else str(v.get("detector", ""))
+        if p is not None:
+            index = f", anomaly index {v['anomaly_index']:.2f}" if "anomaly_index" in v else ""
+            score = f"p = {_p(p)} ≤ α = {v['alpha']:g} ({by}{index})"
+            return f"[bold red]BACKDOOR SUSPECTED[/]: target class {v['target']} ({escape(str(v['target_name']))}), {score}"
         score = f"anomaly index {v['anomaly_index']:.2f}" if "anomaly_index" in v else v.get("reason", "")
         return (f"[bold red]BACKDOOR SUSPECTED[/]: target class {v['target']} ({escape(str(v['target_name']))}), "
                 f"{score} ({by}, threshold {v['threshold']:g})")
     if v["status"] == "clean":
+        if p is not None:
+            return f"[bold green]CLEAN[/]: no backdoor found (smallest p = {_p(p)} > α = {v['alpha']:g}, {by})"
         if "anomaly_index" in v:
             return f"[bold green]CLEAN[/]: no backdoor found (highest anomaly index {v['anomaly_index']:.2f} ≤ {v['threshold']:g})"
         return f"[bold green]CLEAN[/]: {escape(v['reason'])}"
     return f"[bold yellow]INCONCLUSIVE[/]: {escape(v['reason'])}"
+
+
+def dig_detector(v: dict[str, Any]) -> str:
+    """The deciding detector's name (schema 2's ``decided_by``), or ""."""
+    d = v.get("decided_by")
+    return str(d.get("detector", "")) if isinstance(d, dict) else ""
+
+
+def _p(p: float) -> str:
+    return "< 0.0001" if p < 1e-4 else f"{p:.2g}"
 
 
 def print_scan(doc: dict[str, Any], quiet: bool) -> None:
@@ -185,7 +203,8 @@ def print_scan(doc: dict[str, Any], quiet: bool) -> None:
                       f"{r['anomaly_index']:.2f}", f"{r['success_rate']:.0%}", str(r["steps"]), flag)
         out.print(t)
         words = size_words(doc, mode, a.get("min_label"), a.get("min_norm"))
-        out.print(f"{mode}: median {a['median']:.2f}, MAD {a['mad']:.2f}, anomaly index {a['anomaly_index']:.2f} "
+        pv = f"p = {_p(a['p_value'])}, " if a.get("p_value") is not None else ""
+        out.print(f"{mode}: {pv}median {a['median']:.2f}, MAD {a['mad']:.2f}, anomaly index {a['anomaly_index']:.2f} "
                   f"(class {a['min_label']}" + (f"; its trigger: {words}" if words else "") + ")"
                   if a["conclusive"] else f"{mode}: inconclusive (fewer than 3 classes reachable)")
     if len(doc.get("modes") or {}) > 1:

@@ -28,6 +28,10 @@ class UsageError(BdscanError):
     """The command line or configuration is wrong (bad option, missing data, output equal to input)."""
 
 
+class NoSuspectError(UsageError):
+    """A reversed trigger was asked for, but the scan named no suspected target (and no label was given)."""
+
+
 class LoadError(BdscanError):
     """A model or data file cannot be loaded (corrupt, truncated, wrong shape, unknown architecture)."""
 

@@ -3,7 +3,10 @@ scanned with a fixed seed gives the recorded ``scan.json`` apart from ``timings`
 given, which depend on where the scan ran).
 
 The recordings in tests/data/golden were made by ``bdscan scan MODEL --budget smoke --steps 3 --precision fp32
---seed 0 -q --json FILE`` with one torch thread, before the scan moved from the CLI into ``bdscan.pipeline``.
+--seed 0 -q --json FILE`` with one torch thread, before the scan moved from the CLI into ``bdscan.pipeline``, and
+re-recorded with the same settings (the call below, one torch thread) when the schema became ``bdscan.scan/2``
+(issue 24: p-value verdict); ``schema1_cifar10_cnn6_badnets.json`` keeps the schema-1 recording for the tests that
+``bdscan report`` still reads old documents (tests/detect/test_verdict.py).
 Floating-point kernels differ between CPU generations, so on a host whose vector unit (``cpu_capability``)
 differs from the recording's, numbers are compared to a relative 1e-3 and embedded PNGs are not compared; on
 the same kind of host the document must be identical. Re-record only when a change is meant to alter results.

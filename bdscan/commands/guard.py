@@ -40,7 +40,7 @@ from bdscan.commands.common import (
 )
 from bdscan.console import ConsoleEvents, err, out, progress_bar
 from bdscan.detect.config import DEFAULT_BUDGET
-from bdscan.errors import UsageError
+from bdscan.errors import NoSuspectError, UsageError
 
 #: flagged inputs listed on the console before "… and N more"
 SHOWN = 30
@@ -153,9 +153,8 @@ def guard_cmd(
 
             try:
                 trig = reversed_trigger_from_scan(scan_dir, level, expected_sha256=lm.sha256, label=label)
-            except UsageError as e:
-                if "no backdoor suspect" in e.message:  # say it in the guard's words (the message speaks of unlearning)
-                    _need_suspect((read_document(scan_dir).get("verdict") or {}).get("status"), label)
+            except NoSuspectError:  # say it in the guard's words (the repair message speaks of unlearning)
+                _need_suspect((read_document(scan_dir).get("verdict") or {}).get("status"), label)
                 raise
         elif trigger == "reversed":
             fit, cal, _ = split_guard_data(clean, cfg)  # the scan sees no test image

@@ -44,7 +44,12 @@ class CleanData:
         return CleanData(self.x[idx], self.y[idx], self.source)
 
 
-def _to_nchw_float(x: np.ndarray, name: str) -> torch.Tensor:
+def to_nchw_float(x: np.ndarray, name: str) -> torch.Tensor:
+    """Images as stored (uint8 NHWC, float NCHW or NHWC, grey (N, H, W)) -> float (N, C, H, W) in [0, 1].
+
+    Raises:
+        DataLoadError: another shape or dtype, or NaN/inf values (``name`` is the file the message names).
+    """
     if x.ndim == 3:  # (N, H, W) grey
         x = x[:, None] if x.dtype != np.uint8 else x[..., None]
     if x.ndim != 4:
@@ -204,9 +209,9 @@ def load_clean_data(
         imgs, labels = load_folder(p, class_names)
         shapes = {im.shape for im in imgs}
         if len(shapes) > 1:  # mixed sizes: resize one by one
-            x = torch.cat([fit_channels_and_size(_to_nchw_float(im[None], p.name), input_size, p.name) for im in imgs])
+            x = torch.cat([fit_channels_and_size(to_nchw_float(im[None], p.name), input_size, p.name) for im in imgs])
         else:
-            x = fit_channels_and_size(_to_nchw_float(np.stack(imgs), p.name), input_size, p.name)
+            x = fit_channels_and_size(to_nchw_float(np.stack(imgs), p.name), input_size, p.name)
         y = torch.tensor(labels, dtype=torch.long)
     else:
         xa, ya = load_npz(p, split)
@@ -214,7 +219,7 @@ def load_clean_data(
             raise DataLoadError(f"{p.name}: contains no images", "give a non-empty sample of clean images")
         if ya.ndim != 1 or len(ya) != len(xa) or not np.issubdtype(ya.dtype, np.integer):
             raise DataLoadError(f"{p.name}: y must be one integer label per image", "store labels as an int array of length N")
-        x = fit_channels_and_size(_to_nchw_float(xa, p.name), input_size, p.name)
+        x = fit_channels_and_size(to_nchw_float(xa, p.name), input_size, p.name)
         y = torch.from_numpy(ya.astype(np.int64))
     if len(y) == 0:
         raise DataLoadError(f"{p}: contains no images", "give a non-empty sample of clean images")

@@ -21,3 +21,5 @@ from bdscan.detect.base import (
 
 __all__ = ["DEFAULT_DETECTORS", "DETECTORS", "CombinedVerdict", "Detector", "DetectorResult", "Evidence", "ScanSettings",
            "combine", "detectors_in", "get_detector", "parse_detectors", "register_detector"]
+
+from bdscan.detect import mmbd  # noqa: F401  (registers "mm-bd" after Neural Cleanse, so that BDS001 stays first)

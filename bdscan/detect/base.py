@@ -17,6 +17,7 @@ Everything the reports show of it comes from what its result returns:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
@@ -26,10 +27,19 @@ import torch
 
 from bdscan.data import CleanData
 from bdscan.errors import UsageError
+from bdscan.jsonnum import json_number
 from bdscan.models.wrapper import ModelWrapper
 
 #: the verdicts a detector (and the combined scan) can reach
 STATUSES = ("backdoor", "clean", "inconclusive")
+
+#: the default level of the combined verdict: provisional, until it is chosen on the calibration half of an
+#: evaluation zoo (issue 24); every scan document says so (``verdict.alpha_provisional``)
+DEFAULT_ALPHA = 0.05
+#: whether :data:`DEFAULT_ALPHA` was chosen on calibration data
+ALPHA_PROVISIONAL = True
+#: the name of the rule :func:`combine` applies, as the scan document records it (docs/verdict.md)
+COMBINE_RULE = "bonferroni-min-p"
 
 #: progress(task, done, total, stats): ``task`` names one unit of work (e.g. "pixel"), called from worker threads
 DetectorProgress = Callable[[str, int, int, dict[str, float]], None]
@@ -42,7 +52,9 @@ class ScanSettings:
     Attributes:
         budget: the budget's name (``bdscan.detect.config.BUDGETS``).
         levels: the Neural Cleanse levels to run ("pixel", "patch").
-        threshold: the decision threshold of a detector's statistic (Neural Cleanse: the anomaly index).
+        threshold: Neural Cleanse's anomaly-index threshold (reported for reference; the verdict uses ``alpha``).
+        alpha: the level of the verdict: the largest corrected p-value that still suspects a backdoor
+            (:func:`combine`; provisional default :data:`DEFAULT_ALPHA`).
         seed: seed of every random choice a detector makes.
         device: "cpu" or "cuda".
         workers: work items run at once on a CPU (None = automatic).
@@ -54,6 +66,7 @@ class ScanSettings:
     budget: str = "fast"
     levels: tuple[str, ...] = ("pixel", "patch")
     threshold: float = 2.0
+    alpha: float = DEFAULT_ALPHA
     seed: int = 0
     device: str = "cpu"
     workers: int | None = None
@@ -82,6 +95,8 @@ class Evidence:
         threshold: the score above which the detector flags a class.
         reason: one plain sentence.
         details: further JSON-able fields the verdict section carries when this detector decides it.
+        p_value: the calibrated per-model score: the probability that a clean model of the same class count
+            shows evidence at least this strong (None when the detector cannot calibrate, e.g. it did not run).
     """
 
     detector: str
@@ -91,10 +106,21 @@ class Evidence:
     threshold: float
     reason: str
     details: Mapping[str, Any] = field(default_factory=dict)
+    p_value: float | None = None
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
             raise ValueError(f"unknown status {self.status!r}")
+        if self.p_value is not None and not 0.0 <= self.p_value <= 1.0:
+            raise ValueError(f"p_value {self.p_value!r} is not a probability")
+
+
+def p_number(p: float | None) -> float | None:
+    """A p-value for JSON: four significant digits (:func:`~bdscan.jsonnum.json_number`'s fixed six decimals would
+    write a small one as 0)."""
+    if p is None or not p > 0:
+        return json_number(p)
+    return json_number(p, max(6, 3 - math.floor(math.log10(p))))
 
 
 @runtime_checkable
@@ -174,7 +200,8 @@ class Detector:
         if not isinstance(ev, Mapping):
             return None
         return Evidence(self.name, str(ev.get("status", "inconclusive")), ev.get("target"), float(ev.get("score") or 0.0),
-                        float(ev.get("threshold") or 0.0), str(ev.get("reason") or ""), dict(ev.get("details") or {}))
+                        float(ev.get("threshold") or 0.0), str(ev.get("reason") or ""), dict(ev.get("details") or {}),
+                        None if ev.get("p_value") is None else float(ev["p_value"]))
 
 
 DETECTORS: dict[str, Detector] = {}
@@ -223,36 +250,74 @@ def detectors_in(doc: Mapping[str, Any]) -> list[Detector]:
 
 @dataclass(frozen=True)
 class CombinedVerdict:
-    """The scan's verdict over all detectors that ran.
+    """The scan's verdict over all detectors that ran (the rule: :func:`combine`).
 
     Attributes:
         status: "backdoor", "clean" or "inconclusive".
         target: the suspected target class, or None.
         decided_by: the evidence the verdict rests on (None when no detector ran).
         evidence: every detector's evidence, in the order they ran.
+        p_value: the deciding p-value corrected for the number of tests (None when no evidence is calibrated).
+        tests: how many detectors' p-values were compared (the Bonferroni factor).
+        alpha: the level the corrected p-value was compared with.
+        calibrated: whether the verdict rests on p-values (False: no detector could calibrate, and the detectors'
+            own statuses decided).
+        disagree: other detectors that would flag on their own (corrected p <= alpha) but name another class:
+            ``(detector, class)`` pairs.
+        reason: one plain sentence.
     """
 
     status: str
     target: int | None
     decided_by: Evidence | None
     evidence: tuple[Evidence, ...]
+    p_value: float | None = None
+    tests: int = 0
+    alpha: float = DEFAULT_ALPHA
+    calibrated: bool = False
+    disagree: tuple[tuple[str, int], ...] = ()
+    reason: str = "No detector ran."
 
-    @property
-    def reason(self) -> str:
-        return self.decided_by.reason if self.decided_by else "No detector ran."
 
+def combine(evidence: Iterable[Evidence], alpha: float = DEFAULT_ALPHA) -> CombinedVerdict:
+    """The one rule that combines detectors (docs/verdict.md, "The combined verdict").
 
-def combine(evidence: Iterable[Evidence]) -> CombinedVerdict:
-    """The one rule that combines detectors (README, "How the verdict is made").
+    Every detector that reached a verdict with a calibrated p-value (:attr:`Evidence.p_value`; a detector
+    corrects for its own tests inside it, e.g. Neural Cleanse for its levels) is one test. With ``m`` such
+    tests, the verdict rests on the smallest p-value (ties: the first detector in the order they ran); its
+    corrected p-value is ``min(1, m · p)`` (Bonferroni: valid however the detectors' evidence depends on each
+    other), and a backdoor is suspected when it is at most ``alpha``; the suspected class is that detector's.
+    When another detector would flag on its own (``m · p <= alpha``) but names another class, the verdict keeps
+    the deciding detector's class and lists the other in ``disagree``.
 
-    A backdoor is suspected when any detector suspects one; the verdict then rests on the first such detector
-    in the order they ran (``--detectors``' order), and its suspected class is the target. Otherwise the model is
-    clean when at least one detector could judge it (the first such decides), and inconclusive when none could.
-    A detector's own levels (Neural Cleanse's pixel and patch) are combined inside the detector.
+    Evidence without a p-value (a detector that cannot calibrate, or one that was inconclusive) is not a test:
+    it is reported beside the verdict and never overrules calibrated evidence. Only when no detector has a
+    p-value does the uncalibrated rule decide: a backdoor when any detector suspects one (the first such
+    decides), else clean when one could judge the model, else inconclusive.
+
+    Args:
+        evidence: every detector's evidence, in the order they ran.
+        alpha: the verdict's level (provisional default :data:`DEFAULT_ALPHA`).
     """
     ev = tuple(evidence)
-    for status in STATUSES:  # backdoor first, then clean, then inconclusive
-        hit = next((e for e in ev if e.status == status), None)
-        if hit is not None:
-            return CombinedVerdict(status, hit.target if status == "backdoor" else None, hit, ev)
-    return CombinedVerdict("inconclusive", None, None, ev)
+    tests = [e for e in ev if e.p_value is not None and e.status != "inconclusive"]
+    if not tests:
+        for status in STATUSES:  # uncalibrated: backdoor first, then clean, then inconclusive
+            hit = next((e for e in ev if e.status == status), None)
+            if hit is not None:
+                return CombinedVerdict(status, hit.target if status == "backdoor" else None, hit, ev, alpha=alpha, reason=hit.reason)
+        return CombinedVerdict("inconclusive", None, None, ev, alpha=alpha)
+    m = len(tests)
+    ps = [float(e.p_value) for e in tests]  # type: ignore[arg-type]
+    i = ps.index(min(ps))  # the first of equals
+    best, p = tests[i], min(1.0, m * ps[i])
+    notes = [f"Corrected for {m} detectors: p = {p:.2g}."] if m > 1 else []
+    if p <= alpha and best.target is not None:
+        disagree = tuple((e.detector, int(e.target)) for e, q in zip(tests, ps, strict=True)
+                         if e is not best and e.target is not None and m * q <= alpha and e.target != best.target)
+        notes += [f"{d} suspects class {k} instead." for d, k in disagree]
+        return CombinedVerdict("backdoor", best.target, best, ev, p, m, alpha, True, disagree, " ".join([best.reason, *notes]))
+    notes += [f"{e.detector} (uncalibrated) suspects class {e.target}." for e in ev if e.p_value is None and e.status == "backdoor"]
+    first = best.reason if best.status == "clean" else (
+        f"No detector's evidence is strong enough: the smallest p-value ({best.detector}) is {p:.2g} > α = {alpha:g}.")
+    return CombinedVerdict("clean", None, best, ev, p, m, alpha, True, (), " ".join([first, *notes]))

@@ -1,7 +1,8 @@
-"""Pixel- and patch-level Neural Cleanse over all labels, and the combined verdict.
+"""Pixel- and patch-level Neural Cleanse over all labels, and the detector's verdict over its levels.
 
 This module is the scan's algorithm: it takes a model wrapper, clean data and a frozen
 :class:`ScanConfig`, and returns a :class:`ScanFindings`. It knows nothing of files, the CLI or reports.
+The levels are combined by :func:`combine` (Bonferroni over the levels' calibrated p-values; docs/verdict.md).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -19,6 +20,7 @@ import torch
 
 from bdscan.data import CleanData
 from bdscan.detect.anomaly import PATCH_MAD_FLOOR, AnomalyResult, anomaly
+from bdscan.detect.base import DEFAULT_ALPHA
 from bdscan.detect.config import BUDGETS, DEFAULT_BUDGET, MODES, InversionConfig
 from bdscan.detect.inversion import InversionResult, LabelResult, invert_prepared, prepared, resolve_precision
 from bdscan.detect.params import PatchTrigger, PixelTrigger, TriggerParam, cnn_patch_sweep
@@ -39,7 +41,9 @@ class ScanConfig:
         modes: subset of ("pixel", "patch").
         budget: the budget's name (for reports).
         inversion: the resolved inversion hyper-parameters.
-        threshold: anomaly-index threshold (Neural Cleanse: 2).
+        threshold: anomaly-index threshold of Neural Cleanse's own rule (2), reported for reference only.
+        alpha: the level of the verdict: a backdoor is suspected when the smallest level p-value, times the
+            number of levels, is at most ``alpha`` (docs/verdict.md; provisional until chosen on a calibration zoo).
         labels: candidate labels (None = all).
         device: "cpu" or "cuda".
         cnn_patch_sizes: grid sizes swept in patch mode for models without a token grid.
@@ -54,6 +58,7 @@ class ScanConfig:
     budget: str = DEFAULT_BUDGET
     inversion: InversionConfig = field(default_factory=lambda: BUDGETS[DEFAULT_BUDGET])
     threshold: float = 2.0
+    alpha: float = DEFAULT_ALPHA
     labels: tuple[int, ...] | None = None
     device: str = "cpu"
     # One 4-pixel grid: replaying recorded runs with fewer sweep members (`python -m benchmarks schedule --sweep`)
@@ -84,7 +89,9 @@ class ModeResult:
         statistic: what the per-label size measures.
         params: descriptions of the parametrisation(s) used (several for a CNN's patch sweep).
         labels: per label, its best result (for a sweep, the parametrisation with the smallest size).
-        anomaly: the outlier test over the sizes.
+        anomaly: the outlier tests over the sizes (the anomaly index and the calibrated p-value).
+        flagged: the labels the verdict's rule flags at this level: its smallest class when the level's p-value,
+            times the number of levels, is at most alpha (set by :func:`flag_levels`).
         seconds: the mode's own inversion time; when the levels run side by side it overlaps the other's.
         histories: per parametrisation (its ``name``), per label, the best size after each step; lets a
             benchmark replay the verdict a shorter run would have given (`python -m benchmarks schedule`).
@@ -97,6 +104,7 @@ class ModeResult:
     anomaly: AnomalyResult
     seconds: float
     histories: dict[str, dict[int, list[float | None]]] = field(default_factory=dict)
+    flagged: tuple[int, ...] = ()
 
     def label(self, k: int) -> LabelResult:
         return next(r for r in self.labels if r.label == k)
@@ -104,15 +112,19 @@ class ModeResult:
 
 @dataclass(frozen=True)
 class Verdict:
-    """The scan's conclusion.
+    """Neural Cleanse's conclusion over its levels.
 
     Attributes:
         status: "backdoor", "clean" or "inconclusive".
         target: suspected target class (None when clean).
-        anomaly_index: the index the verdict rests on.
-        basis: the mode the verdict rests on ("pixel" or "patch").
-        agree: whether the modes name the same smallest-size label (None with one mode).
+        anomaly_index: the anomaly index of the level the verdict rests on (for reference).
+        basis: the level the verdict rests on ("pixel" or "patch"): the one with the smallest p-value.
+        agree: whether the levels name the same smallest-size label (None with one level).
         reason: one plain sentence.
+        p_value: the smallest level p-value times the number of conclusive levels (Bonferroni), capped at 1;
+            None when no level is conclusive.
+        p_values: each conclusive level's own p-value.
+        alpha: the level the p-value was compared with.
     """
 
     status: str
@@ -121,6 +133,9 @@ class Verdict:
     basis: str | None
     agree: bool | None
     reason: str
+    p_value: float | None = None
+    p_values: dict[str, float] = field(default_factory=dict)
+    alpha: float = DEFAULT_ALPHA
 
 
 @dataclass
@@ -147,28 +162,53 @@ def params_for(model: ModelWrapper, mode: str, cnn_sizes: tuple[int, ...], cnn_o
     raise UsageError(f"unknown scan mode {mode!r}", "use pixel, patch or both")
 
 
-def combine(results: dict[str, ModeResult], threshold: float) -> Verdict:
-    """The combined verdict (documented in README, section "How the verdict is made").
+def combine(results: Mapping[str, Any], threshold: float, alpha: float = DEFAULT_ALPHA) -> Verdict:
+    """Neural Cleanse's verdict over its levels (docs/verdict.md).
 
-    Rule: a backdoor is suspected when any mode flags a label; the verdict rests on the mode with the
-    highest anomaly index, and its smallest-size label is the suspected target. A mode with fewer
-    than 3 successful labels is inconclusive and does not vote; if no mode is conclusive the verdict
-    is "inconclusive".
+    Rule: each conclusive level has a calibrated p-value for its smallest trigger
+    (:func:`bdscan.detect.anomaly.min_size_test`); the verdict rests on the level with the smallest one, whose
+    smallest class is the suspected target, and a backdoor is suspected when that p-value times the number of
+    conclusive levels (Bonferroni: valid however the levels depend on each other) is at most ``alpha``. A level
+    with fewer than 3 successful labels is inconclusive and is not a test; with no conclusive level the verdict
+    is "inconclusive". ``threshold`` (the anomaly index's) is only quoted.
+
+    Args:
+        results: level -> anything with an ``anomaly`` (:class:`~bdscan.detect.anomaly.AnomalyResult`), e.g.
+            :class:`ModeResult`.
+        threshold: Neural Cleanse's anomaly-index threshold (reported, not applied).
+        alpha: the verdict's level.
     """
-    conclusive = {m: r for m, r in results.items() if r.anomaly.conclusive}
-    mins = {m: r.anomaly.min_label for m, r in conclusive.items()}
+    tests = {m: r.anomaly.test for m, r in results.items() if r.anomaly.conclusive and r.anomaly.test is not None}
+    mins = {m: t.min_label for m, t in tests.items()}
     agree = (len(set(mins.values())) == 1) if len(mins) > 1 else None
-    if not conclusive:
+    if not tests:
         return Verdict("inconclusive", None, 0.0, None, None,
-                       "Too few labels could be reached by any trigger to judge this model.")
-    basis = max(conclusive, key=lambda m: (conclusive[m].anomaly.anomaly_index, m == "patch"))
-    a = conclusive[basis].anomaly
-    if any(r.anomaly.suspected for r in conclusive.values()):
-        return Verdict("backdoor", a.min_label, a.anomaly_index, basis, agree,
-                       f"Class {a.min_label} can be reached with an abnormally small {basis} trigger "
-                       f"(anomaly index {a.anomaly_index:.2f} > {threshold:g}).")
-    return Verdict("clean", None, a.anomaly_index, basis, agree,
-                   f"No class is abnormally easy to reach (highest anomaly index {a.anomaly_index:.2f} ≤ {threshold:g}).")
+                       "Too few labels could be reached by any trigger to judge this model.", alpha=alpha)
+    # smallest p first; on a tie the larger t, then the patch level (the transformers' case, Raj et al.)
+    basis = min(tests, key=lambda m: (tests[m].p_value, -tests[m].t, m != "patch"))
+    t = tests[basis]
+    p = min(1.0, len(tests) * t.p_value)
+    index = results[basis].anomaly.anomaly_index
+    levels = f"corrected for {len(tests)} levels" if len(tests) > 1 else "1 level"
+    how = (f"{levels}; its log size lies {t.t:.1f} predictive standard deviations below the other {t.classes - 1} classes'; "
+           f"anomaly index {index:.2f}")
+    p_values = {m: tt.p_value for m, tt in tests.items()}
+    if p <= alpha:
+        return Verdict("backdoor", t.min_label, index, basis, agree,
+                       f"Class {t.min_label} can be reached with an abnormally small {basis} trigger: p = {p:.2g} ≤ α = "
+                       f"{alpha:g} ({how}).", p, p_values, alpha)
+    return Verdict("clean", None, index, basis, agree,
+                   f"No class is abnormally easy to reach: the smallest trigger ({basis} level, class {t.min_label}) has "
+                   f"p = {p:.2g} > α = {alpha:g} ({how}, reference threshold {threshold:g}).", p, p_values, alpha)
+
+
+def flag_levels(results: Mapping[str, ModeResult], verdict: Verdict) -> None:
+    """Sets each level's :attr:`ModeResult.flagged`: its smallest class when its own p-value, times the number
+    of conclusive levels, is at most alpha (so a level flags exactly when it alone would decide the verdict)."""
+    n = len(verdict.p_values)
+    for m, r in results.items():
+        p = verdict.p_values.get(m)
+        r.flagged = (r.anomaly.min_label,) if p is not None and r.anomaly.min_label is not None and n * p <= verdict.alpha else ()
 
 
 def scan(model: ModelWrapper, data: CleanData, cfg: ScanConfig, progress: ScanProgress | None = None) -> ScanFindings:
@@ -256,8 +296,9 @@ def scan(model: ModelWrapper, data: CleanData, cfg: ScanConfig, progress: ScanPr
         seconds = sum(res.seconds for _, _, res in mine)
         results[mode] = ModeResult(mode, mine[0][1].statistic, [p.describe() for _, p, _ in mine], ordered, an,
                                    seconds, histories)
-        log.info("%s: anomaly index %.2f (min label %s)", mode, an.anomaly_index, an.min_label)
-    verdict = combine(results, cfg.threshold)
+        log.info("%s: p %s, anomaly index %.2f (min label %s)", mode, an.p_value, an.anomaly_index, an.min_label)
+    verdict = combine(results, cfg.threshold, cfg.alpha)
+    flag_levels(results, verdict)
     return ScanFindings(cfg, results, verdict, samples_used, time.perf_counter() - t0)
 
 

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bdscan.data import IMAGE_SUFFIXES, MAX_IMAGES, _to_nchw_float, fit_channels_and_size, load_clean_data
+from bdscan.data import IMAGE_SUFFIXES, MAX_IMAGES, fit_channels_and_size, load_clean_data, to_nchw_float
 from bdscan.errors import DataLoadError, ModelLoadError, UsageError, first_line
 from bdscan.guard.export import OUTPUTS, SUFFIXES
 from bdscan.io.onnx_io import META_PREFIX, check_external_data, ort_session
@@ -221,7 +221,7 @@ def _flat_folder(path: Path, size: tuple[int, int, int]) -> Inputs:
                 arr = np.array(im.convert("RGB"), dtype=np.uint8)
         except (UnidentifiedImageError, OSError) as e:
             raise DataLoadError(f"{f}: not a readable image", "remove or replace the file") from e
-        parts.append(fit_channels_and_size(_to_nchw_float(arr[None], f.name), size, f.name))
+        parts.append(fit_channels_and_size(to_nchw_float(arr[None], f.name), size, f.name))
     return Inputs(torch.cat(parts), [f.name for f in files], None, str(path))
 
 
@@ -235,7 +235,7 @@ def _npz_unlabelled(path: Path, size: tuple[int, int, int]) -> Inputs | None:
         raise DataLoadError(f"{path.name}: cannot read it as .npz: {first_line(e, 120)}", "give an .npz saved with numpy.savez") from e
     if len(xa) == 0:
         raise DataLoadError(f"{path.name}: contains no images", "give a non-empty .npz")
-    x = fit_channels_and_size(_to_nchw_float(xa, path.name), size, path.name)
+    x = fit_channels_and_size(to_nchw_float(xa, path.name), size, path.name)
     return Inputs(x, [f"#{i}" for i in range(len(x))], None, str(path))
 
 

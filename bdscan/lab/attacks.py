@@ -4,6 +4,9 @@
 * ``blended`` (Chen et al. 2017): a full-image blend ``(1 - a)·x + a·p`` with seeded noise or a given image.
 * ``trojan`` (Liu et al., NDSS 2018): a fixed mask region whose pattern is optimised on the clean model to
   maximise the activation of the penultimate-layer neuron(s) with the strongest connections to the output.
+* ``sig`` (Barni et al., ICIP 2019), ``wanet`` (Nguyen & Tran, ICLR 2021) and ``issba`` (an ISSBA-style
+  sample-specific perturbation, Li et al., ICCV 2021): triggers that are not a stamp; they live in
+  :mod:`bdscan.lab.attacks_transform` and are registered here.
 
 Every trigger's ``params`` records the resolved parameters, including ``bbox`` = [row0, col0, row1, col1]
 (end-exclusive) of the mask's support and ``grid4_aligned`` (whether a patch trigger sits exactly on the
@@ -22,6 +25,16 @@ import numpy as np
 import torch
 
 from bdscan.errors import UsageError
+from bdscan.lab.attacks_transform import (
+    TRANSFORM_STAMP,
+    ISSBAParams,
+    SIGParams,
+    WaNetParams,
+    issba_trigger,
+    procedural_image,
+    sig_trigger,
+    wanet_trigger,
+)
 from bdscan.models.wrapper import ModelWrapper
 from bdscan.trigger import Trigger
 
@@ -79,9 +92,11 @@ class BlendedParams:
 
     Attributes:
         alpha: blend ratio (the visibility of the pattern).
-        pattern: "noise" (seeded uniform noise) or "image" (the file ``image``).
+        pattern: "noise" (seeded uniform noise), "image" (the file ``image``) or "procedural" (a seeded picture
+            drawn by :func:`~bdscan.lab.attacks_transform.procedural_image`: a photograph-like image that needs
+            no file).
         image: path of an image blended in when ``pattern == "image"`` (resized to the input size).
-        seed: for the noise.
+        seed: for the noise and the procedural picture.
     """
 
     alpha: float = 0.15
@@ -260,8 +275,10 @@ class Blended(Attack):
             if not params.image:
                 raise UsageError("blended: pattern=image needs image=<path>", "give the image to blend in")
             pattern = _load_image(Path(params.image), (c, h, w))
+        elif params.pattern == "procedural":
+            pattern = procedural_image((c, h, w), int(params.seed))
         else:
-            raise UsageError(f"blended: unknown pattern {params.pattern!r}", "use noise or image")
+            raise UsageError(f"blended: unknown pattern {params.pattern!r}", "use noise, image or procedural")
         mask = torch.full((h, w), float(params.alpha))
         info = {**_jsonable(params), "bbox": [0, 0, h, w], "grid4_aligned": False}
         return Trigger(mask, pattern, target, "blended", info)
@@ -384,6 +401,56 @@ def _mean_activation(model: ModelWrapper, head: torch.nn.Module, x: torch.Tensor
                      stamp: tuple[torch.Tensor, torch.Tensor] | None) -> float:
     xs = x if stamp is None else (1 - stamp[0]) * x + stamp[0] * stamp[1]
     return float(_features(model, head, xs)[:, neurons].mean())
+
+
+class _TransformAttack(Attack):
+    """An attack whose trigger is a :class:`~bdscan.lab.attacks_transform.TransformTrigger` built by ``build``."""
+
+    build: ClassVar[Callable[..., Trigger]]
+
+    def make_trigger(self, params: Any, target: int, input_size: tuple[int, int, int],
+                     model: ModelWrapper | None = None, x: torch.Tensor | None = None,
+                     progress: Progress | None = None) -> Trigger:
+        return type(self).build(params, target, tuple(input_size))
+
+
+@register_attack
+class SIG(_TransformAttack):
+    name = "sig"
+    Params = SIGParams
+    build = staticmethod(sig_trigger)
+
+
+@register_attack
+class WaNet(_TransformAttack):
+    name = "wanet"
+    Params = WaNetParams
+    build = staticmethod(wanet_trigger)
+
+
+@register_attack
+class ISSBA(_TransformAttack):
+    name = "issba"
+    Params = ISSBAParams
+    build = staticmethod(issba_trigger)
+
+
+def rebuild_trigger(stored: Trigger) -> Trigger:
+    """The exact trigger of a lab model from the one its file stores.
+
+    A file stores a trigger as mask and pattern; for the transform attacks (``params["stamp"] ==
+    "transform"``: SIG, WaNet, ISSBA) those are only a picture, and the transform is rebuilt here from the
+    recorded parameters. Stamp triggers are returned as they are.
+    """
+    if stored.params.get("stamp") != TRANSFORM_STAMP:
+        return stored
+    name = str(stored.params.get("attack", stored.kind))
+    if name not in ATTACKS:
+        raise UsageError(f"the stored trigger's attack {name!r} is not known to this bdscan", "upgrade bdscan")
+    known = {f.name for f in fields(ATTACKS[name].Params)}
+    params = {k: v for k, v in stored.params.items() if k in known}
+    c, h, w = int(stored.pattern.shape[0]), int(stored.pattern.shape[1]), int(stored.pattern.shape[2])
+    return make_trigger(AttackConfig(name, int(stored.target or 0), params), (c, h, w))
 
 
 def parse_attack_params(name: str, items: Sequence[str]) -> dict[str, Any]:

@@ -7,7 +7,7 @@ order, skips every model whose file exists with the same configuration hash, tra
 rest, writes each ``.safetensors`` atomically and rewrites the manifest (and ``README.md``) after
 every model, so an interrupted build continues where it stopped::
 
-    python -m bdscan.lab.zoo                      # build everything still missing (or: ... zoo build)
+    python -m bdscan.lab.zoo                      # build everything still missing (or: ... zoo sample)
     python -m bdscan.lab.zoo --only gtsrb_vit_badnets --out sample_models
 
 The evaluation zoo's accurate clean bases (issue #23) are trained from named recipes
@@ -15,6 +15,13 @@ The evaluation zoo's accurate clean bases (issue #23) are trained from named rec
 
     python -m bdscan.lab.zoo recipes
     python -m bdscan.lab.zoo train-base --dataset gtsrb --arch bdscan_vit --out DIR [--device cuda]
+
+and its backdoored models and clean twins are planned, built from their manifest rows and tabulated by
+:mod:`bdscan.lab.evalzoo`::
+
+    python -m bdscan.lab.zoo plan [--seed 23]
+    python -m bdscan.lab.zoo build [--split evaluation] [--only NAME] [--bases DIR] [--out DIR] [--threads N] [--device cpu|cuda]
+    python -m bdscan.lab.zoo table [--readme benchmarks/zoo/README.md]
 
 Weights are stored as float16 (they load as float32); the accuracies recorded are measured after that
 rounding, so they are exactly what a loaded model gives.
@@ -44,6 +51,7 @@ from bdscan.io import load_model, save_safetensors
 from bdscan.io.safetensors_io import read_metadata
 from bdscan.lab.attacks import AttackConfig
 from bdscan.lab.base import recipes_main, train_base_main
+from bdscan.lab.evalzoo import EVALZOO_COMMANDS
 from bdscan.lab.inject import InjectConfig, inject
 from bdscan.lab.labdata import AugmentConfig, find_data_dir, load_lab_data
 from bdscan.lab.train import LAB_VERSION, Progress, TrainConfig, evaluate, round_to_half_, torch_threads, train_clean
@@ -469,8 +477,8 @@ def _now() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m bdscan.lab.zoo [build] [options]`` builds the sample zoo; ``train-base`` and ``recipes`` are
-    the evaluation zoo's (see :func:`train_base_main`)."""
+    """``python -m bdscan.lab.zoo [sample] [options]`` builds the sample zoo; ``train-base`` and ``recipes`` (see
+    :func:`train_base_main`), ``plan``, ``build`` and ``table`` (see :mod:`bdscan.lab.evalzoo`) are the evaluation zoo's."""
     args_list = list(sys.argv[1:] if argv is None else argv)
     if args_list and args_list[0] in _SUBCOMMANDS:
         return _SUBCOMMANDS[args_list[0]](args_list[1:])
@@ -478,7 +486,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def build_main(argv: Sequence[str] | None = None) -> int:
-    """The sample zoo's build (the command line without a subcommand, or ``build``)."""
+    """The sample zoo's build (the command line without a subcommand, or ``sample``)."""
     ap = argparse.ArgumentParser(prog="python -m bdscan.lab.zoo", description="Build bdscan's sample-model zoo (resumable).")
     ap.add_argument("--only", nargs="+", metavar="NAME", help="build only these models (and their clean twins/teachers)")
     ap.add_argument("--out", default="sample_models", help="output folder (default: sample_models)")
@@ -516,9 +524,10 @@ def build_main(argv: Sequence[str] | None = None) -> int:
 
 
 _SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
-    "build": build_main,
+    "sample": build_main,
     "train-base": train_base_main,
     "recipes": recipes_main,
+    **EVALZOO_COMMANDS,  # plan, build (the evaluation zoo's, as issue #23 names it), table
 }
 
 

@@ -19,14 +19,14 @@ import numpy as np
 import torch
 
 from bdscan.detect.scan import ScanFindings
-from bdscan.errors import LoadError, UsageError
+from bdscan.errors import LoadError, NoSuspectError, UsageError
 from bdscan.report.scandir import read_arrays, read_document, read_npz, scan_paths
 from bdscan.trigger import Trigger
 
 
 def _pick(target: int | None, mode: str | None, basis: str | None, available: list[str], what: str) -> tuple[int, str]:
     if target is None:
-        raise UsageError(f"{what} found no backdoor suspect, so there is no reversed trigger to unlearn",
+        raise NoSuspectError(f"{what} found no backdoor suspect, so there is no reversed trigger to unlearn",
                          "repair with a trigger file (--trigger FILE) or name the label to unlearn (--label K)")
     chosen = mode or basis or ("pixel" if "pixel" in available else (available[0] if available else None))
     if chosen is None or chosen not in available:

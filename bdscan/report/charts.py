@@ -7,6 +7,7 @@ import re
 from typing import Any
 
 from markupsafe import Markup, escape
+from scipy import stats
 
 #: JSON has no infinity: the scan document writes an infinite anomaly index (MAD 0) as 1e9
 INF_INDEX = 1e9
@@ -154,8 +155,24 @@ def _x_labels(s: _Svg, labels: list[int], left: float, bw: float, y: float) -> N
             s.text(left + (i + 0.5) * bw, y, str(k), 10, "middle", fill="#333")
 
 
-def norm_chart(mode: str, m: dict[str, Any], names: list[str], true_target: int | None) -> Markup | None:
-    """Bar chart of each label's trigger size with the median and the flagging boundary (median - threshold·MAD)."""
+def p_boundary(test: Any, alpha: Any, tests: Any) -> float | None:
+    """The size below which a level's smallest trigger is flagged, the other classes as they are: where its
+    p-value times ``tests`` (the verdict's Bonferroni factor: levels × detectors) reaches ``alpha``
+    (:func:`bdscan.detect.anomaly.min_size_test`). None when the document lacks what it needs."""
+    if not isinstance(test, dict) or not isinstance(alpha, (int, float)) or not isinstance(tests, int) or tests < 1:
+        return None
+    k, mean, sd, df = test.get("classes"), test.get("log_mean"), test.get("log_sd"), test.get("df")
+    if not (isinstance(k, int) and k >= 3 and isinstance(df, int) and df >= 1 and all(isinstance(v, (int, float)) for v in (mean, sd))):
+        return None
+    t_crit = float(stats.t.isf(min(1.0, alpha / (tests * k)), df))
+    return math.exp(mean - t_crit * sd * math.sqrt(1 + 1 / (k - 1)))
+
+
+def norm_chart(mode: str, m: dict[str, Any], names: list[str], true_target: int | None,
+               boundary: float | None = None) -> Markup | None:
+    """Bar chart of each label's trigger size with the median and the flagging boundary: ``boundary`` (from
+    :func:`p_boundary`) when given, else Neural Cleanse's median - threshold·MAD (schema-1 documents). A level with a
+    calibrated test gets its null distribution drawn below the bars (:func:`_draw_null`)."""
     labels = [r for r in (m.get("labels") or []) if isinstance(r, dict) and isinstance(r.get("label"), int)]
     if not labels:
         return None
@@ -163,12 +180,16 @@ def norm_chart(mode: str, m: dict[str, Any], names: list[str], true_target: int 
     norms = [r.get("norm") for r in labels]
     ok = [v for v in norms if isinstance(v, (int, float))]
     med, mad, thr = an.get("median"), an.get("mad"), an.get("threshold")
-    boundary = med - thr * mad if all(isinstance(v, (int, float)) for v in (med, mad, thr)) and an.get("conclusive") else None
+    if boundary is None:
+        boundary = med - thr * mad if all(isinstance(v, (int, float)) for v in (med, mad, thr)) and an.get("conclusive") else None
     ymax = max([*ok, med or 0.0, 1e-9]) * 1.12
     w, h, left, top, bottom = 820, 250, 56, 18, 34
     pw, ph = w - left - 96, h - top - bottom
     stat = m.get("statistic") or ("L1 norm of the pixel mask" if mode == "pixel" else "tokens touched")
-    s = _Svg(w, h, f"{MODE_TITLES.get(mode, mode)}: {stat} per class")
+    with_null = isinstance(an.get("test"), dict)  # schema 2: the null panel goes below the bars, in the same figure
+    s = _Svg(w, h + (150 if with_null else 0), f"{MODE_TITLES.get(mode, mode)}: {stat} per class")
+    if with_null:
+        _draw_null(s, left, h + 26, pw, 84, m, names, boundary)
     _bar_axes(s, left, top, pw, ph, ymax, stat)
     bw = pw / len(labels)
     flagged = set(an.get("flagged") or [])
@@ -245,6 +266,80 @@ def phase_charts(mode: str, m: dict[str, Any], names: list[str], true_target: in
         _x_labels(s, [r["label"] for r in labels], left, bw, top + ph + 12)
         out.append(s.render())
     return out
+
+
+def null_chart(mode: str, m: dict[str, Any], names: list[str], boundary: float | None) -> Markup | None:
+    """The level's null distribution with the model's smallest trigger on it, as a chart of its own (see :func:`_draw_null`)."""
+    s = _Svg(420, 150, f"{MODE_TITLES.get(mode, mode)}: the other classes' log sizes, the null they fit, and the smallest class")
+    return s.render() if _draw_null(s, 14, 24, 392, 96, m, names, boundary) else None
+
+
+def _draw_null(s: _Svg, left: float, top: float, pw: float, ph: float, m: dict[str, Any], names: list[str],
+               boundary: float | None) -> bool:
+    """Draws, in the box (left, top, pw, ph) of ``s``, every class's size on a log axis (dots), the predictive density
+    the other classes' log sizes fit (a Student t, :func:`bdscan.detect.anomaly.min_size_test`), the smallest class
+    marked with its p-value, and ``boundary`` (:func:`p_boundary`) as the line left of which it would be flagged.
+    Returns False (drawing nothing) when the level has no test."""
+    an = m.get("anomaly") or {}
+    test = an.get("test")
+    sizes = [(r.get("label"), r.get("norm")) for r in m.get("labels") or [] if isinstance(r, dict)]
+    sizes = [(k, float(v)) for k, v in sizes if isinstance(k, int) and isinstance(v, (int, float)) and v > 0]
+    need = ("log_mean", "log_sd", "df", "classes")
+    if not isinstance(test, dict) or len(sizes) < 3 or not all(isinstance(test.get(k), (int, float)) for k in need):
+        return False
+    mean, sd, df, k = float(test["log_mean"]), float(test["log_sd"]), int(test["df"]), int(test["classes"])
+    scale = sd * math.sqrt(1 + 1 / max(1, k - 1))
+    logs = [math.log(v) for _, v in sizes]
+    lo = min([*logs, mean - 4 * scale] + ([math.log(boundary)] if boundary and boundary > 0 else []))
+    hi = max([*logs, mean + 3.5 * scale])
+    lo, hi = lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo)
+
+    def x(v: float) -> float:
+        return left + (v - lo) / (hi - lo) * pw
+
+    dens = [(v, float(stats.t.pdf((v - mean) / scale, df)) / scale) for v in (lo + i * (hi - lo) / 120 for i in range(121))]
+    dmax = max(d for _, d in dens) or 1.0
+    base = top + ph
+    path = " ".join(f"{'M' if i == 0 else 'L'}{x(v):.1f} {base - d / dmax * (ph - 14):.1f}" for i, (v, d) in enumerate(dens))
+    s.el("path", d=path, fill="none", stroke=C_BAR, stroke_width=1.5)
+    s.line(left, base, left + pw, base, "#888")
+    for t in _log_ticks(lo, hi):
+        s.line(x(math.log(t)), base, x(math.log(t)), base + 4, "#888")
+        s.text(x(math.log(t)), base + 15, _tick_label(t), 9, "middle", fill="#555")
+    s.text(left + pw / 2, base + 27, f"{m.get('statistic') or 'size'} (log scale): the other classes' null and the smallest class",
+           10, "middle", fill="#555")
+    min_label = test.get("min_label")
+    c_min = C_FLAG if min_label in (an.get("flagged") or []) else C_MIN  # red only when the verdict's rule flags it, as the bars
+    for lab, v in sizes:
+        is_min = lab == min_label
+        s.raw(f'<circle cx="{x(math.log(v)):.1f}" cy="{base - 6:.1f}" r="{4 if is_min else 2.6}" fill="{c_min if is_min else C_MED}" '
+              f'fill-opacity="{1 if is_min else 0.55}"><title>{escape(class_label(names, lab))}: {escape(num(v))}</title></circle>')
+    if boundary and boundary > 0:
+        bx = x(math.log(boundary))
+        s.line(bx, top, bx, base, C_BOUND, 1.2, "2 3")
+        s.text(bx + 3, top + 8, f"flag below {num(boundary)}", 9, fill=C_BOUND)
+    mx = x(float(test.get("log_min", math.log(min(v for _, v in sizes)))))
+    s.text(min(max(mx, left + 40), left + pw - 40), top - 6, f"{class_label(names, min_label)}: p = {pnum(test.get('p_value'))}", 10,
+           "middle", fill=c_min)
+    return True
+
+
+def _log_ticks(lo: float, hi: float) -> list[float]:
+    """Round sizes (1, 2, 5 × 10^n) between exp(lo) and exp(hi), at most about 7."""
+    out = [m * 10.0**e for e in range(math.floor(lo / math.log(10)) - 1, math.ceil(hi / math.log(10)) + 1) for m in (1, 2, 5)]
+    out = [t for t in out if lo <= math.log(t) <= hi]
+    while len(out) > 7:
+        out = out[::2]
+    return out
+
+
+def pnum(p: Any) -> str:
+    """A p-value for people: "—" when absent, 2 significant digits, "< 0.0001" below that."""
+    if not isinstance(p, (int, float)) or isinstance(p, bool):
+        return "—"
+    if p < 1e-4:
+        return "< 0.0001"
+    return f"{p:.2g}"
 
 
 def layer_chart(series: list[tuple[str, str, dict[str, Any]]]) -> Markup | None:

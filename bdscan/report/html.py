@@ -1,4 +1,5 @@
-"""The HTML report: one self-contained file rendered from the scan document (schema ``bdscan.scan/1``).
+"""The HTML report: one self-contained file rendered from the scan document (schema ``bdscan.scan/2``, and
+schema-1 documents of older scan folders: what they lack, the p-values, is shown as absent).
 
 Everything the page shows comes from the document: images are the ``data:`` URIs it already holds, charts
 are inline SVG drawn here, the stylesheet is inline. The page loads nothing (no scripts, fonts, stylesheets
@@ -28,9 +29,12 @@ from bdscan.report.charts import (
     dig,
     layer_chart,
     norm_chart,
+    null_chart,
     num,
+    p_boundary,
     pct,
     phase_charts,
+    pnum,
     safe_image,
     size_words,
     val,
@@ -59,14 +63,18 @@ def _verdict(doc: dict[str, Any], names: list[str]) -> dict[str, Any]:
     title, tone = STATUS[status]
     target = v.get("target")
     thr = v.get("threshold", dig(doc, "config", "threshold"))
+    decider = dig(v, "decided_by", "detector") or v.get("detector")
     if status == "backdoor":
         meaning = (f"Images of any class can be sent to {class_label(names, target)} with a trigger far smaller than any other "
-                   f"class needs: the signature of a planted backdoor that sends triggered inputs to that class.")
+                   f"class needs: the signature of a planted backdoor that sends triggered inputs to that class."
+                   if decider in (None, "neural-cleanse") else
+                   f"The {decider} detector found evidence, stronger than clean models show, of a planted backdoor that "
+                   f"sends triggered inputs to {class_label(names, target)} (see Detectors below).")
         todo = [("Do not deploy this model.", None), *_repair_todo(doc),
                 ("Or retrain from data you trust, and find out where this checkpoint came from.", None)]
     elif status == "clean":
-        meaning = ("No class can be reached with an abnormally small trigger: this scan found no evidence of a backdoor "
-                   "of the kinds it looks for.")
+        meaning = ("No class can be reached with an abnormally small trigger, and no other detector that ran found strong "
+                   "enough evidence: this scan found no evidence of a backdoor of the kinds it looks for.")
         todo = [("Clean means no small, image-independent patch or pixel trigger was found for any class within this "
                  "budget. It does not prove the model is backdoor-free: large or image-wide triggers (blending, filters), "
                  "input-specific triggers and backdoors spread over several target classes can evade Neural Cleanse.", None),
@@ -82,15 +90,17 @@ def _verdict(doc: dict[str, Any], names: list[str]) -> dict[str, Any]:
                    "outlier from normal variation.")
         todo = [("Scan again with a larger budget (more optimisation steps) and more clean images of every class; check "
                  "that the data matches the model's classes and input preprocessing.", None)]
+    calibrated = "rule" in v  # schema 2: the verdict rests on p-values
     per_mode = []
     for mode, m in (doc.get("modes") or {}).items():
         an = (m or {}).get("anomaly") or {}
         per_mode.append({
-            "mode": mode, "title": MODE_TITLES.get(mode, mode), "index": an.get("anomaly_index"),
+            "mode": mode, "title": MODE_TITLES.get(mode, mode), "index": an.get("anomaly_index"), "p": an.get("p_value"),
             "min_label": class_label(names, an.get("min_label")) if an.get("min_label") is not None else "—",
             "flagged": [class_label(names, k) for k in an.get("flagged") or []], "conclusive": an.get("conclusive", True),
-            "failed": len(an.get("failed") or []), "over": (an.get("anomaly_index") or 0) > (thr or 2.0),
-            "statistic": (m or {}).get("statistic") or "",
+            "failed": len(an.get("failed") or []),
+            "over": bool(an.get("flagged")) if calibrated else (an.get("anomaly_index") or 0) > (thr or 2.0),
+            "statistic": (m or {}).get("statistic") or "", "t": dig(an, "test", "t"), "classes": dig(an, "test", "classes"),
             "min_words": size_words(doc, mode, an.get("min_label"), an.get("min_norm")),
         })
     true_t = v.get("true_target")
@@ -107,7 +117,12 @@ def _verdict(doc: dict[str, Any], names: list[str]) -> dict[str, Any]:
             "target_name": v.get("target_name") or (names[target] if isinstance(target, int) and target < len(names) else None),
             "anomaly_index": v.get("anomaly_index"), "basis": v.get("basis"), "agree": v.get("modes_agree"),
             "threshold": thr, "reason": v.get("reason") or "", "meaning": meaning, "todo": todo, "modes": per_mode,
-            "truth": truth, "unsafe_pickle": bool(pickle and pickle.get("dangerous"))}
+            "truth": truth, "unsafe_pickle": bool(pickle and pickle.get("dangerous")), "calibrated": calibrated,
+            "p_value": v.get("p_value"), "p_text": pnum(v.get("p_value")), "alpha": v.get("alpha"),
+            "provisional": bool(v.get("alpha_provisional")), "tests": v.get("tests"), "rule": v.get("rule"),
+            "levels": sum(1 for md in per_mode if md["p"] is not None), "detector": dig(v, "decided_by", "detector"),
+            "disagree": [f"{d.get('detector')} names {class_label(names, d.get('target'))}" for d in v.get("disagree") or []
+                         if isinstance(d, dict)]}
 
 
 def _repair_todo(doc: dict[str, Any]) -> list[tuple[str, str | None]]:
@@ -197,7 +212,9 @@ def _modes(doc: dict[str, Any], names: list[str]) -> list[dict[str, Any]]:
         labels = [r for r in m.get("labels") or [] if isinstance(r, dict)]
         failed = [class_label(names, k) for k in an.get("failed") or []]
         med, mad, thr = an.get("median"), an.get("mad"), an.get("threshold")
-        boundary = med - thr * mad if all(isinstance(x, (int, float)) for x in (med, mad, thr)) else None
+        calibrated = isinstance(an.get("test"), dict)
+        boundary = (p_boundary(an.get("test"), dig(doc, "verdict", "alpha"), _level_tests(doc)) if calibrated
+                    else med - thr * mad if all(isinstance(x, (int, float)) for x in (med, mad, thr)) else None)
         phase_rows = []
         nph = max((len(r.get("phases") or []) for r in labels), default=0)
         for p in range(nph):
@@ -213,14 +230,23 @@ def _modes(doc: dict[str, Any], names: list[str]) -> list[dict[str, Any]]:
         out.append({
             "mode": mode, "title": MODE_TITLES.get(mode, mode), "statistic": stat, "anomaly": an,
             "params": ", ".join(str(p.get("name")) for p in m.get("params") or [] if isinstance(p, dict)),
-            "boundary": boundary, "failed": failed, "triggers": trig,
-            "chart": norm_chart(mode, m, names, true_t), "phase_charts": phase_charts(mode, m, names, true_t),
+            "boundary": boundary, "failed": failed, "triggers": trig, "calibrated": calibrated, "p_text": pnum(an.get("p_value")),
+            "chart": norm_chart(mode, m, names, true_t, boundary if calibrated else None),
+            "null_chart": null_chart(mode, m, names, boundary) if calibrated else None,
+            "phase_charts": phase_charts(mode, m, names, true_t),
             "phase_rows": phase_rows,
             "labels": [{"label": class_label(names, r.get("label")), "norm": r.get("norm"), "index": r.get("anomaly_index"),
                         "flagged": r.get("flagged"), "succeeded": r.get("succeeded", r.get("norm") is not None),
                         "steps": r.get("steps"), "success_rate": r.get("success_rate"), "param": r.get("param")} for r in labels],
         })
     return out
+
+
+def _level_tests(doc: dict[str, Any]) -> int | None:
+    """The Bonferroni factor of one Neural Cleanse level in the verdict: its levels × the detectors compared."""
+    levels = sum(1 for m in (doc.get("modes") or {}).values() if isinstance(dig(m, "anomaly", "test"), dict))
+    tests = dig(doc, "verdict", "tests")
+    return levels * tests if isinstance(tests, int) and tests > 0 and levels else None
 
 
 SERIES_COLOURS = {"original": C_ORIG, "pixel": "#4a78a8", "patch": "#8e44ad"}
@@ -268,8 +294,13 @@ def _activations(doc: dict[str, Any], names: list[str]) -> dict[str, Any]:
 def _config(doc: dict[str, Any]) -> dict[str, Any]:
     cfg = doc.get("config") or {}
     data = doc.get("data") or {}
+    v = doc.get("verdict") or {}
+    alpha = v.get("alpha", cfg.get("alpha"))
     basics = [("Seed", doc.get("seed")), ("Budget", cfg.get("budget")), ("Modes", ", ".join(cfg.get("modes") or [])),
-              ("Anomaly threshold", cfg.get("threshold")),
+              ("Verdict rule", v.get("rule") or "anomaly index over the threshold (schema 1)"),
+              ("α (verdict level)", f"{alpha:g}" + (" (provisional default)" if v.get("alpha_provisional") else "")
+               if isinstance(alpha, (int, float)) else None),
+              ("Anomaly threshold" + (" (reference only)" if v.get("rule") else ""), cfg.get("threshold")),
               ("Labels scanned", "all" if cfg.get("labels") is None else ", ".join(map(str, cfg["labels"]))),
               ("Device", cfg.get("device")), ("Inversions at once", cfg.get("workers")),
               ("CNN patch grid sizes", ", ".join(map(str, cfg.get("cnn_patch_sizes") or []))),
@@ -282,19 +313,54 @@ def _config(doc: dict[str, Any]) -> dict[str, Any]:
             "json": json.dumps(cfg, indent=2, sort_keys=True, default=str)}
 
 
-def _detectors(doc: dict[str, Any], names: list[str]) -> list[dict[str, Any]]:
-    """Every detector whose section the document holds: its evidence, and its per-class scores when it has them."""
+def _detectors(doc: dict[str, Any], names: list[str], modes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every detector whose section the document holds: its evidence (status, class, p-value, score), the
+    pictures that make it convincing, and its per-class scores when it has them."""
     rows = []
+    decider = dig(doc, "verdict", "decided_by", "detector") or dig(doc, "verdict", "detector")
     for det in detectors_in(doc):
         ev = det.evidence_from_doc(doc)
         if ev is None:
             continue
         sec = doc.get(det.json_key) or {}
-        scores = sec.get("scores") if isinstance(sec.get("scores"), list) else []
+        scores = sec.get("scores") if isinstance(sec, dict) and isinstance(sec.get("scores"), list) else []
         rows.append({"name": det.name, "title": det.title, "status": ev.status, "target": class_label(names, ev.target)
                      if ev.target is not None else None, "score": ev.score, "threshold": ev.threshold, "reason": ev.reason,
+                     "p_value": ev.p_value, "p_text": pnum(ev.p_value), "decides": det.name == decider,
+                     "pictures": _nc_pictures(doc, modes) if det.json_key == "modes" else _section_pictures(sec),
                      "scores": [{"label": class_label(names, r.get("label")), "score": r.get("score")} for r in scores if isinstance(r, dict)]})
     return rows
+
+
+def _nc_pictures(doc: dict[str, Any], modes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Neural Cleanse's pictures: the deciding level's smallest reversed trigger and that level's null chart."""
+    basis = dig(doc, "verdict", "basis") or (modes[0]["mode"] if modes else None)
+    md = next((x for x in modes if x["mode"] == basis), None)
+    if md is None:
+        return []
+    out = [{"caption": f"{md['title']}, #1 {t['label']}: {cap}", "uri": uri, "svg": None} for t in md["triggers"][:1] for cap, uri in t["images"]]
+    if md.get("null_chart") is not None:
+        out.append({"caption": f"{md['title']}: the smallest trigger against the other classes", "uri": None, "svg": md["null_chart"]})
+    return out
+
+
+#: at most this many pictures per detector in the detectors table
+MAX_PICTURES = 6
+
+
+def _section_pictures(sec: Any, path: str = "") -> list[dict[str, Any]]:
+    """Inline images anywhere in another detector's section (``data:`` URIs only), captioned by where they are."""
+    out: list[dict[str, Any]] = []
+    items = sec.items() if isinstance(sec, dict) else enumerate(sec) if isinstance(sec, list) else ()
+    for k, x in items:
+        here = f"{path} {k}".strip() if isinstance(k, str) else path
+        if isinstance(x, str) and safe_image(x):
+            out.append({"caption": here or "image", "uri": x, "svg": None})
+        elif isinstance(x, (dict, list)):
+            out += _section_pictures(x, here)
+        if len(out) >= MAX_PICTURES:
+            return out[:MAX_PICTURES]
+    return out
 
 
 def view_model(doc: dict[str, Any]) -> dict[str, Any]:
@@ -305,13 +371,14 @@ def view_model(doc: dict[str, Any]) -> dict[str, Any]:
     n = m.get("num_classes") or 0
     names = [str(x) for x in (m.get("class_names") or [])]
     names += [str(i) for i in range(len(names), n)]
+    modes = _modes(doc, names)
     return {
         "title": f"bdscan report: {m.get('file') or 'model'}",
         "verdict": _verdict(doc, names),
         "model": _model(doc, names),
         "original": _original(doc, names),
-        "modes": _modes(doc, names),
-        "detectors": _detectors(doc, names),
+        "modes": modes,
+        "detectors": _detectors(doc, names, modes),
         "activations": _activations(doc, names),
         "repair": repair_view(doc, names),
         "config": _config(doc),
@@ -327,6 +394,7 @@ def environment() -> jinja2.Environment:
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
     env.filters["num"] = num
     env.filters["pct"] = pct
+    env.filters["pnum"] = pnum
     env.filters["val"] = val
     return env
 

@@ -1,6 +1,7 @@
 """The scan document: one JSON that the console, HTML and SARIF renderers all read.
 
-Schema ``bdscan.scan/1`` (documented in docs/scan-json.md). Everything that can differ between two runs
+Schema ``bdscan.scan/2`` (documented in docs/scan-json.md; what changed from schema 1 is listed there, and
+``bdscan report`` still reads schema-1 documents). Everything that can differ between two runs
 with the same inputs and seed lives under ``timings`` (wall times) and ``invocation`` (the paths as the user
 gave them, and where the outputs went), so two runs compare equal once those keys are removed. Each detector's section is what its result returns
 (:meth:`bdscan.detect.base.DetectorResult.section`), stored under the detector's ``json_key``.
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from bdscan.data import CleanData
-from bdscan.detect.base import DETECTORS, CombinedVerdict, DetectorResult
+from bdscan.detect.base import ALPHA_PROVISIONAL, COMBINE_RULE, DETECTORS, CombinedVerdict, DetectorResult, Evidence, p_number
 from bdscan.io.base import LoadedModel, LoadOptions
 from bdscan.jsonnum import json_number
 from bdscan.machine import versions
@@ -26,7 +27,7 @@ from bdscan.report.images import trigger_images
 if TYPE_CHECKING:
     from bdscan.repair.core import RepairResult
 
-SCHEMA = "bdscan.scan/1"
+SCHEMA = "bdscan.scan/2"
 
 
 def model_section(lm: LoadedModel) -> dict[str, Any]:
@@ -116,19 +117,37 @@ def scan_document(lm: LoadedModel, data: CleanData, results: Mapping[str, Detect
 
 
 def evidence_dict(r: DetectorResult) -> dict[str, Any]:
+    """A detector's evidence as its own section stores it (``<json_key>.evidence``)."""
     e = r.evidence
     return {"status": e.status, "target": e.target, "score": json_number(e.score), "threshold": e.threshold,
-            "reason": e.reason, "details": dict(e.details)}
+            "p_value": p_number(e.p_value), "reason": e.reason, "details": dict(e.details)}
+
+
+def evidence_row(e: Evidence, names: list[str]) -> dict[str, Any]:
+    """One detector's evidence as the verdict lists it, beside the combined verdict."""
+    title = DETECTORS[e.detector].title if e.detector in DETECTORS else e.detector
+    return {"detector": e.detector, "title": title, "status": e.status, "target": e.target,
+            "target_name": names[e.target] if e.target is not None and 0 <= e.target < len(names) else None,
+            "score": json_number(e.score), "threshold": e.threshold, "p_value": p_number(e.p_value), "reason": e.reason}
 
 
 def verdict_section(v: CombinedVerdict, names: list[str], true_target: int | None, name_detector: bool) -> dict[str, Any]:
-    """The verdict: status and target, the deciding detector's own fields, the reason (and the lab's true target)."""
+    """The verdict: status and target, how it was decided (the rule, alpha, the corrected p-value, the deciding
+    detector and level), the deciding detector's own fields, every detector's evidence, the reason (and the
+    lab's true target)."""
     d = v.decided_by
     out: dict[str, Any] = {"status": v.status, "target": v.target,
                            "target_name": names[v.target] if v.target is not None else None}
     out.update(dict(d.details) if d is not None else {})
     if name_detector:
         out["detector"] = d.detector if d is not None else None
+    out.update({
+        "rule": COMBINE_RULE if v.calibrated else "uncalibrated-status", "alpha": v.alpha, "alpha_provisional": ALPHA_PROVISIONAL,
+        "p_value": p_number(v.p_value), "tests": v.tests, "calibrated": v.calibrated,
+        "decided_by": {"detector": d.detector, "test": (d.details or {}).get("basis"), "p_value": p_number(d.p_value)} if d else None,
+        "disagree": [{"detector": det, "target": k} for det, k in v.disagree],
+        "evidence": [evidence_row(e, names) for e in v.evidence],
+    })
     out["reason"] = v.reason
     out["true_target"] = true_target
     return out

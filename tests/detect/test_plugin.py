@@ -102,7 +102,7 @@ def test_a_registered_detector_reaches_every_output(plugin, tiny_bd, tmp_path: P
     assert (tmp_path / "scan" / "mean-score" / "bar.png").is_file()
     sarif = json.loads((tmp_path / "scan.sarif").read_text())["runs"][0]
     rules = [r["id"] for r in sarif["tool"]["driver"]["rules"]]
-    assert rules[:2] == ["BDS001", "BDS901"] and {"BDS002", "BDS003"} <= set(rules)
+    assert rules[0] == "BDS001" and {"BDS901", "BDS002", "BDS003"} <= set(rules)
     mine = [r for r in sarif["results"] if r["ruleId"] == "BDS901"]
     assert len(mine) == 1 and mine[0]["ruleIndex"] == rules.index("BDS901")
     html = (tmp_path / "report.html").read_text()

@@ -70,8 +70,13 @@ def as_clean(doc: dict[str, Any]) -> dict[str, Any]:
     """A copy of a document edited to a clean verdict (nothing flagged)."""
     d = copy.deepcopy(doc)
     d["verdict"].update(status="clean", target=None, target_name=None, reason="No class is abnormally easy to reach.")
+    for ev in d["verdict"].get("evidence") or []:  # schema 2: each detector's evidence beside the verdict
+        ev.update(status="clean", target=None, target_name=None)
     for m in d["modes"].values():
         m["anomaly"]["flagged"] = []
+        if isinstance(m["anomaly"].get("test"), dict):  # schema 2: the level's outlier test decides
+            m["anomaly"]["p_value"] = m["anomaly"]["test"]["p_value"] = 1.0
+            m["anomaly"]["test"]["p_class"] = 1.0
         for r in m["labels"]:
             r["flagged"] = False
     return d

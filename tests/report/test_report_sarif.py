@@ -10,6 +10,7 @@ from typing import Any
 import jsonschema
 import pytest
 
+from bdscan.detect import DETECTORS
 from bdscan.report.sarif import artifact_uri, to_sarif
 from tests.conftest import TARGET
 from tests.report.scans import as_clean, as_inconclusive, unsafe_doc
@@ -35,7 +36,9 @@ def valid(validator: jsonschema.protocols.Validator, log: dict[str, Any]) -> dic
     driver = log["runs"][0]["tool"]["driver"]
     assert driver["name"] == "bdscan"
     rules = {r["id"]: r for r in driver["rules"]}
-    assert set(rules) == {"BDS001", "BDS002", "BDS003"}
+    # one rule per registered detector, plus the two file-safety rules
+    assert set(rules) == {d.sarif_rule["id"] for d in DETECTORS.values()} | {"BDS002", "BDS003"}
+    assert {"BDS001", "BDS004"} <= set(rules)
     for r in rules.values():
         assert r["shortDescription"]["text"] and r["fullDescription"]["text"]
         assert r["help"]["text"] and r["help"]["markdown"]
@@ -71,7 +74,7 @@ def test_clean_has_no_results(validator, flagged_doc: dict[str, Any]) -> None:  
     log = valid(validator, to_sarif(as_clean(flagged_doc), "bd.safetensors"))
     assert results(log) == []
     assert log["runs"][0]["properties"]["verdict"] == "clean"
-    assert len(log["runs"][0]["tool"]["driver"]["rules"]) == 3
+    assert len(log["runs"][0]["tool"]["driver"]["rules"]) == len(DETECTORS) + 2
 
 
 def test_pixel_only_document(validator, pixel_only_doc: dict[str, Any]) -> None:  # type: ignore[no-untyped-def]

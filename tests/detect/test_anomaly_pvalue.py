@@ -1,0 +1,95 @@
+"""The calibrated p-value of the smallest trigger (bdscan.detect.anomaly.min_size_test): uniform under the null
+for any class count, small for a clear outlier, and the levels' Bonferroni correction (bdscan.detect.scan.combine)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from bdscan.detect.anomaly import LOG_SD_FLOOR, anomaly, min_size_test
+from bdscan.detect.scan import combine, flag_levels
+
+
+def _null_sizes(rng: np.random.Generator, k: int) -> dict[int, float]:
+    """K clean-model trigger sizes: log-normal, with a location and spread that change from model to model."""
+    mu, sigma = rng.uniform(1.0, 6.0), rng.uniform(0.15, 0.9)
+    return dict(enumerate(np.exp(rng.normal(mu, sigma, k)).tolist()))
+
+
+@pytest.mark.parametrize("k", [10, 43])
+def test_p_value_is_calibrated_for_any_class_count(k: int) -> None:
+    rng = np.random.default_rng(20241)
+    p = np.array([min_size_test(_null_sizes(rng, k)).p_value for _ in range(4000)])  # type: ignore[union-attr]
+    # P(p <= a) = a under the null: 4000 models give a standard error of 0.0034 at a = 0.05
+    assert abs(np.mean(p < 0.05) - 0.05) < 0.012
+    assert abs(np.mean(p < 0.01) - 0.01) < 0.006
+    assert abs(np.mean(p < 0.2) - 0.2) < 0.025
+
+
+def test_the_anomaly_index_is_not_calibrated_for_k() -> None:
+    """The issue's point: with K normal sizes the smallest robust z-score passes 2 in about a third of clean models
+    at K = 10 and two thirds at K = 43 (the MAD's own noise included), so a fixed threshold means a different
+    false-alarm rate at every K; the p-value's is the same."""
+    rng = np.random.default_rng(7)
+    for k, lo, hi in ((10, 0.25, 0.42), (43, 0.55, 0.73)):
+        over_two = np.mean([anomaly(dict(enumerate(rng.normal(100.0, 15.0, k).tolist()))).anomaly_index > 2 for _ in range(1000)])
+        assert lo < over_two < hi
+
+
+@pytest.mark.parametrize("k", [10, 43])
+def test_a_clear_outlier_is_found(k: int) -> None:
+    rng = np.random.default_rng(k)
+    sizes = dict(enumerate(np.exp(rng.normal(4.0, 0.4, k)).tolist()))
+    sizes[3] = float(np.exp(4.0 - 6 * 0.4))  # six spreads below the others' log-mean
+    t = min_size_test(sizes)
+    assert t is not None and t.min_label == 3 and t.p_value < (0.01 if k == 10 else 1e-4)
+    assert t.classes == k and t.df == k - 2 and t.p_value == pytest.approx(min(1.0, k * t.p_class))
+
+
+def test_scale_free_failed_labels_left_out_and_degenerate_spreads() -> None:
+    sizes = {0: 10.0, 1: 50.0, 2: 52.0, 3: 48.0, 4: 51.0, 5: 200.0}
+    a, b = min_size_test(sizes), min_size_test({k: 7.5 * v for k, v in sizes.items()})
+    assert a is not None and b is not None and a.p_value == pytest.approx(b.p_value) and a.min_label == 0
+    with_failed = min_size_test({**sizes, 9: None})
+    assert with_failed is not None and with_failed.classes == 6 and with_failed.p_value == pytest.approx(a.p_value)
+    assert min_size_test({0: 1.0, 1: None, 2: 3.0}) is None  # fewer than 3 sizes: no test
+    same = min_size_test({0: 3.0, 1: 3.0, 2: 3.0, 3: 3.0})
+    assert same is not None and same.log_sd == LOG_SD_FLOOR and same.p_value == 1.0
+    an = anomaly(sizes)
+    assert an.p_value == pytest.approx(a.p_value) and an.test == a  # the anomaly index's result carries the test
+
+
+def _levels(rng: np.random.Generator, k: int) -> dict[str, SimpleNamespace]:
+    return {m: SimpleNamespace(anomaly=anomaly(_null_sizes(rng, k))) for m in ("pixel", "patch")}
+
+
+def test_levels_are_bonferroni_corrected() -> None:
+    """Two independent null levels: flagging when either level's own p <= 0.05 would raise about 9.75 % false
+    alarms; the verdict's correction keeps them at or under 5 %."""
+    rng = np.random.default_rng(3)
+    runs = [_levels(rng, 10) for _ in range(3000)]
+    verdicts = [combine(r, 2.0, 0.05) for r in runs]
+    either = np.mean([min(x.anomaly.p_value for x in r.values()) <= 0.05 for r in runs])
+    flagged = np.mean([v.status == "backdoor" for v in verdicts])
+    assert either > 0.08 and 0.035 < flagged <= 0.056
+    v = verdicts[0]
+    assert set(v.p_values) == {"pixel", "patch"} and v.p_value == pytest.approx(min(1.0, 2 * min(v.p_values.values())))
+
+
+def test_the_level_with_the_smallest_p_decides_and_flags() -> None:
+    rng = np.random.default_rng(11)
+    pix = dict(enumerate(np.exp(rng.normal(4.0, 0.4, 20)).tolist()))
+    pat = dict(enumerate(np.exp(rng.normal(1.5, 0.3, 20)).tolist()))
+    pat[5] = float(np.exp(1.5 - 8 * 0.3))
+    res = {"pixel": SimpleNamespace(anomaly=anomaly(pix), flagged=()), "patch": SimpleNamespace(anomaly=anomaly(pat), flagged=())}
+    v = combine(res, 2.0, 0.05)
+    assert v.status == "backdoor" and v.target == 5 and v.basis == "patch" and v.agree is False
+    assert "p = " in v.reason and "α = 0.05" in v.reason
+    flag_levels(res, v)  # type: ignore[arg-type]
+    assert res["patch"].flagged == (5,) and res["pixel"].flagged == ()
+    strict = combine(res, 2.0, 1e-12)
+    assert strict.status == "clean" and strict.target is None and strict.basis == "patch"
+    none = combine({"pixel": SimpleNamespace(anomaly=anomaly({0: 1.0, 1: None, 2: None}))}, 2.0)
+    assert none.status == "inconclusive" and none.p_value is None

@@ -1,0 +1,85 @@
+"""The scan document's verdict in schema bdscan.scan/2 (docs/scan-json.md, docs/verdict.md): each detector's
+evidence beside the combined verdict, the rule, alpha, the corrected p-value and the deciding test; `bdscan report`
+renders it, re-derives the same evidence from the JSON alone, and still reads schema-1 documents."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from bdscan.cli import app
+from bdscan.console import verdict_line
+from bdscan.detect import DETECTORS, ScanSettings
+from bdscan.detect.base import DEFAULT_ALPHA
+from bdscan.pipeline import Outputs, ScanRequest, run_scan
+from tests.conftest import TARGET
+
+GOLDEN = Path(__file__).resolve().parent.parent / "data" / "golden"
+
+
+@pytest.fixture(scope="module")
+def scanned(tiny_bd, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path, Any]:  # type: ignore[no-untyped-def]
+    folder = tmp_path_factory.mktemp("verdict") / "scan"
+    req = ScanRequest(model=tiny_bd.model, data=tiny_bd.data, activations=False, outputs=Outputs(folder=folder),
+                      settings=ScanSettings(budget="smoke", seed=0))
+    out = run_scan(req)
+    return out.doc, folder, out.detection
+
+
+def test_schema_2_verdict_keeps_each_detectors_evidence_beside_it(scanned) -> None:  # type: ignore[no-untyped-def]
+    doc, _, det = scanned
+    v = doc["verdict"]
+    assert doc["schema"] == "bdscan.scan/2"
+    assert v["rule"] == "bonferroni-min-p" and v["alpha"] == DEFAULT_ALPHA and v["alpha_provisional"] is True
+    assert v["calibrated"] is True and v["tests"] == 1 and v["decided_by"]["detector"] == "neural-cleanse"
+    assert v["decided_by"]["test"] == v["basis"] and v["p_value"] == v["decided_by"]["p_value"]
+    assert [e["detector"] for e in v["evidence"]] == ["neural-cleanse"]
+    ev = v["evidence"][0]
+    assert set(ev) >= {"status", "target", "score", "p_value", "reason"} and ev["p_value"] == v["p_value"]
+    # the planted backdoor is found, and the p-value is what the verdict rests on
+    assert (v["status"], v["target"]) == ("backdoor", TARGET) and v["p_value"] <= v["alpha"]
+    levels = {m: s["anomaly"] for m, s in doc["modes"].items()}
+    assert set(levels) == {"pixel", "patch"}
+    assert v["p_value"] == pytest.approx(min(1.0, 2 * min(a["p_value"] for a in levels.values())), rel=1e-3)
+    for a in levels.values():  # the anomaly index stays, for continuity; the test behind the p-value is recorded
+        assert {"anomaly_index", "index_flagged", "p_value", "test"} <= set(a) and a["test"]["classes"] == 10
+    assert TARGET in levels[v["basis"]]["flagged"]
+    assert det.verdict.p_value == pytest.approx(v["p_value"], rel=1e-3)
+    assert "p = " in verdict_line(doc) and "α = 0.05" in verdict_line(doc)
+
+
+def test_the_evidence_is_re_derived_from_the_json_alone(scanned) -> None:  # type: ignore[no-untyped-def]
+    _, folder, det = scanned
+    saved = json.loads((folder / "scan.json").read_text(encoding="utf-8"))
+    ev = DETECTORS["neural-cleanse"].evidence_from_doc(saved)
+    live = det.results["neural-cleanse"].evidence
+    assert ev is not None and (ev.status, ev.target, ev.details["basis"]) == (live.status, live.target, live.details["basis"])
+    assert ev.p_value == pytest.approx(live.p_value, rel=1e-3)
+
+
+def test_bdscan_report_renders_schema_2(scanned, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    _, folder, _ = scanned
+    res = CliRunner().invoke(app, ["report", str(folder), "-o", str(tmp_path / "r.html"), "--sarif", str(tmp_path / "r.sarif")])
+    assert res.exit_code == 0, res.output
+    html = (tmp_path / "r.html").read_text(encoding="utf-8")
+    assert "p-value of the smallest trigger" in html and "bonferroni-min-p" in html and "provisional" in html
+    assert "the null distribution" in html and "bdscan.scan/2" in html
+
+
+def test_bdscan_report_still_reads_schema_1(tmp_path: Path) -> None:
+    old = GOLDEN / "schema1_cifar10_cnn6_badnets.json"
+    doc = json.loads(old.read_text(encoding="utf-8"))
+    assert doc["schema"] == "bdscan.scan/1"
+    shutil.copy(old, tmp_path / "scan.json")
+    res = CliRunner().invoke(app, ["report", str(tmp_path / "scan.json"), "-o", str(tmp_path / "r.html")])
+    assert res.exit_code == 0, res.output
+    html = (tmp_path / "r.html").read_text(encoding="utf-8")
+    assert "schema-1 document" in html and "anomaly index" in html
+    ev = DETECTORS["neural-cleanse"].evidence_from_doc(doc)
+    assert ev is not None and ev.p_value is None and (ev.status, ev.target) == (doc["verdict"]["status"], doc["verdict"]["target"])
+    assert "anomaly index" in verdict_line(doc)
