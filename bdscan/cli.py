@@ -47,6 +47,7 @@ from bdscan.commands.common import (
 )
 from bdscan.console import ConsoleEvents, out, print_inspection, print_scan, progress_bar
 from bdscan.detect import DETECTORS, ScanSettings, parse_detectors
+from bdscan.detect.base import DEFAULT_ALPHA
 from bdscan.detect.config import BUDGETS, DEFAULT_BUDGET
 
 _BUDGET_HELP = f"{', '.join(BUDGETS)} (default {DEFAULT_BUDGET}; original = Neural Cleanse's own schedule)."
@@ -181,7 +182,10 @@ def scan_cmd(
     steps: Annotated[int | None, typer.Option("--steps", help="Override the budget's maximum steps.")] = None,
     samples: Annotated[int | None, typer.Option("--samples", help="Override the number of clean samples used.")] = None,
     samples_per_class: Annotated[int | None, typer.Option("--samples-per-class", help="Read at most this many images per class.")] = None,
-    threshold: Annotated[float, typer.Option("--threshold", help="Anomaly index above which a class is flagged.")] = 2.0,
+    threshold: Annotated[float, typer.Option("--threshold", help=(
+        "Neural Cleanse's anomaly-index reference threshold (reported only; the verdict uses --alpha)."))] = 2.0,
+    alpha: Annotated[float, typer.Option("--alpha", min=0.0, max=1.0, help=(
+        "Suspect a backdoor when the smallest corrected p-value is at most this (docs/verdict.md; provisional default)."))] = DEFAULT_ALPHA,
     precision: Annotated[Precision | None, typer.Option("--precision", help=(
         "Arithmetic of the model during trigger inversion: auto (bf16 for a CNN on a CPU with bf16 instructions, "
         "else fp32), fp32 or bf16 (emulated and about 10x slower on a CPU without bf16 instructions). Default: "
@@ -222,8 +226,8 @@ def scan_cmd(
     def body() -> int:
         from bdscan.pipeline import Outputs, ScanRequest, run_scan
 
-        settings = ScanSettings(budget=budget_name, levels=levels_of(levels, mode), threshold=threshold, seed=seed,
-                                device=device, workers=workers, steps=steps, samples=samples,
+        settings = ScanSettings(budget=budget_name, levels=levels_of(levels, mode), threshold=threshold, alpha=alpha,
+                                seed=seed, device=device, workers=workers, steps=steps, samples=samples,
                                 precision=precision.value if precision else None)
         req = ScanRequest(model=model[0], data=data,
                           load=load_options(arch, num_classes, input_size, mean, std, scale, patch_size, trust_pickle),

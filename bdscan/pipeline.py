@@ -190,7 +190,7 @@ def detect(lm: LoadedModel, data: CleanData, settings: ScanSettings, detectors: 
     for name in detectors:
         results[name] = get_detector(name).detect(lm.wrapper, data, configs[name], ev.progress)
         log.info("%s: %s", name, results[name].evidence.reason)
-    verdict = combine(r.evidence for r in results.values())
+    verdict = combine((r.evidence for r in results.values()), settings.alpha)
     return Detection(results, verdict, configs, time.perf_counter() - t0)
 
 

@@ -142,6 +142,7 @@ OPTIONS: dict[str, Option] = {
     "samples": Option(_int(1)),
     "samples_per_class": Option(_int(1)),
     "threshold": Option(_float()),
+    "alpha": Option(_float()),
     "precision": Option(_choice(PRECISIONS)),
     "workers": Option(_int(1)),
     "seed": Option(_int(0)),
@@ -198,7 +199,8 @@ def request_of(values: Mapping[str, Any], where: str) -> ScanRequest:
         raise UsageError(f"{where}: std {v['std']} has a zero", "give the per-channel standard deviations")
     defaults = ScanSettings()
     settings = ScanSettings(budget=v.get("budget", defaults.budget), levels=v.get("levels", defaults.levels),
-                            threshold=v.get("threshold", defaults.threshold), seed=v.get("seed", defaults.seed),
+                            threshold=v.get("threshold", defaults.threshold), alpha=v.get("alpha", defaults.alpha),
+                            seed=v.get("seed", defaults.seed),
                             device=v.get("device", defaults.device), workers=v.get("workers"), steps=v.get("steps"),
                             samples=v.get("samples"), precision=v.get("precision"))
     load = LoadOptions(arch=v.get("arch"), num_classes=v.get("num_classes"), input_size=v.get("input_size"), mean=v.get("mean"),

@@ -25,7 +25,7 @@ from bdscan.errors import UsageError
 EXIT_INTERRUPTED = 130
 #: scan_cmd's parameter -> the batch option it is the default of (see bdscan.batch.options.OPTIONS)
 DEFAULTS = {"data": "data", "detectors": "detectors", "budget_name": "budget", "steps": "steps", "samples": "samples",
-            "samples_per_class": "samples_per_class", "threshold": "threshold", "workers": "workers", "seed": "seed",
+            "samples_per_class": "samples_per_class", "threshold": "threshold", "alpha": "alpha", "workers": "workers", "seed": "seed",
             "device": "device", "activations": "activations", "arch": "arch", "num_classes": "num_classes",
             "input_size": "input_size", "mean": "mean", "std": "std", "scale": "scale", "patch_size": "patch_size",
             "trust_pickle": "trust_pickle", "fmt": "format"}

@@ -27,7 +27,7 @@ from typing import Any
 from urllib.parse import quote
 
 import bdscan
-from bdscan.detect.base import DETECTORS, Detector, detectors_in
+from bdscan.detect.base import DETECTORS, Detector, detectors_in, p_number
 
 SARIF_SCHEMA = "https://docs.oasis-open.org/sarif/sarif/v2.1.0/errata01/os/schemas/sarif-schema-2.1.0.json"
 SARIF_VERSION = "2.1.0"
@@ -160,12 +160,17 @@ def _neural_cleanse_results(det: Detector, doc: dict[str, Any], uri: str, sha: s
         if k == v.get("target") and isinstance(v.get("anomaly_index"), (int, float)):
             main = v["anomaly_index"]
         others = "; ".join(f"{mode} level: {_fmt(x)}" for mode, x in idx.items() if mode != basis)
+        p = ev.p_value if k == ev.target else None
+        alpha = (doc.get("verdict") or {}).get("alpha")
+        why = (f"p = {p:.2g} ≤ α = {alpha:g}, corrected for the levels and detectors; {basis or 'anomaly'} anomaly index {_fmt(main)}"
+               if p is not None and isinstance(alpha, (int, float))
+               else f"{basis or 'anomaly'} anomaly index {_fmt(main)} > threshold {thr:g}")
         text = (f"Backdoor suspected: class '{_name(doc, k)}' (index {k}) can be reached from any image with an abnormally "
-                f"small {basis or 'reversed'} trigger ({basis or 'anomaly'} anomaly index {_fmt(main)} > threshold {thr:g}"
-                + (f"; {others}" if others else "") + "). Do not deploy this model.")
+                f"small {basis or 'reversed'} trigger ({why}" + (f"; {others}" if others else "") + "). Do not deploy this model.")
         out.append(_result(det.sarif_rule["id"], "error", text, uri, f"{sha}:backdoor:{k}", {
             "targetClass": k, "targetName": _name(doc, k), "mode": basis, "flaggedIn": flagged_in,
             "anomalyIndex": main, "anomalyIndices": idx, "threshold": thr, "verdictTarget": k == v.get("target"),
+            "pValue": p_number(p),
         }))
     return out
 
