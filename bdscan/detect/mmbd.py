@@ -84,8 +84,8 @@ class Schedule:
 
 
 #: MM-BD's schedule for each of bdscan's budget names (:data:`bdscan.detect.config.BUDGETS`). "original" is the
-#: reference's own (SGD, lr 0.01, 300 steps, 30 random starts per class); the others use Adam, whose margins
-#: change little after about 60 steps on the sample zoo (benchmarks/README.md, "MM-BD").
+#: reference's own (SGD, lr 0.01, 300 steps, 30 random starts per class); the others use Adam, whose maxima change
+#: little after about 60 steps (and "thorough" changed no verdict of "fast" where both ran: benchmarks/README.md, "MM-BD").
 SCHEDULES: dict[str, Schedule] = {
     "original": Schedule(steps=300, random_starts=30, optimiser="sgd", lr=0.01),
     "thorough": Schedule(steps=200, random_starts=8),
@@ -113,8 +113,9 @@ class MMBDConfig:
         steps: optimisation steps per start.
         random_starts: uniformly random starting images per class (seeded by ``(seed, class)``).
         clean_starts: clean images of the other classes used as further starts per class (0 = none, the default:
-            the reference needs no data, and random starts alone measured as well on the sample zoo). Classes get
-            fewer when the data has fewer images; with no data, none.
+            the reference needs none, and in a pilot on the GTSRB ViT clean starts ranked the target lower than
+            random ones while the maxima stayed the same). Classes get fewer when the data has fewer images; with
+            no data, none.
         optimiser: "adam" or "sgd" (:data:`OPTIMISERS`).
         lr: learning rate in pixel units.
         statistic: "prenorm" or "logit" (:data:`STATISTICS`).
@@ -312,7 +313,7 @@ def maximise_margins(model: ModelWrapper, x0: torch.Tensor, labels: torch.Tensor
         bx = xc.clone()
         for step in range(cfg.steps):
             m = margins(model(x).float(), yc)
-            if step == 0 and not torch.isfinite(m).all():
+            if not torch.isfinite(m).all():  # a NaN would never count as "better" and pass unnoticed
                 raise NumericalError("the model returns NaN or inf logits on images in [0, 1]",
                                      "check the model's weights (bdscan inspect MODEL); MM-BD cannot measure margins")
             md = m.detach()
@@ -330,9 +331,6 @@ def maximise_margins(model: ModelWrapper, x0: torch.Tensor, labels: torch.Tensor
                 progress("mm-bd", done, total, {"max_margin": float(b.max())})
         best[lo : lo + len(xc)] = b.cpu()
         best_x[lo : lo + len(xc)] = bx.cpu()
-    if not torch.isfinite(best).all():
-        raise NumericalError("the model's logits became NaN or inf while MM-BD optimised its inputs",
-                             "check the model's weights (bdscan inspect MODEL); MM-BD cannot measure margins")
     per_start = best.view(k_all, starts)
     top = per_start.argmax(1)
     inputs = best_x.view(k_all, starts, *x0.shape[1:])[torch.arange(k_all), top]
@@ -419,9 +417,9 @@ class MMBDResult:
             from bdscan.detect.mmbd_plot import null_figure
 
             what = STATISTIC_TITLES[str(self.measured.get("statistic"))]
-            xlabel = f"per class: the largest {what} an optimised input reaches"
+            xlabel = "per class: the largest margin an optimised input reaches"
             if self.run.baseline is not None:
-                xlabel += ",\nless the median of the class's own clean images"
+                xlabel += ",\nless the median margin of the class's own clean images"
             self._figure = null_figure(self.run.statistics, self.test, self.class_names, f"MM-BD ({what})", xlabel)
         return self._figure
 

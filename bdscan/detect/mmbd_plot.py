@@ -35,11 +35,14 @@ def null_figure(values: np.ndarray, test: MaxTest, names: list[str] | None = Non
     canvas = FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     hi = max(float(v.max()), test.critical if np.isfinite(test.critical) else float(v.max()))
-    lo = min(float(v.min()), test.loc)
-    xs = np.linspace(lo, hi + 0.08 * (hi - lo) + 1e-9, 400)
+    span = max(hi - float(v.min()), 1e-9)
+    # the classes' range with a margin, not the fit's location: a nearly normal fit puts that far below the data
+    lo = max(test.loc, float(v.min()) - 0.25 * span)
+    xs = np.linspace(lo, hi + 0.08 * span, 400)
     dens = test.pdf(xs)
     dens = np.where(np.isfinite(dens), dens, 0.0)
-    ax.plot(xs, dens, color="tab:blue", lw=1.8, label=f"null: Gamma(shape {test.shape:.3g}, loc {test.loc:.3g}, scale {test.scale:.3g})")
+    mean, sd = test.loc + test.shape * test.scale, float(np.sqrt(test.shape)) * test.scale
+    ax.plot(xs, dens, color="tab:blue", lw=1.8, label=f"null: Gamma fitted to the other classes (mean {mean:.3g}, sd {sd:.3g})")
     top = float(dens.max()) if dens.size and dens.max() > 0 else 1.0
     # every other class as a tick on the axis, so the reader sees the sample the null was fitted to
     ax.plot(others, np.full_like(others, -0.04 * top), "|", color="tab:blue", ms=14, mew=1.5,
@@ -52,7 +55,7 @@ def null_figure(values: np.ndarray, test: MaxTest, names: list[str] | None = Non
     ax.set_xlabel(xlabel)
     ax.set_ylabel("null density")
     ax.set_ylim(-0.1 * top, 1.15 * top)
-    ax.legend(fontsize=7, loc="upper right", frameon=False)
+    ax.legend(fontsize=7, loc="best", frameon=False)
     if title:
         ax.set_title(title, fontsize=9)
     fig.tight_layout()

@@ -107,10 +107,23 @@ class _Broken(torch.nn.Module):
         return torch.full((len(x), 5), float("nan")) + 0 * x.sum()
 
 
+class _NaNAtTheEdge(torch.nn.Module):
+    """Finite logits inside the box, NaN once a pixel reaches 1 (random starts never do; the first steps do)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(3 * 8 * 8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.lin(x.flatten(1))
+        return torch.where((x.flatten(1).amax(1) >= 1.0)[:, None], torch.full_like(z, float("nan")), z)
+
+
 def test_nan_logits_are_a_numerical_error_and_two_classes_are_inconclusive() -> None:
-    w = ModelWrapper(_Broken(), ModelInfo("broken", 5, (3, 8, 8)))
-    with pytest.raises(NumericalError, match="NaN or inf"):
-        _mmbd(w, None, ScanSettings(budget="smoke"))
+    for net in (_Broken(), _NaNAtTheEdge()):
+        w = ModelWrapper(net, ModelInfo("broken", 5, (3, 8, 8)))
+        with pytest.raises(NumericalError, match="NaN or inf"):
+            _mmbd(w, None, ScanSettings(budget="smoke"))
     two = ModelWrapper(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 2)), ModelInfo("linear", 2, (3, 8, 8)))
     r = _mmbd(two, None, ScanSettings(budget="smoke"))
     assert r.evidence.status == "inconclusive" and r.evidence.p_value is None and r.arrays() == {} and not list(r.images(None))
