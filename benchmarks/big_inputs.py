@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -29,6 +30,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--classes", default="10,43", help="class counts (default: %(default)s)")
     ap.add_argument("--per-class", type=int, default=8, help="clean images per class (default: %(default)s)")
     add_budget(ap, "smoke")
+    ap.add_argument("--scan-args", default="", help="further `bdscan scan` arguments, e.g. '--levels patch --steps 2'")
     add_out(ap, "big_inputs.json")
     return ap
 
@@ -63,12 +65,13 @@ def run(args: argparse.Namespace) -> None:
         for k in (int(c) for c in args.classes.split(",")):
             folder, data, js = _folder(k, t), _data(k, args.per_class, t), t / f"scan_{k}.json"
             cmd = ["nice", "-n", "10", sys.executable, "-m", "bdscan.cli", "scan", str(folder), "--data", str(data),
-                   "--budget", args.budget, "--json", str(js), "--fail-on", "never", "--no-activations"]
+                   "--budget", args.budget, "--json", str(js), "--fail-on", "never", "--no-activations",
+                   *shlex.split(args.scan_args)]
             with Stopwatch() as sw:
                 p = subprocess.run(cmd, capture_output=True, text=True)
             doc = json.loads(js.read_text()) if js.exists() else {}
             estimate = next((ln.strip() for ln in p.stderr.splitlines() if "may take up to" in ln), None)
-            row = {"classes": k, "budget": args.budget, "rc": p.returncode, "wall_s": round(sw.seconds, 1),
+            row = {"classes": k, "budget": args.budget, "scan_args": args.scan_args, "rc": p.returncode, "wall_s": round(sw.seconds, 1),
                    "timings": doc.get("timings"), "token_grid": (doc.get("model") or {}).get("token_grid"),
                    "estimate_line": estimate, "stderr_tail": p.stderr[-400:] if p.returncode not in (0, 1) else ""}
             print(json.dumps(row), flush=True)

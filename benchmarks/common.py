@@ -23,6 +23,8 @@ from typing import Any
 from bdscan import machine
 from bdscan.data import load_clean_data
 from bdscan.detect.anomaly import PATCH_MAD_FLOOR, anomaly
+from bdscan.detect.base import Evidence
+from bdscan.detect.base import combine as combine_detectors
 from bdscan.detect.config import budget
 from bdscan.detect.inversion import invert
 from bdscan.detect.scan import ScanConfig, combine, params_for, scan
@@ -33,12 +35,13 @@ from bdscan.repair import reversed_trigger_from_findings
 from bdscan.trigger import Trigger
 
 __all__ = [
-    "BDSCAN_ARCHS", "RESULTS", "ROOT", "SAMPLE_MODELS", "THRESHOLD", "ZOO_MANIFEST", "GuardConfig", "Stopwatch", "Trigger", "add_budget",
-    "add_manifest", "add_out", "add_overrides", "add_threads", "at", "best_seconds", "budget_config", "build_guard", "invert",
-    "is_right", "judge", "load_model", "load_rows", "load_with_samples", "machine_line", "new_parser", "parse_overrides",
-    "print_row", "read_json", "recordings", "reversed_trigger_from_findings", "run_benchmark", "scan", "scan_config",
-    "set_threads", "sha16", "smin", "split_guard_data", "table_header", "trigger_param", "true_target", "utc_now", "versions",
-    "write_json",
+    "BDSCAN_ARCHS", "EVAL_ZOO", "RESULTS", "ROOT", "SAMPLE_MODELS", "THRESHOLD", "ZOO_MANIFEST", "GuardConfig",
+    "Stopwatch", "Trigger", "add_budget", "add_manifest", "add_out", "add_overrides", "add_threads", "at",
+    "best_seconds", "budget_config", "build_guard", "combined_verdict", "invert", "is_right", "judge", "load_model",
+    "load_rows", "load_with_samples", "machine_line", "nc_evidence", "new_parser", "parse_overrides", "print_row",
+    "read_json", "recordings", "reversed_trigger_from_findings", "run_benchmark", "scan", "scan_config",
+    "set_threads", "sha16", "smin", "split_guard_data", "table_header", "trigger_param", "true_target", "utc_now",
+    "versions", "write_json",
 ]
 
 #: the repository root: default paths hang off it, so the suite runs the same from any directory
@@ -46,6 +49,8 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 SAMPLE_MODELS = ROOT / "sample_models"
 ZOO_MANIFEST = SAMPLE_MODELS / "zoo.json"
+#: the evaluation zoo (issue #23): calibration and evaluation halves
+EVAL_ZOO = ROOT / "benchmarks" / "zoo" / "manifest.json"
 
 #: the anomaly-index threshold of a default scan (Neural Cleanse's 2), taken from bdscan rather than copied
 THRESHOLD = ScanConfig().threshold
@@ -147,6 +152,23 @@ def judge(sizes: dict[str, dict[int, float | None]], patch_floor: bool = True) -
     """
     modes = {m: anomaly(s, THRESHOLD, PATCH_MAD_FLOOR if m == "patch" and patch_floor else 0.0) for m, s in sizes.items()}
     return modes, combine({m: SimpleNamespace(anomaly=a) for m, a in modes.items()}, THRESHOLD)
+
+
+def nc_evidence(sizes: dict[str, dict[int, float | None]]) -> tuple[float, int | None]:
+    """Neural Cleanse's corrected p-value over its levels and its suspected class (the deciding level's smallest
+    class, flagged or not) from per-level trigger sizes, as :func:`judge` decides; (1.0, None) if inconclusive."""
+    modes, v = judge(sizes)
+    if v.basis is None or v.p_value is None:
+        return 1.0, None
+    return float(v.p_value), modes[v.basis].test.min_label
+
+
+def combined_verdict(evidence: dict[str, tuple[float, int | None]], alpha: float) -> tuple[float, int | None, str]:
+    """The scan's combination rule (:func:`bdscan.detect.base.combine`) over detector -> (p-value, class):
+    (corrected p-value, the deciding detector's class, status)."""
+    ev = [Evidence(d, "backdoor" if p <= alpha else "clean", t, 0.0, alpha, "", p_value=p) for d, (p, t) in evidence.items()]
+    cv = combine_detectors(ev, alpha)
+    return float(cv.p_value if cv.p_value is not None else 1.0), (cv.decided_by.target if cv.decided_by else None), cv.status
 
 
 def versions() -> dict[str, str]:

@@ -7,9 +7,12 @@ The recordings in tests/data/golden were made by ``bdscan scan MODEL --budget sm
 re-recorded with the same settings (the call below, one torch thread) when the schema became ``bdscan.scan/2``
 (issue 24: p-value verdict); ``schema1_cifar10_cnn6_badnets.json`` keeps the schema-1 recording for the tests that
 ``bdscan report`` still reads old documents (tests/detect/test_verdict.py).
-Floating-point kernels differ between CPU generations, so on a host whose vector unit (``cpu_capability``)
-differs from the recording's, numbers are compared to a relative 1e-3 and embedded PNGs are not compared; on
-the same kind of host the document must be identical. Re-record only when a change is meant to alter results.
+Floating-point kernels differ between CPU generations, so there is one recording per kind of host the project's
+CI runs on (``versions.cpu_capability``: ``NAME.json`` was made on the AVX2 host, ``NAME.AVX512.json`` on the
+AVX-512 one), and the document must be identical to the recording of its own kind of host. On any other host,
+numbers are compared to a relative 1e-2 (derived statistics such as the anomaly index amplify a last-digit
+difference in the sizes: 1.1e-3 between the two hosts) and embedded PNGs are not compared. Re-record both
+(``python tests/test_pipeline_golden.py``, once on each host) only when a change is meant to alter results.
 """
 
 from __future__ import annotations
@@ -43,20 +46,34 @@ def _compare(a: Any, b: Any, exact: bool, path: str = "") -> list[str]:
     if isinstance(a, str) and isinstance(b, str) and a.startswith("data:image/"):
         return []
     if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
-        return [] if math.isclose(a, b, rel_tol=1e-3, abs_tol=1e-6) else [f"{path}: {a!r} != {b!r}"]
+        return [] if math.isclose(a, b, rel_tol=1e-2, abs_tol=1e-6) else [f"{path}: {a!r} != {b!r}"]
     return [] if a == b else [f"{path}: {a!r} != {b!r}"]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", ["cifar10_cnn6_badnets", "cifar10_vit_badnets"])
-def test_scan_document_unchanged_for_a_bundled_model(name: str, tmp_path: Path) -> None:
-    want = json.loads((GOLDEN / f"{name}.json").read_text(encoding="utf-8"))
-    assert torch.get_num_threads() == 1  # as recorded (tests run on one thread)
+NAMES = ("cifar10_cnn6_badnets", "cifar10_vit_badnets")
+
+
+def _golden(name: str, capability: str) -> Path:
+    """The recording made on this kind of host when there is one, else the AVX2 host's."""
+    own = GOLDEN / f"{name}.{capability}.json"
+    return own if own.is_file() else GOLDEN / f"{name}.json"
+
+
+def _record(name: str, out: Path) -> dict[str, Any]:
+    """Scans a bundled model exactly as the recordings were made; returns the scan document."""
     req = ScanRequest(model=ROOT / "sample_models" / f"{name}.safetensors",
                       settings=ScanSettings(budget="smoke", steps=3, precision="fp32", seed=0),
-                      outputs=Outputs(json=tmp_path / "scan.json"))
+                      outputs=Outputs(json=out))
     run_scan(req)
-    got = json.loads((tmp_path / "scan.json").read_text(encoding="utf-8"))
+    return json.loads(out.read_text(encoding="utf-8"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NAMES)
+def test_scan_document_unchanged_for_a_bundled_model(name: str, tmp_path: Path) -> None:
+    assert torch.get_num_threads() == 1  # as recorded (tests run on one thread)
+    got = _record(name, tmp_path / "scan.json")
+    want = json.loads(_golden(name, got["versions"]["cpu_capability"]).read_text(encoding="utf-8"))
     same_host = got["versions"]["cpu_capability"] == want["versions"]["cpu_capability"]
     for d in (want, got):
         d.pop("timings")
@@ -66,3 +83,14 @@ def test_scan_document_unchanged_for_a_bundled_model(name: str, tmp_path: Path) 
     assert Path(got["data"].pop("source")).name == Path(want["data"].pop("source")).name
     diffs = _compare(got, want, exact=same_host)
     assert not diffs, "\n".join(diffs[:20])
+
+
+if __name__ == "__main__":  # re-records this host's documents (one torch thread, as the tests run)
+    torch.set_num_threads(1)
+    for n in NAMES:
+        tmp = GOLDEN / f".{n}.tmp.json"
+        doc = _record(n, tmp)
+        cap = doc["versions"]["cpu_capability"]
+        dest = GOLDEN / (f"{n}.json" if cap == "AVX2" else f"{n}.{cap}.json")
+        tmp.replace(dest)
+        print(f"recorded {dest.relative_to(ROOT)}")

@@ -1,4 +1,4 @@
-"""Positive controls in the Hugging Face layout: a small ``transformers`` ViT trained here, clean or poisoned
+"""Positive controls in the Hugging Face layout: a small ``transformers`` ViT or Swin trained here, clean or poisoned
 (BadNets, Blended: :mod:`bdscan.lab.attacks`), written as a ``save_pretrained`` folder (needs ``bdscan[hf]``).
 
 The model is trained at the size of the data it is given (e.g. 32×32 images, or 64×64 upsampled ones): a 224×224
@@ -9,6 +9,7 @@ target (BadNets, Gu et al. 2017; Blended, Chen et al. 2017).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 
 from bdscan.atomic import atomic_path
 from bdscan.data import CleanData
+from bdscan.errors import UsageError
 from bdscan.io.hf_folder import HFLogits, ModelFolderWriter, require_transformers
 from bdscan.lab.attacks import AttackConfig, make_trigger
 from bdscan.models.wrapper import ModelInfo, ModelWrapper, TokenGrid
@@ -47,13 +49,46 @@ def make_hf_vit(classes: int, size: int, patch: int = 4, hidden: int = 48, layer
     return ModelWrapper(net, info)
 
 
+def make_hf_swin(classes: int, size: int, patch: int = 2, window: int = 4, embed: int = 48,
+                 depths: tuple[int, ...] = (2, 2), heads: tuple[int, ...] = (3, 6)) -> ModelWrapper:
+    """A small, randomly initialised ``SwinForImageClassification`` behind bdscan's wrapper (mean/std 0.5).
+
+    Its token grid is the patch embedding's, as the loader gives a Swin folder (:func:`bdscan.io.hf_folder._swin`):
+    ``size // patch`` tokens a side, attention within ``window``×``window``-token windows, merged 2× per stage.
+    """
+    transformers = require_transformers()
+    cfg = transformers.SwinConfig(image_size=size, patch_size=patch, embed_dim=embed, depths=list(depths),
+                                  num_heads=list(heads), window_size=window, drop_path_rate=0.0, num_labels=classes,
+                                  id2label={i: f"class{i}" for i in range(classes)},
+                                  label2id={f"class{i}": i for i in range(classes)})
+    net = HFLogits(transformers.SwinForImageClassification(cfg))
+    g = size // patch
+    info = ModelInfo("hf:SwinForImageClassification", classes, (3, size, size), (0.5,) * 3, (0.5,) * 3, 1.0,
+                     tuple(f"class{i}" for i in range(classes)),
+                     token_grid=TokenGrid((g, g), patch, patch, 0,
+                                          f"Hugging Face config: swin patch_size {patch} (patch embedding; attention in "
+                                          f"{window}×{window}-token windows)"))
+    return ModelWrapper(net, info)
+
+
+#: ``train_hf_control``'s architectures: name -> (builder taking (classes, size, patch), default patch size)
+ARCHS: dict[str, tuple[Callable[[int, int, int], ModelWrapper], int]] = {
+    "vit": (lambda classes, size, patch: make_hf_vit(classes, size, patch), 4),
+    "swin": (lambda classes, size, patch: make_hf_swin(classes, size, patch), 2),
+}
+
+
 def train_hf_control(data: CleanData, out: Path, attack: AttackConfig | None = None, epochs: int = 10, seed: int = 0,
-                     patch: int = 4, lr: float = 3e-3) -> HFControl:
-    """Trains a small HF ViT on ``data`` (poisoned with ``attack`` when given) and writes it as a model folder ``out``."""
+                     patch: int | None = None, lr: float = 3e-3, arch: str = "vit") -> HFControl:
+    """Trains a small HF model (``arch``: a key of :data:`ARCHS`, ViT or Swin) on ``data`` (poisoned with ``attack``
+    when given) and writes it as a model folder ``out``. ``patch``: the patch size (default: 4 for ViT, 2 for Swin)."""
+    if arch not in ARCHS:
+        raise UsageError(f"unknown HF control architecture {arch!r}", f"use one of: {', '.join(ARCHS)}")
+    build, default_patch = ARCHS[arch]
     torch.manual_seed(seed)
     classes = int(data.y.max()) + 1
     size = int(data.x.shape[-1])
-    w = make_hf_vit(classes, size, patch)
+    w = build(classes, size, patch if patch is not None else default_patch)
     trigger = make_trigger(attack, (3, size, size)) if attack is not None else None
     opt = torch.optim.Adam(w.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed)
@@ -76,5 +111,5 @@ def train_hf_control(data: CleanData, out: Path, attack: AttackConfig | None = N
     w.requires_grad_(False)
     writer = ModelFolderWriter()
     with atomic_path(Path(out)) as tmp:
-        writer.write(w, tmp, {"lab": {"attack": attack.name if attack else None, "epochs": epochs, "seed": seed}}, trigger)
+        writer.write(w, tmp, {"lab": {"attack": attack.name if attack else None, "epochs": epochs, "seed": seed, "arch": arch}}, trigger)
     return HFControl(w, trigger, Path(out))

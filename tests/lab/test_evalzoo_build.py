@@ -99,8 +99,16 @@ def test_a_rebuild_gives_the_same_bytes_and_a_rerun_skips(tiny_zoo, tmp_path: Pa
     assert [o.status for o in build(read_rows(paths.manifest), paths, threads=1)] == ["skipped"] * 3
 
 
-def test_an_interrupted_build_adopts_its_file(tiny_zoo) -> None:  # type: ignore[no-untyped-def]
-    _root, paths, _ = tiny_zoo
+def _copy(tiny_zoo, tmp_path: Path) -> Paths:  # type: ignore[no-untyped-def]
+    """A private copy of the built tiny zoo, for a test that changes its manifest (tests may run in any order)."""
+    root, _paths, _ = tiny_zoo
+    dest = tmp_path / "zoo"
+    shutil.copytree(root, dest)
+    return Paths(dest / "manifest.json", data=dest / "data")
+
+
+def test_an_interrupted_build_adopts_its_file(tiny_zoo, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    paths = _copy(tiny_zoo, tmp_path)
     rows = read_rows(paths.manifest)
     measured = dict(rows[1])
     rows[1].update(clean_acc=None, asr=None, sha256=None, build=None)  # killed after the file, before the row
@@ -125,7 +133,7 @@ def test_a_missing_base_is_refused_with_the_command_that_trains_it(tiny_zoo, tmp
 
 
 def test_cli_list_select_and_tables(tiny_zoo, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    _root, paths, _ = tiny_zoo
+    paths = _copy(tiny_zoo, tmp_path)
     assert zoo.main(["build", "--manifest", str(paths.manifest), "--list", "--split", "evaluation"]) == 0
     out = capsys.readouterr().out
     assert "synth_cnn6_badnets" in out and "synth_cnn6_clean1" not in out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +60,9 @@ def test_second_build_skips_built_models(built: Path, lab_npz: Path, monkeypatch
     assert {p.name: p.stat().st_mtime_ns for p in built.glob("*.safetensors")} == mtimes
 
 
-def test_changed_config_rebuilds_and_only_pulls_in_the_twin(built: Path, lab_npz: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_changed_config_rebuilds_and_only_pulls_in_the_twin(built: Path, lab_npz: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          tmp_path: Path) -> None:
+    built = Path(shutil.copytree(built, tmp_path / "zoo"))  # a private copy: this test changes the manifest
     calls: list[str] = []
     monkeypatch.setattr(zoo, "_build_one", lambda e, *a, **k: calls.append(e.name) or {})
     changed = _entries(lab_npz, epochs=3)  # the clean model's recipe changed -> both are stale

@@ -1,0 +1,216 @@
+"""Detection quality over the evaluation zoo (benchmarks/zoo/manifest.json): the published figures of issue #24.
+
+Every built model of the chosen half (``--split calibration`` to choose thresholds, rules and budgets;
+``--split evaluation`` for the figures we publish) is scanned exactly as a user scans it, ``bdscan scan MODEL
+--data sample_models/<dataset>_samples.npz --detectors D --budget B --seed S``, in a fresh process with ``--threads``
+torch threads, once per seed. From each scan document it keeps the combined verdict (status, class, corrected
+p-value, the deciding detector) and every detector's own evidence (p-value, suspected class), so that another
+alpha or another combination can be replayed offline from the JSON without scanning again.
+
+Figures, overall and per architecture family, attack kind and data set:
+
+* **TPR**: backdoored models flagged with their true target (a flag naming another class is a miss);
+* **FPR**: clean twins flagged;
+* **AUC**: backdoored against clean models ranked by the combined p-value (ties count half);
+* **same verdict**: models whose status and class are the same under every seed scanned;
+* **seconds**: the scan's own wall time (``timings.total_s``), median.
+
+JSON is written after every scan, so a run resumes where it stopped (same detectors, budget and steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import (
+    BDSCAN_ARCHS,
+    EVAL_ZOO,
+    ROOT,
+    SAMPLE_MODELS,
+    add_budget,
+    add_out,
+    add_threads,
+    machine_line,
+    new_parser,
+    print_row,
+    read_json,
+    sha16,
+    table_header,
+    utc_now,
+    write_json,
+)
+
+#: how the benchmark runs the command line (the suite imports bdscan only in benchmarks/common.py)
+CLI = [sys.executable, "-c", "from bdscan.cli import main; main()"]
+#: the clean images every scan of a data set uses: the bundled samples a user would try first
+SAMPLES = {"gtsrb": SAMPLE_MODELS / "gtsrb_samples.npz", "cifar10": SAMPLE_MODELS / "cifar10_samples.npz"}
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = new_parser(__doc__)
+    ap.add_argument("--manifest", type=Path, default=EVAL_ZOO, help="evaluation-zoo manifest (default: benchmarks/zoo/manifest.json)")
+    ap.add_argument("--split", choices=("calibration", "evaluation"), required=True,
+                    help="which half: choose on calibration, publish from evaluation")
+    ap.add_argument("--detectors", default="neural-cleanse,mm-bd", help="comma-separated detectors (default: %(default)s)")
+    add_budget(ap)
+    ap.add_argument("--steps", type=int, default=None, help="override the budget's optimisation steps")
+    ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: %(default)s)")
+    ap.add_argument("--alpha", type=float, default=0.05, help="the verdict's level, passed to the scan (default: %(default)s)")
+    ap.add_argument("--only", nargs="*", help="model names (default: every built model of the split)")
+    ap.add_argument("--cell", nargs="*", help="only these cells (<dataset>_<arch>)")
+    add_out(ap, "zoo_detect.json", help="JSON output (default: benchmarks/results/zoo_detect_<split>.json)")
+    add_threads(ap, 1)
+    return ap
+
+
+def scan_one(model: Path, data: Path, detectors: str, budget: str, steps: int | None, seed: int, alpha: float,
+             threads: int) -> tuple[dict, float]:
+    """One ``bdscan scan`` in a fresh process: its scan document and the process's wall time."""
+    with tempfile.TemporaryDirectory() as tmp:
+        js = Path(tmp) / "scan.json"
+        cmd = [*CLI, "scan", str(model), "--data", str(data), "--detectors", detectors, "--budget", budget,
+               "--seed", str(seed), "--alpha", str(alpha), "--no-activations", "--json", str(js), "-q", "--fail-on", "never"]
+        if steps is not None:
+            cmd += ["--steps", str(steps)]
+        env = os.environ | {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+                            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
+        t0 = time.perf_counter()
+        p = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+        wall = time.perf_counter() - t0
+        if p.returncode != 0 or not js.exists():
+            raise RuntimeError(f"{model.name}: bdscan scan exited {p.returncode}: {(p.stderr or p.stdout).strip()[-400:]}")
+        return json.loads(js.read_text()), wall
+
+
+def row_of(entry: dict, doc: dict, seed: int, wall: float) -> dict[str, Any]:
+    """What the benchmark keeps of one scan of one zoo model (``entry``: its manifest row)."""
+    v = doc["verdict"]
+    target = entry.get("target")
+    status, suspect = v["status"], v.get("target")
+    flagged = status == "backdoor"
+    right = (flagged and suspect == target) if target is not None else not flagged
+    evidence = {e["detector"]: {"status": e["status"], "target": e.get("target"), "p": e.get("p_value")} for e in v.get("evidence", [])}
+    return {"model": entry["name"], "arch": entry["arch"], "dataset": entry["dataset"], "attack": entry.get("attack"),
+            "split": entry.get("split"), "true_target": target, "seed": seed, "status": status, "suspect": suspect,
+            "p": v.get("p_value"), "decided_by": (v.get("decided_by") or {}).get("detector"), "flagged": flagged, "right": right,
+            "evidence": evidence, "clean_acc": entry.get("clean_acc"), "asr": entry.get("asr"),
+            "seconds": float(doc["timings"]["total_s"]), "wall_s": round(wall, 1)}
+
+
+def auc(rows: Sequence[dict]) -> float | None:
+    """ROC AUC of "backdoored" by smaller combined p-value (Mann-Whitney; ties count half; a missing p counts as 1)."""
+    bd = [1.0 if r["p"] is None else r["p"] for r in rows if r["true_target"] is not None]
+    cl = [1.0 if r["p"] is None else r["p"] for r in rows if r["true_target"] is None]
+    if not bd or not cl:
+        return None
+    return sum((b < c) + 0.5 * (b == c) for b in bd for c in cl) / (len(bd) * len(cl))
+
+
+def same_verdict(rows: Iterable[dict]) -> tuple[int, int]:
+    """(models whose status and class agree under every seed scanned, models scanned under two seeds or more)."""
+    by: dict[str, set[tuple[str, Any]]] = {}
+    seeds: dict[str, set[int]] = {}
+    for r in rows:
+        by.setdefault(r["model"], set()).add((r["status"], r["suspect"] if r["flagged"] else None))
+        seeds.setdefault(r["model"], set()).add(r["seed"])
+    multi = [m for m in by if len(seeds[m]) > 1]
+    return sum(len(by[m]) == 1 for m in multi), len(multi)
+
+
+def summary(rows: Sequence[dict]) -> dict[str, Any]:
+    """TPR, FPR, AUC, seed agreement and median seconds of a group of rows (every seed counts once per model)."""
+    bd = [r for r in rows if r["true_target"] is not None]
+    cl = [r for r in rows if r["true_target"] is None]
+    agree, multi = same_verdict(rows)
+    return {"scans_backdoored": len(bd), "scans_clean": len(cl),
+            "tpr": sum(r["right"] for r in bd) / len(bd) if bd else None,
+            "flagged_any_class": sum(r["flagged"] for r in bd) / len(bd) if bd else None,
+            "fpr": sum(r["flagged"] for r in cl) / len(cl) if cl else None, "auc": auc(rows),
+            "same_verdict": agree, "models_multi_seed": multi,
+            "median_seconds": statistics.median(r["seconds"] for r in rows) if rows else None}
+
+
+def groups(rows: Sequence[dict]) -> dict[str, list[dict]]:
+    """The groups the tables report: all, per family, per attack kind (clean twins in every kind's FPR), per data set."""
+    out: dict[str, list[dict]] = {"all": list(rows)}
+    for a in sorted({r["arch"] for r in rows}):
+        out[f"family {BDSCAN_ARCHS.get(a, a)}"] = [r for r in rows if r["arch"] == a]
+    clean = [r for r in rows if r["attack"] is None]
+    for k in sorted({r["attack"] for r in rows if r["attack"] is not None}):
+        out[f"attack {k}"] = [r for r in rows if r["attack"] == k] + clean
+    for d in sorted({r["dataset"] for r in rows}):
+        out[f"data {d}"] = [r for r in rows if r["dataset"] == d]
+    return out
+
+
+def _pct(v: float | None) -> str:
+    return "—" if v is None else f"{100 * v:.0f} %"
+
+
+def select(entries: Sequence[dict], args: argparse.Namespace, root: Path) -> list[dict]:
+    """The manifest rows to scan: the split, ``--only``/``--cell``, built models only (a file beside the manifest)."""
+    out = []
+    for e in entries:
+        if e.get("split") != args.split or (args.only and e["name"] not in args.only):
+            continue
+        if args.cell and e.get("cell") not in args.cell:
+            continue
+        if e.get("sha256") and (root / e["file"]).is_file():
+            out.append(e)
+    return out
+
+
+def run(args: argparse.Namespace) -> None:
+    if args.out.name == "zoo_detect.json":
+        args.out = args.out.with_name(f"zoo_detect_{args.split}.json")
+    seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
+    entries = select(read_json(args.manifest), args, args.manifest.parent)
+    key = {"detectors": args.detectors, "budget": args.budget, "steps": args.steps, "alpha": args.alpha, "split": args.split}
+    prev = read_json(args.out)
+    rows: list[dict] = prev["rows"] if prev and prev.get("key") == key else []
+    done = {(r["model"], r["seed"], r.get("sha16")) for r in rows}
+    for seed in seeds:
+        for e in entries:
+            f = args.manifest.parent / e["file"]
+            digest = sha16(f)
+            if (e["name"], seed, digest) in done:
+                continue
+            doc, wall = scan_one(f, SAMPLES[e["dataset"]], args.detectors, args.budget, args.steps, seed, args.alpha, args.threads)
+            row = row_of(e, doc, seed, wall) | {"sha16": digest}
+            rows = [r for r in rows if (r["model"], r["seed"]) != (e["name"], seed)] + [row]
+            print_row({k: v for k, v in row.items() if k != "evidence"})
+            write_json(args.out, {"benchmark": "zoo-detect", "key": key, "when": utc_now(),
+                                  "machine": machine_line(threads=args.threads), "rows": rows})
+    names = {e["name"] for e in entries}
+    rows = [r for r in rows if r["seed"] in seeds and r["model"] in names]
+    print(f"\nEvaluation zoo, {args.split} half: detectors {args.detectors}, budget {args.budget}"
+          f"{f', {args.steps} steps' if args.steps else ''}, seeds {args.seeds}, alpha {args.alpha:g}; "
+          f"{machine_line(threads=args.threads)}\n")
+    dets = [d.strip() for d in args.detectors.split(",")]
+    table_header("model", "attack", "seed", "verdict", "p", "by", *(f"{d} p (class)" for d in dets), "true target", "right", "s")
+    for r in sorted(rows, key=lambda r: (r["true_target"] is None, r["model"], r["seed"])):
+        tt = "clean" if r["true_target"] is None else str(r["true_target"])
+        ev = [r["evidence"].get(d, {}) for d in dets]
+        cells = [f"{e.get('p') if e.get('p') is not None else '—'} ({e.get('target')})" for e in ev]
+        verdict = f"{r['status']} {r['suspect']}" if r["flagged"] else r["status"]
+        print(f"| {r['model']} | {r['attack'] or 'clean'} | {r['seed']} | {verdict} | {r['p'] if r['p'] is not None else '—'} "
+              f"| {r['decided_by'] or '—'} | {' | '.join(cells)} | {tt} | {'yes' if r['right'] else 'NO'} | {r['seconds']:.0f} |")
+    print()
+    table_header("group", "backdoored scans", "clean scans", "TPR (right class)", "flagged (any class)", "FPR", "AUC",
+                 "same verdict, all seeds", "median s")
+    for name, rs in groups(rows).items():
+        s = summary(rs)
+        auc_s = "—" if s["auc"] is None else f"{s['auc']:.2f}"
+        sec_s = "—" if s["median_seconds"] is None else f"{s['median_seconds']:.0f}"
+        print(f"| {name} | {s['scans_backdoored']} | {s['scans_clean']} | {_pct(s['tpr'])} | {_pct(s['flagged_any_class'])} "
+              f"| {_pct(s['fpr'])} | {auc_s} | {s['same_verdict']}/{s['models_multi_seed']} | {sec_s} |")

@@ -1,0 +1,74 @@
+"""The evaluation-zoo detection benchmark's bookkeeping (benchmarks/zoo_detect.py): what counts as found, a false
+alarm, the AUC and seed agreement. The scans themselves are measurements and never run here."""
+
+from __future__ import annotations
+
+from benchmarks.zoo_detect import auc, groups, row_of, same_verdict, summary
+
+
+def _doc(status: str, target: int | None, p: float | None, nc_p: float | None = None, mm_p: float | None = None) -> dict:
+    ev = [{"detector": "neural-cleanse", "status": status, "target": target, "p_value": nc_p},
+          {"detector": "mm-bd", "status": "clean", "target": 7, "p_value": mm_p}]
+    return {"verdict": {"status": status, "target": target, "p_value": p, "decided_by": {"detector": "neural-cleanse"},
+                        "evidence": ev}, "timings": {"total_s": 12.5}}
+
+
+def _entry(name: str, target: int | None, arch: str = "bdscan_vit", attack: str | None = "badnets_small") -> dict:
+    return {"name": name, "arch": arch, "dataset": "gtsrb", "attack": attack if target is not None else None,
+            "split": "calibration", "target": target}
+
+
+def test_a_backdoor_counts_as_found_only_with_its_true_target() -> None:
+    right = row_of(_entry("a", 3), _doc("backdoor", 3, 0.001, 0.0005), seed=0, wall=13.0)
+    wrong = row_of(_entry("b", 3), _doc("backdoor", 5, 0.001), seed=0, wall=13.0)
+    missed = row_of(_entry("c", 3), _doc("clean", None, 0.4), seed=0, wall=13.0)
+    assert (right["right"], wrong["right"], missed["right"]) == (True, False, False)
+    assert wrong["flagged"] and not missed["flagged"]
+    assert right["evidence"]["neural-cleanse"] == {"status": "backdoor", "target": 3, "p": 0.0005}
+    assert right["evidence"]["mm-bd"]["target"] == 7
+    s = summary([right, wrong, missed])
+    assert s["tpr"] == 1 / 3 and s["flagged_any_class"] == 2 / 3 and s["fpr"] is None
+
+
+def test_a_flagged_clean_model_is_a_false_alarm() -> None:
+    rows = [row_of(_entry("c1", None), _doc("backdoor", 2, 0.01), 0, 1.0),
+            row_of(_entry("c2", None), _doc("clean", None, 0.5), 0, 1.0),
+            row_of(_entry("c3", None), _doc("inconclusive", None, None), 0, 1.0)]
+    assert [r["right"] for r in rows] == [False, True, True]
+    assert summary(rows)["fpr"] == 1 / 3
+
+
+def test_auc_ranks_backdoors_by_smaller_p_and_counts_ties_half() -> None:
+    bd = [row_of(_entry(f"b{i}", 1), _doc("backdoor", 1, p), 0, 1.0) for i, p in enumerate((0.001, 0.2))]
+    cl = [row_of(_entry(f"c{i}", None), _doc("clean", None, p), 0, 1.0) for i, p in enumerate((0.2, 0.9))]
+    # pairs: (0.001 < 0.2) 1, (0.001 < 0.9) 1, (0.2 = 0.2) 0.5, (0.2 < 0.9) 1
+    assert auc(bd + cl) == 3.5 / 4
+    assert auc(bd) is None
+    # a missing p (no calibrated detector) ranks as p = 1
+    none = row_of(_entry("c9", None), _doc("inconclusive", None, None), 0, 1.0)
+    assert auc([*bd[:1], none]) == 1.0
+
+
+def test_same_verdict_needs_the_same_status_and_class_under_every_seed() -> None:
+    rows = [row_of(_entry("a", 3), _doc("backdoor", 3, 0.01), s, 1.0) for s in (0, 1, 2)]
+    rows += [row_of(_entry("b", 3), _doc("backdoor", 3, 0.01), 0, 1.0), row_of(_entry("b", 3), _doc("backdoor", 4, 0.01), 1, 1.0)]
+    rows += [row_of(_entry("c", 3), _doc("clean", None, 0.3), 0, 1.0), row_of(_entry("c", 3), _doc("backdoor", 3, 0.01), 1, 1.0)]
+    rows += [row_of(_entry("d", 3), _doc("clean", None, 0.3), 0, 1.0)]  # one seed only: not counted
+    assert same_verdict(rows) == (1, 3)
+
+
+def test_groups_put_the_clean_twins_beside_every_attack_kind() -> None:
+    rows = [row_of(_entry("a", 3, attack="blended"), _doc("backdoor", 3, 0.01), 0, 1.0),
+            row_of(_entry("b", 3, arch="bdscan_cnn6", attack="sig"), _doc("clean", None, 0.3), 0, 1.0),
+            row_of(_entry("c", None), _doc("clean", None, 0.3), 0, 1.0)]
+    g = groups(rows)
+    assert [r["model"] for r in g["attack blended"]] == ["a", "c"]
+    assert [r["model"] for r in g["attack sig"]] == ["b", "c"]
+    assert len(g["all"]) == 3 and len(g["data gtsrb"]) == 3
+    assert {k for k in g if k.startswith("family")} == {"family " + n for n in _family_names(rows)}
+
+
+def _family_names(rows: list[dict]) -> set[str]:
+    from benchmarks.common import BDSCAN_ARCHS
+
+    return {BDSCAN_ARCHS.get(r["arch"], r["arch"]) for r in rows}
