@@ -30,6 +30,7 @@ BENCHMARKS: dict[str, str] = {
     "guard": "the input guard on the zoo's backdoored models: triggered inputs flagged at a false-positive rate, per family",
     "big-inputs": "224×224 end to end: `bdscan scan` of a timm ViT-Tiny/16 folder (10 and 43 classes), wall time and estimate",
     "batch": "the zoo one model after the other against one batch `bdscan scan` on Ray, and on a two-node local cluster",
+    "swin-grid": "a small backdoored Hugging Face Swin: the patch level on embedding, merged-stage and window cells",
     "combine-replay": "Neural Cleanse and MM-BD combined by the verdict's rule, replayed from recorded scans (no scanning)",
     "zoo-detect": "the evaluation zoo (one half) scanned as users scan: TPR, FPR, AUC, seed agreement, seconds per family and attack",
     "bench-mmbd": "MM-BD (--detectors mm-bd) over the sample zoo: per-model p-value, suspect, true target, seconds; TPR, FPR, AUC",

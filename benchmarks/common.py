@@ -21,6 +21,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from bdscan import machine
+from bdscan.atomic import atomic_path
 from bdscan.data import load_clean_data
 from bdscan.detect.anomaly import PATCH_MAD_FLOOR, anomaly
 from bdscan.detect.base import Evidence
@@ -30,18 +31,23 @@ from bdscan.detect.inversion import invert
 from bdscan.detect.scan import ScanConfig, combine, params_for, scan
 from bdscan.guard import GuardConfig, build_guard, split_guard_data
 from bdscan.io import load_model
+from bdscan.io.hf_folder import ModelFolderWriter
+from bdscan.lab.attacks import AttackConfig, make_trigger
+from bdscan.lab.hf import make_hf_swin
+from bdscan.lab.labdata import AugmentConfig, augment_batch, find_data_dir, load_lab_data
 from bdscan.models.archs import BDSCAN_ARCHS
 from bdscan.repair import reversed_trigger_from_findings
 from bdscan.trigger import Trigger
 
 __all__ = [
-    "BDSCAN_ARCHS", "EVAL_ZOO", "RESULTS", "ROOT", "SAMPLE_MODELS", "THRESHOLD", "ZOO_MANIFEST", "GuardConfig",
-    "Stopwatch", "Trigger", "add_budget", "add_manifest", "add_out", "add_overrides", "add_threads", "at",
-    "best_seconds", "budget_config", "build_guard", "combined_verdict", "invert", "is_right", "judge", "load_model",
-    "load_rows", "load_with_samples", "machine_line", "nc_evidence", "new_parser", "parse_overrides", "print_row",
-    "read_json", "recordings", "reversed_trigger_from_findings", "run_benchmark", "scan", "scan_config",
-    "set_threads", "sha16", "smin", "split_guard_data", "table_header", "trigger_param", "true_target", "utc_now",
-    "versions", "write_json",
+    "BDSCAN_ARCHS", "EVAL_ZOO", "RESULTS", "ROOT", "SAMPLE_MODELS", "THRESHOLD", "ZOO_MANIFEST", "AttackConfig",
+    "AugmentConfig", "GuardConfig", "ModelFolderWriter", "Stopwatch", "Trigger", "add_budget", "add_manifest",
+    "add_out", "add_overrides", "add_threads", "at", "atomic_path", "augment_batch", "best_seconds", "budget_config",
+    "build_guard", "combined_verdict", "find_data_dir", "invert", "is_right", "judge", "load_lab_data", "load_model",
+    "load_rows", "load_with_samples", "machine_line", "make_hf_swin", "make_trigger", "nc_evidence", "new_parser",
+    "parse_overrides", "print_row", "read_json", "recordings", "reversed_trigger_from_findings", "run_benchmark",
+    "scan", "scan_config", "set_threads", "sha16", "smin", "split_guard_data", "table_header", "trigger_param",
+    "true_target", "utc_now", "versions", "write_json",
 ]
 
 #: the repository root: default paths hang off it, so the suite runs the same from any directory

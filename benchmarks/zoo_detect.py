@@ -103,8 +103,14 @@ def row_of(entry: dict, doc: dict, seed: int, wall: float) -> dict[str, Any]:
     return {"model": entry["name"], "arch": entry["arch"], "dataset": entry["dataset"], "attack": entry.get("attack"),
             "split": entry.get("split"), "true_target": target, "seed": seed, "status": status, "suspect": suspect,
             "p": v.get("p_value"), "decided_by": (v.get("decided_by") or {}).get("detector"), "flagged": flagged, "right": right,
-            "evidence": evidence, "clean_acc": entry.get("clean_acc"), "asr": entry.get("asr"),
-            "seconds": float(doc["timings"]["total_s"]), "wall_s": round(wall, 1)}
+            "evidence": evidence,
+            # Neural Cleanse's levels, flagged or not: each level's p-value (before the correction) and smallest class
+            "levels": {m: {"p": (sec.get("anomaly") or {}).get("p_value"), "min_label": (sec.get("anomaly") or {}).get("min_label")}
+                       for m, sec in (doc.get("modes") or {}).items()},
+            "clean_acc": entry.get("clean_acc"), "asr": entry.get("asr"),
+            "seconds": float(doc["timings"]["total_s"]), "wall_s": round(wall, 1),
+            # each detector's own wall time (Neural Cleanse's per level: pixel_s, patch_s; others <name>_s)
+            "detector_seconds": {k: v for k, v in doc["timings"].items() if k != "total_s"}}
 
 
 def auc(rows: Sequence[dict]) -> float | None:

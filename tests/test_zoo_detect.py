@@ -10,7 +10,8 @@ def _doc(status: str, target: int | None, p: float | None, nc_p: float | None = 
     ev = [{"detector": "neural-cleanse", "status": status, "target": target, "p_value": nc_p},
           {"detector": "mm-bd", "status": "clean", "target": 7, "p_value": mm_p}]
     return {"verdict": {"status": status, "target": target, "p_value": p, "decided_by": {"detector": "neural-cleanse"},
-                        "evidence": ev}, "timings": {"total_s": 12.5}}
+                        "evidence": ev}, "timings": {"total_s": 12.5, "pixel_s": 6.0, "mm-bd_s": 4.0},
+            "modes": {"pixel": {"anomaly": {"p_value": 0.2, "min_label": 9}}}}
 
 
 def _entry(name: str, target: int | None, arch: str = "bdscan_vit", attack: str | None = "badnets_small") -> dict:
@@ -26,6 +27,8 @@ def test_a_backdoor_counts_as_found_only_with_its_true_target() -> None:
     assert wrong["flagged"] and not missed["flagged"]
     assert right["evidence"]["neural-cleanse"] == {"status": "backdoor", "target": 3, "p": 0.0005}
     assert right["evidence"]["mm-bd"]["target"] == 7
+    assert right["levels"] == {"pixel": {"p": 0.2, "min_label": 9}}  # the level's smallest class even when not flagged
+    assert right["detector_seconds"] == {"pixel_s": 6.0, "mm-bd_s": 4.0}
     s = summary([right, wrong, missed])
     assert s["tpr"] == 1 / 3 and s["flagged_any_class"] == 2 / 3 and s["fpr"] is None
 
