@@ -33,6 +33,7 @@ from benchmarks.common import (
     AttackConfig,
     AugmentConfig,
     ModelFolderWriter,
+    add_budget,
     add_out,
     atomic_path,
     augment_batch,
@@ -55,6 +56,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--steps", type=int, default=2418, help="training steps of the backdoored Swin (default: %(default)s)")
     ap.add_argument("--clean-steps", type=int, default=969, help="training steps of the clean twin (default: %(default)s)")
     ap.add_argument("--seeds", default="0,1", help="scan seeds (default: %(default)s)")
+    add_budget(ap)
     ap.add_argument("--work", type=Path, default=None, help="folder for the two model folders (default: a temporary one)")
     add_out(ap, "swin_grid.json")
     return ap
@@ -110,12 +112,12 @@ def train(out: Path, backdoor: bool, steps: int, seed: int = 0) -> dict:
     return res
 
 
-def scan(folder: Path, level: str, seed: int, extra: list[str]) -> dict:
+def scan(folder: Path, level: str, seed: int, extra: list[str], budget: str = "fast") -> dict:
     """One ``bdscan scan`` of one level in a fresh process (1 torch thread): the level's test and seconds."""
     with tempfile.TemporaryDirectory() as tmp:
         js = Path(tmp) / "scan.json"
         cmd = [*CLI, "scan", str(folder), "--data", str(SAMPLE_MODELS / "gtsrb_samples.npz"), "--levels", level,
-               "--seed", str(seed), "--no-activations", "--fail-on", "never", "--json", str(js), "-q", *extra]
+               "--seed", str(seed), "--budget", budget, "--no-activations", "--fail-on", "never", "--json", str(js), "-q", *extra]
         env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
         p = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
         if p.returncode != 0 or not js.exists():
@@ -138,13 +140,14 @@ def run(args: argparse.Namespace) -> None:
         for name, (folder, _, _) in models.items():
             for grid, extra in GRIDS.items():
                 for seed in seeds:
-                    rows.append({"model": name, "level": "patch", "cells": grid, "seed": seed, **scan(folder, "patch", seed, extra)})
+                    rows.append({"model": name, "level": "patch", "cells": grid, "seed": seed, **scan(folder, "patch", seed, extra, args.budget)})
                     print(json.dumps(rows[-1]), flush=True)
-            rows.append({"model": name, "level": "pixel", "cells": "pixel", "seed": seeds[0], **scan(folder, "pixel", seeds[0], [])})
+            rows.append({"model": name, "level": "pixel", "cells": "pixel", "seed": seeds[0], **scan(folder, "pixel", seeds[0], [], args.budget)})
     target = trained["backdoored"]["target"]
-    print(f"\nSwin grids; {machine_line(threads=1)}\n")
+    print(f"\nSwin grids, budget {args.budget}; {machine_line(threads=1)}\n")
     print("| model | cells | seed | p | smallest class | right | anomaly index | s |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         right = "–" if r["model"] != "backdoored" else ("yes" if r["min_label"] == target else "NO")
         print(f"| {r['model']} | {r['cells']} | {r['seed']} | {r['p']} | {r['min_label']} | {right} | {r['anomaly_index']} | {r['seconds']} |")
-    write_json(args.out, {"benchmark": "swin-grid", "when": utc_now(), "machine": machine_line(threads=1), "trained": trained, "rows": rows})
+    write_json(args.out, {"benchmark": "swin-grid", "budget": args.budget, "when": utc_now(), "machine": machine_line(threads=1),
+                          "trained": trained, "rows": rows})

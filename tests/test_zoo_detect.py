@@ -3,7 +3,7 @@ alarm, the AUC and seed agreement. The scans themselves are measurements and nev
 
 from __future__ import annotations
 
-from benchmarks.zoo_detect import auc, groups, row_of, same_verdict, summary
+from benchmarks.zoo_detect import auc, groups, row_of, same_verdict, select, summary
 
 
 def _doc(status: str, target: int | None, p: float | None, nc_p: float | None = None, mm_p: float | None = None) -> dict:
@@ -75,3 +75,19 @@ def _family_names(rows: list[dict]) -> set[str]:
     from benchmarks.common import BDSCAN_ARCHS
 
     return {BDSCAN_ARCHS.get(r["arch"], r["arch"]) for r in rows}
+
+
+def test_only_built_rows_of_the_half_with_a_working_backdoor_are_scanned(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import argparse
+
+    for n in ("a", "b", "c", "d"):
+        (tmp_path / f"{n}.safetensors").write_bytes(b"x")
+    rows = [{"name": "a", "file": "a.safetensors", "split": "calibration", "cell": "gtsrb_vit", "attack": "sig", "asr": 0.95, "sha256": "1"},
+            {"name": "b", "file": "b.safetensors", "split": "calibration", "cell": "gtsrb_vit", "attack": "wanet", "asr": 0.06, "sha256": "2"},
+            {"name": "c", "file": "c.safetensors", "split": "calibration", "cell": "gtsrb_vit", "attack": None, "asr": None, "sha256": "3"},
+            {"name": "d", "file": "d.safetensors", "split": "evaluation", "cell": "gtsrb_vit", "attack": None, "asr": None, "sha256": "4"},
+            {"name": "e", "file": "e.safetensors", "split": "calibration", "cell": "gtsrb_vit", "attack": None, "asr": None, "sha256": None}]
+    args = argparse.Namespace(split="calibration", only=None, cell=None)
+    assert [e["name"] for e in select(rows, args, tmp_path)] == ["a", "c"]
+    args.cell = ["gtsrb_cnn6"]
+    assert select(rows, args, tmp_path) == []
