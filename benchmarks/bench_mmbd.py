@@ -12,17 +12,10 @@ JSON is written after every scan, so a run resumes where it stopped (same budget
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
 
 from benchmarks.common import (
     BDSCAN_ARCHS,
-    ROOT,
     add_budget,
     add_manifest,
     add_out,
@@ -31,14 +24,12 @@ from benchmarks.common import (
     new_parser,
     print_row,
     read_json,
+    scan_cli,
     sha16,
     table_header,
     utc_now,
     write_json,
 )
-
-#: how the benchmark runs the command line (the suite imports bdscan only in benchmarks/common.py)
-CLI = [sys.executable, "-c", "from bdscan.cli import main; main()"]
 
 
 def parser() -> argparse.ArgumentParser:
@@ -56,20 +47,8 @@ def parser() -> argparse.ArgumentParser:
 
 def scan_one(model: Path, budget: str, steps: int | None, seed: int, threads: int) -> tuple[dict, float]:
     """One ``bdscan scan --detectors mm-bd`` in a fresh process: its scan document and the process's wall time."""
-    with tempfile.TemporaryDirectory() as tmp:
-        js = Path(tmp) / "scan.json"
-        cmd = [*CLI, "scan", str(model), "--detectors", "mm-bd", "--budget", budget, "--seed", str(seed), "--no-activations",
-               "--json", str(js), "-q", "--fail-on", "never"]
-        if steps is not None:
-            cmd += ["--steps", str(steps)]
-        env = os.environ | {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-                            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
-        t0 = time.perf_counter()
-        p = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-        wall = time.perf_counter() - t0
-        if p.returncode != 0 or not js.exists():
-            raise RuntimeError(f"{model.name}: bdscan scan exited {p.returncode}: {(p.stderr or p.stdout).strip()[-400:]}")
-        return json.loads(js.read_text()), wall
+    args = [str(model), "--detectors", "mm-bd", "--budget", budget, "--seed", str(seed), "--no-activations", "-q", "--fail-on", "never"]
+    return scan_cli(args + (["--steps", str(steps)] if steps is not None else []), threads)
 
 
 def row_of(e: dict, doc: dict, seed: int, wall: float, alpha: float) -> dict:

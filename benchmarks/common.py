@@ -46,7 +46,7 @@ __all__ = [
     "build_guard", "combined_verdict", "find_data_dir", "invert", "is_right", "judge", "load_lab_data", "load_model",
     "load_rows", "load_with_samples", "machine_line", "make_hf_swin", "make_trigger", "nc_evidence", "new_parser",
     "parse_overrides", "print_row", "read_json", "recordings", "reversed_trigger_from_findings", "run_benchmark",
-    "scan", "scan_config", "set_threads", "sha16", "smin", "split_guard_data", "table_header", "trigger_param",
+    "scan", "scan_cli", "scan_config", "set_threads", "sha16", "smin", "split_guard_data", "table_header", "trigger_param",
     "true_target", "utc_now", "versions", "write_json",
 ]
 
@@ -175,6 +175,24 @@ def combined_verdict(evidence: dict[str, tuple[float, int | None]], alpha: float
     ev = [Evidence(d, "backdoor" if p <= alpha else "clean", t, 0.0, alpha, "", p_value=p) for d, (p, t) in evidence.items()]
     cv = combine_detectors(ev, alpha)
     return float(cv.p_value if cv.p_value is not None else 1.0), (cv.decided_by.target if cv.decided_by else None), cv.status
+
+
+def scan_cli(scan_args: list[str], threads: int) -> tuple[dict, float]:
+    """``bdscan scan SCAN_ARGS --json TMP`` in a fresh process with ``threads`` torch threads: its scan document and
+    the process's wall time; a RuntimeError with the tail of its output when it fails."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        js = Path(tmp) / "scan.json"
+        cmd = [sys.executable, "-c", "from bdscan.cli import main; main()", "scan", *scan_args, "--json", str(js)]
+        env = os.environ | {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+                            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
+        t0 = time.perf_counter()
+        p = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+        wall = time.perf_counter() - t0
+        if p.returncode != 0 or not js.exists():
+            raise RuntimeError(f"{scan_args[0]}: bdscan scan exited {p.returncode}: {(p.stderr or p.stdout).strip()[-400:]}")
+        return json.loads(js.read_text()), wall
 
 
 def versions() -> dict[str, str]:

@@ -16,9 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,7 +25,6 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import (
-    ROOT,
     SAMPLE_MODELS,
     AttackConfig,
     AugmentConfig,
@@ -43,11 +39,11 @@ from benchmarks.common import (
     make_hf_swin,
     make_trigger,
     new_parser,
+    scan_cli,
     utc_now,
     write_json,
 )
 
-CLI = [sys.executable, "-c", "from bdscan.cli import main; main()"]
 GRIDS = {"embedding (2 px)": [], "merged stage (4 px)": ["--patch-size", "4"], "window (8 px)": ["--patch-size", "8"]}
 
 
@@ -114,15 +110,8 @@ def train(out: Path, backdoor: bool, steps: int, seed: int = 0) -> dict:
 
 def scan(folder: Path, level: str, seed: int, extra: list[str], budget: str = "fast") -> dict:
     """One ``bdscan scan`` of one level in a fresh process (1 torch thread): the level's test and seconds."""
-    with tempfile.TemporaryDirectory() as tmp:
-        js = Path(tmp) / "scan.json"
-        cmd = [*CLI, "scan", str(folder), "--data", str(SAMPLE_MODELS / "gtsrb_samples.npz"), "--levels", level,
-               "--seed", str(seed), "--budget", budget, "--no-activations", "--fail-on", "never", "--json", str(js), "-q", *extra]
-        env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-        p = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-        if p.returncode != 0 or not js.exists():
-            raise RuntimeError(f"bdscan scan exited {p.returncode}: {(p.stderr or p.stdout).strip()[-400:]}")
-        doc = json.loads(js.read_text())
+    doc, _ = scan_cli([str(folder), "--data", str(SAMPLE_MODELS / "gtsrb_samples.npz"), "--levels", level, "--seed", str(seed),
+                       "--budget", budget, "--no-activations", "--fail-on", "never", "-q", *extra], threads=1)
     a = doc["modes"][level]["anomaly"]
     return {"p": a.get("p_value"), "min_label": a.get("min_label"), "anomaly_index": a.get("anomaly_index"),
             "seconds": doc["timings"].get(f"{level}_s")}

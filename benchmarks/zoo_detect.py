@@ -21,13 +21,8 @@ JSON is written after every scan, so a run resumes where it stopped (same detect
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,7 +30,6 @@ from typing import Any
 from benchmarks.common import (
     BDSCAN_ARCHS,
     EVAL_ZOO,
-    ROOT,
     SAMPLE_MODELS,
     add_budget,
     add_out,
@@ -44,14 +38,13 @@ from benchmarks.common import (
     new_parser,
     print_row,
     read_json,
+    scan_cli,
     sha16,
     table_header,
     utc_now,
     write_json,
 )
 
-#: how the benchmark runs the command line (the suite imports bdscan only in benchmarks/common.py)
-CLI = [sys.executable, "-c", "from bdscan.cli import main; main()"]
 #: a backdoored row counts only when its backdoor works (the zoo's own target, bdscan.lab.evalzoo_table.MIN_ASR)
 MIN_ASR = 0.90
 #: the clean images every scan of a data set uses: the bundled samples a user would try first
@@ -78,20 +71,9 @@ def parser() -> argparse.ArgumentParser:
 def scan_one(model: Path, data: Path, detectors: str, budget: str, steps: int | None, seed: int, alpha: float,
              threads: int) -> tuple[dict, float]:
     """One ``bdscan scan`` in a fresh process: its scan document and the process's wall time."""
-    with tempfile.TemporaryDirectory() as tmp:
-        js = Path(tmp) / "scan.json"
-        cmd = [*CLI, "scan", str(model), "--data", str(data), "--detectors", detectors, "--budget", budget,
-               "--seed", str(seed), "--alpha", str(alpha), "--no-activations", "--json", str(js), "-q", "--fail-on", "never"]
-        if steps is not None:
-            cmd += ["--steps", str(steps)]
-        env = os.environ | {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-                            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
-        t0 = time.perf_counter()
-        p = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-        wall = time.perf_counter() - t0
-        if p.returncode != 0 or not js.exists():
-            raise RuntimeError(f"{model.name}: bdscan scan exited {p.returncode}: {(p.stderr or p.stdout).strip()[-400:]}")
-        return json.loads(js.read_text()), wall
+    args = [str(model), "--data", str(data), "--detectors", detectors, "--budget", budget, "--seed", str(seed),
+            "--alpha", str(alpha), "--no-activations", "-q", "--fail-on", "never"]
+    return scan_cli(args + (["--steps", str(steps)] if steps is not None else []), threads)
 
 
 def row_of(entry: dict, doc: dict, seed: int, wall: float) -> dict[str, Any]:

@@ -34,6 +34,15 @@ class HFControl:
     folder: Path
 
 
+def _wrap(hf_model: torch.nn.Module, classes: int, size: int, patch: int, grid_source: str) -> ModelWrapper:
+    """A transformers image classifier behind bdscan's wrapper: RGB ``size``×``size`` inputs, mean/std 0.5, classes
+    named ``class<i>``, the patch embedding's ``size // patch`` square token grid."""
+    g = size // patch
+    info = ModelInfo(f"hf:{type(hf_model).__name__}", classes, (3, size, size), (0.5,) * 3, (0.5,) * 3, 1.0,
+                     tuple(f"class{i}" for i in range(classes)), token_grid=TokenGrid((g, g), patch, patch, 0, grid_source))
+    return ModelWrapper(HFLogits(hf_model), info)
+
+
 def make_hf_vit(classes: int, size: int, patch: int = 4, hidden: int = 48, layers: int = 2, heads: int = 3) -> ModelWrapper:
     """A small, randomly initialised ``ViTForImageClassification`` behind bdscan's wrapper (mean/std 0.5)."""
     transformers = require_transformers()
@@ -41,12 +50,8 @@ def make_hf_vit(classes: int, size: int, patch: int = 4, hidden: int = 48, layer
                                  num_attention_heads=heads, intermediate_size=2 * hidden, num_labels=classes,
                                  id2label={i: f"class{i}" for i in range(classes)},
                                  label2id={f"class{i}": i for i in range(classes)})
-    net = HFLogits(transformers.ViTForImageClassification(cfg))
-    g = size // patch
-    info = ModelInfo("hf:ViTForImageClassification", classes, (3, size, size), (0.5,) * 3, (0.5,) * 3, 1.0,
-                     tuple(f"class{i}" for i in range(classes)),
-                     token_grid=TokenGrid((g, g), patch, patch, 0, f"Hugging Face config: vit patch_size {patch} (ViT patch embedding)"))
-    return ModelWrapper(net, info)
+    return _wrap(transformers.ViTForImageClassification(cfg), classes, size, patch,
+                 f"Hugging Face config: vit patch_size {patch} (ViT patch embedding)")
 
 
 def make_hf_swin(classes: int, size: int, patch: int = 2, window: int = 4, embed: int = 48,
@@ -61,14 +66,8 @@ def make_hf_swin(classes: int, size: int, patch: int = 2, window: int = 4, embed
                                   num_heads=list(heads), window_size=window, drop_path_rate=0.0, num_labels=classes,
                                   id2label={i: f"class{i}" for i in range(classes)},
                                   label2id={f"class{i}": i for i in range(classes)})
-    net = HFLogits(transformers.SwinForImageClassification(cfg))
-    g = size // patch
-    info = ModelInfo("hf:SwinForImageClassification", classes, (3, size, size), (0.5,) * 3, (0.5,) * 3, 1.0,
-                     tuple(f"class{i}" for i in range(classes)),
-                     token_grid=TokenGrid((g, g), patch, patch, 0,
-                                          f"Hugging Face config: swin patch_size {patch} (patch embedding; attention in "
-                                          f"{window}×{window}-token windows)"))
-    return ModelWrapper(net, info)
+    return _wrap(transformers.SwinForImageClassification(cfg), classes, size, patch,
+                 f"Hugging Face config: swin patch_size {patch} (patch embedding; attention in {window}×{window}-token windows)")
 
 
 #: ``train_hf_control``'s architectures: name -> (builder taking (classes, size, patch), default patch size)
