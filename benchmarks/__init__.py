@@ -33,6 +33,7 @@ BENCHMARKS: dict[str, str] = {
     "swin-grid": "a small backdoored Hugging Face Swin: the patch level on embedding, merged-stage and window cells",
     "combine-replay": "Neural Cleanse and MM-BD combined by the verdict's rule, replayed from recorded scans (no scanning)",
     "zoo-detect": "the evaluation zoo (one half) scanned as users scan: TPR, FPR, AUC, seed agreement, seconds per family and attack",
+    "finetune-probe": "one zoo fine-tune recipe tried on a base: accuracy and ASR curve, full-test figures, drop vs the cell's twins",
     "bench-mmbd": "MM-BD (--detectors mm-bd) over the sample zoo: per-model p-value, suspect, true target, seconds; TPR, FPR, AUC",
 }
 

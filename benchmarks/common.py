@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import hashlib
 import json
 import math
 import os
@@ -31,10 +30,14 @@ from bdscan.detect.inversion import invert
 from bdscan.detect.scan import ScanConfig, combine, params_for, scan
 from bdscan.guard import GuardConfig, build_guard, split_guard_data
 from bdscan.io import load_model
+from bdscan.io.base import sha256_file
 from bdscan.io.hf_folder import ModelFolderWriter
 from bdscan.lab.attacks import AttackConfig, make_trigger
+from bdscan.lab.evalzoo_finetune import finetune, measure
+from bdscan.lab.evalzoo_plan import finetune_recipe
 from bdscan.lab.hf import make_hf_swin
-from bdscan.lab.labdata import AugmentConfig, augment_batch, find_data_dir, load_lab_data
+from bdscan.lab.labdata import AugmentConfig, augment_batch, extra_train_files, find_data_dir, load_lab_data
+from bdscan.lab.train import round_to_half_
 from bdscan.models.archs import BDSCAN_ARCHS
 from bdscan.repair import reversed_trigger_from_findings
 from bdscan.trigger import Trigger
@@ -43,9 +46,10 @@ __all__ = [
     "BDSCAN_ARCHS", "EVAL_ZOO", "RESULTS", "ROOT", "SAMPLE_MODELS", "THRESHOLD", "ZOO_MANIFEST", "AttackConfig",
     "AugmentConfig", "GuardConfig", "ModelFolderWriter", "Stopwatch", "Trigger", "add_budget", "add_manifest",
     "add_out", "add_overrides", "add_threads", "at", "atomic_path", "augment_batch", "best_seconds", "budget_config",
-    "build_guard", "combined_verdict", "find_data_dir", "invert", "is_right", "judge", "load_lab_data", "load_model",
-    "load_rows", "load_with_samples", "machine_line", "make_hf_swin", "make_trigger", "nc_evidence", "new_parser",
-    "parse_overrides", "print_row", "read_json", "recordings", "reversed_trigger_from_findings", "run_benchmark",
+    "build_guard", "combined_verdict", "extra_train_files", "find_data_dir", "finetune", "finetune_recipe", "invert",
+    "is_right", "judge", "load_lab_data", "load_model",
+    "load_rows", "load_with_samples", "machine_line", "make_hf_swin", "make_trigger", "measure", "nc_evidence", "new_parser",
+    "parse_overrides", "print_row", "read_json", "recordings", "reversed_trigger_from_findings", "round_to_half_", "run_benchmark",
     "scan", "scan_cli", "scan_config", "set_threads", "sha16", "smin", "split_guard_data", "table_header", "trigger_param",
     "true_target", "utc_now", "versions", "write_json",
 ]
@@ -306,8 +310,9 @@ def run_benchmark(name: str, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def sha16(path: str | Path) -> str:
-    """The first 16 hex digits of a file's SHA-256 (how results name the exact model file)."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    """The first 16 hex digits of a file's SHA-256 (how results name the exact model file); of a model folder, of
+    the digest over its files that the zoo's manifest records (``bdscan.io.base.sha256_file``)."""
+    return sha256_file(Path(path))[:16]
 
 
 def read_json(path: Path, default: Any = None) -> Any:

@@ -130,11 +130,15 @@ def summary(rows: Sequence[dict]) -> dict[str, Any]:
             "median_seconds": statistics.median(r["seconds"] for r in rows) if rows else None}
 
 
+#: family labels of the zoo's architectures (its folder rows' too)
+FAMILY_LABELS = {**BDSCAN_ARCHS, "hf_vit": "ViT (Hugging Face folder)"}
+
+
 def groups(rows: Sequence[dict]) -> dict[str, list[dict]]:
     """The groups the tables report: all, per family, per attack kind (clean twins in every kind's FPR), per data set."""
     out: dict[str, list[dict]] = {"all": list(rows)}
     for a in sorted({r["arch"] for r in rows}):
-        out[f"family {BDSCAN_ARCHS.get(a, a)}"] = [r for r in rows if r["arch"] == a]
+        out[f"family {FAMILY_LABELS.get(a, a)}"] = [r for r in rows if r["arch"] == a]
     clean = [r for r in rows if r["attack"] is None]
     for k in sorted({r["attack"] for r in rows if r["attack"] is not None}):
         out[f"attack {k}"] = [r for r in rows if r["attack"] == k] + clean
@@ -155,7 +159,7 @@ def select(entries: Sequence[dict], args: argparse.Namespace, root: Path) -> lis
             continue
         if args.cell and e.get("cell") not in args.cell:
             continue
-        if not (e.get("sha256") and (root / e["file"]).is_file()):
+        if not (e.get("sha256") and (root / e["file"]).exists()):
             continue
         if e.get("attack") is not None and (e.get("asr") or 0.0) < MIN_ASR:
             # a backdoor that does not work is not one to find: such a row fails the zoo's targets and is rebuilt

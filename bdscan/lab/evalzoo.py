@@ -26,8 +26,10 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import struct
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -161,6 +163,28 @@ def save_model(wrapper: ModelWrapper, path: Path, trigger: Any) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def save_folder(wrapper: ModelWrapper, path: Path, trigger: Any) -> None:
+    """Writes ``wrapper`` (a transformers model) as a Hugging Face model folder (``save_pretrained``'s layout, the
+    weights float16-rounded and stored as float32, so that ``transformers`` loads them as any folder), replacing
+    a previous build of the folder only once the new one is complete."""
+    from bdscan.io.hf_folder import ModelFolderWriter
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    old = path.with_name(f".{path.name}.{os.getpid()}.old")
+    try:
+        tmp.chmod(0o755)
+        ModelFolderWriter().write(wrapper, tmp, None, trigger)
+        if path.is_dir():
+            path.rename(old)
+        tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
 # ---------------------------------------------------------------------------------------------- build
 
 
@@ -224,7 +248,7 @@ def build_row(row: dict[str, Any], paths: Paths, device: str = "cpu", record: bo
     name = row["name"]
     out = paths.model(row)
     digest = plan_digest(row)
-    if out.is_file():
+    if out.is_file() or out.is_dir():  # a model file, or a model folder (a folder row)
         sha = sha256_file(out)
         if row.get("sha256") == sha:
             return Outcome(name, "skipped", row.get("clean_acc"), row.get("asr"))
@@ -245,6 +269,10 @@ def build_row(row: dict[str, Any], paths: Paths, device: str = "cpu", record: bo
     t0, c0 = time.perf_counter(), time.process_time()
     data = _data(row["dataset"], paths.data or find_data_dir(None))
     base = load_model(base_path).wrapper
+    if row.get("convert"):  # a folder row: the base re-expressed in the folder's library (bdscan.lab.hf)
+        from bdscan.lab.hf import convert
+
+        base = convert(row["convert"], base)
     recipe = FinetuneRecipe.from_dict(row["finetune"])
     trigger = None
     if row["attack"] is not None:
@@ -275,7 +303,7 @@ def build_row(row: dict[str, Any], paths: Paths, device: str = "cpu", record: bo
     }
     model.info = model.info.with_(metadata=meta)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_model(model, out, trigger)
+    (save_folder if row.get("format") == "hf-folder" else save_model)(model, out, trigger)
     sha = sha256_file(out)
     seconds = time.perf_counter() - t0
     build = {"seconds": round(seconds, 1), "cpu_seconds": round(time.process_time() - c0, 1), "device": str(device),
@@ -301,6 +329,10 @@ def _delta(new: float | None, old: Any) -> str:
 
 def _file_extra(path: Path) -> dict[str, Any]:
     try:
+        if path.is_dir():  # a model folder keeps bdscan's metadata in bdscan.json
+            from bdscan.io.hf_folder import BDSCAN_JSON
+
+            return json.loads((path / BDSCAN_JSON).read_text()).get("extra") or {}
         return read_metadata(path).get("extra") or {}
     except (BdscanError, OSError, ValueError):
         return {}

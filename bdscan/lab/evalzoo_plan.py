@@ -140,7 +140,7 @@ FAMILY_RECIPES: dict[str, FinetuneRecipe] = {
     "transformer": FinetuneRecipe(optimizer="adamw", lr=3e-4, weight_decay=0.05),
 }
 ARCH_FAMILY = {"bdscan_cnn6": "cnn", "bdscan_resnet18": "cnn", "bdscan_vit": "transformer", "bdscan_deit": "transformer",
-               "bdscan_convit": "transformer", "bdscan_cct": "transformer"}
+               "bdscan_convit": "transformer", "bdscan_cct": "transformer", "hf_vit": "transformer"}
 #: per-kind changes to the family recipe (the poisoning; the clean twins use the family recipe with none)
 KIND_RECIPES: dict[str, dict[str, Any]] = {
     "badnets_small": {"poison_rate": 0.1},
@@ -239,26 +239,69 @@ def plan_rows(seed: int = DEFAULT_SEED) -> list[dict[str, Any]]:
                 trigger = TRIGGER_MAKERS[slot](rng, ci)
                 rows.append(make_row(f"{cell}_{slot}", arch, dataset, kind, target, trigger, twins[si % CLEAN_TWINS],
                                  seed_row, SPLITS[1 - int(split[ci, si])], finetune_recipe(arch, dataset, kind)))
+    rows += hf_rows(seed)
+    return rows
+
+
+# ------------------------------------------------------------------------------------- model folders (#26)
+
+#: cells whose models are Hugging Face folders: cell -> (data set, the arch label of its rows, the zoo base it is
+#: converted from, the converter (:data:`bdscan.lab.hf.CONVERTERS`)). Auditors meet transformers as
+#: ``save_pretrained`` folders; these rows put such folders, fine-tuned from an accurate base, in both halves.
+HF_CELLS: dict[str, tuple[str, str, str, str]] = {
+    "gtsrb_hfvit": ("gtsrb", "hf_vit", "bdscan_vit", "timm-vit-to-hf"),
+}
+#: the slots of a folder cell (the attacks issue #26 names: BadNets and Blended) and its clean twins
+HF_SLOTS = ("badnets_grid", "blended")
+HF_TWINS = 2
+
+
+def hf_rows(seed: int = DEFAULT_SEED) -> list[dict[str, Any]]:
+    """The folder cells' rows: per cell :data:`HF_SLOTS` backdoored models and :data:`HF_TWINS` clean twins, one of
+    each kind in each half (drawn from their own generators, so the grid's rows do not move)."""
+    rows: list[dict[str, Any]] = []
+    for ci, (cell, (dataset, arch, base_arch, convert)) in enumerate(HF_CELLS.items()):
+        n_classes = DATASETS[dataset]
+        rng_split = np.random.default_rng([seed, PLAN_VERSION, 2000 + ci])
+        bd_split = [SPLITS[int(i)] for i in rng_split.permutation(len(HF_SLOTS)) % 2]
+        twin_split = [SPLITS[int(i)] for i in rng_split.permutation(HF_TWINS) % 2]
+        extra = {"format": "hf-folder", "base": base_file(dataset, base_arch), "convert": convert}
+        twins = [f"{cell}_clean{t + 1}" for t in range(HF_TWINS)]
+        for t, name in enumerate(twins):
+            rng = np.random.default_rng([seed, PLAN_VERSION, 2000 + ci, len(HF_SLOTS) + t])
+            rows.append(make_row(name, arch, dataset, None, None, None, None, int(rng.integers(0, 2**31)), twin_split[t],
+                                 finetune_recipe(arch, dataset, None), cell=cell, **extra))
+        for si, slot in enumerate(HF_SLOTS):
+            rng = np.random.default_rng([seed, PLAN_VERSION, 2000 + ci, si])
+            seed_row, target = int(rng.integers(0, 2**31)), int(rng.integers(0, n_classes))
+            kind = SLOTS[slot]
+            rows.append(make_row(f"{cell}_{slot}", arch, dataset, kind, target, TRIGGER_MAKERS[slot](rng, ci),
+                                 twins[si % HF_TWINS], seed_row, bd_split[si], finetune_recipe(arch, dataset, kind),
+                                 cell=cell, **extra))
     return rows
 
 
 def make_row(name: str, arch: str, dataset: str, kind: str | None, target: int | None, trigger: dict[str, Any] | None,
-             twin: str | None, seed: int, split: str, recipe: FinetuneRecipe) -> dict[str, Any]:
-    """One planned row (measured fields null); ``kind`` None for a clean twin."""
+             twin: str | None, seed: int, split: str, recipe: FinetuneRecipe, cell: str | None = None,
+             format: str | None = None, base: str | None = None, convert: str | None = None) -> dict[str, Any]:
+    """One planned row (measured fields null); ``kind`` None for a clean twin. A folder row (``format``
+    "hf-folder") names the base it is ``convert``-ed from and is written as a folder (``file`` without a suffix)."""
+    folder = {"format": format, "convert": convert} if format else {}
     return {
         "name": name,
-        "file": f"models/{name}.safetensors",
+        "file": f"models/{name}" + ("" if format else ".safetensors"),
         "arch": arch,
         "dataset": dataset,
-        "cell": f"{dataset}_{short(arch)}",
+        "cell": cell or f"{dataset}_{short(arch)}",
         "attack": kind,
         "target": target,
         "trigger": trigger,
         "seed": seed,
         "split": split,
         "clean_twin": twin,
-        "base": base_file(dataset, arch),
+        "base": base or base_file(dataset, arch),
         "finetune": recipe.to_dict(),
+        **folder,
         **{k: None for k in MEASURED},
     }
 

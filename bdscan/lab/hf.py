@@ -70,6 +70,88 @@ def make_hf_swin(classes: int, size: int, patch: int = 2, window: int = 4, embed
                  f"Hugging Face config: swin patch_size {patch} (patch embedding; attention in {window}×{window}-token windows)")
 
 
+#: a transformers ViT layer's parameter names (5.x, 4.x): timm's fused qkv becomes q, k and v
+_HF_VIT_LAYER_NAMES: tuple[dict[str, str], ...] = (
+    {"prefix": "vit.layers.{i}.", "q": "attention.q_proj", "k": "attention.k_proj", "v": "attention.v_proj",
+     "o": "attention.o_proj", "ln1": "layernorm_before", "ln2": "layernorm_after", "fc1": "mlp.fc1", "fc2": "mlp.fc2"},
+    {"prefix": "vit.encoder.layer.{i}.", "q": "attention.attention.query", "k": "attention.attention.key",
+     "v": "attention.attention.value", "o": "attention.output.dense", "ln1": "layernorm_before",
+     "ln2": "layernorm_after", "fc1": "intermediate.dense", "fc2": "output.dense"},
+)
+
+
+def timm_vit_to_hf(wrapper: ModelWrapper) -> ModelWrapper:
+    """The same network as a ``transformers`` ``ViTForImageClassification``: a timm ``VisionTransformer`` (class
+    token, learned position embedding over the class token and the patches, pre-norm blocks with a fused qkv
+    projection, exact GELU, final LayerNorm and a linear head on the class token) re-expressed parameter by
+    parameter, as transformers' own ``convert_vit_timm_to_pytorch`` script maps them (fused qkv split into query,
+    key and value). Input scaling, class names and metadata are kept; the logits agree to float rounding.
+
+    Raises:
+        UsageError: the network is not such a ViT (another timm model, a distilled DeiT, global average pooling).
+    """
+    transformers = require_transformers()
+    from timm.models.vision_transformer import VisionTransformer
+
+    net = wrapper.net
+    if type(net) is not VisionTransformer or net.cls_token is None or net.global_pool != "token" or net.num_prefix_tokens != 1:
+        raise UsageError(f"{wrapper.info.arch}: only a plain timm ViT with a class token converts to a Hugging Face ViT",
+                         "convert a bdscan_vit (or timm vit_*) model")
+    blocks = list(net.blocks)
+    dim, heads = net.embed_dim, blocks[0].attn.num_heads
+    patch = int(net.patch_embed.patch_size[0])
+    c, h, _ = wrapper.info.input_size
+    names = wrapper.info.class_names or tuple(str(i) for i in range(wrapper.num_classes))
+    cfg = transformers.ViTConfig(
+        image_size=h, patch_size=patch, num_channels=c, hidden_size=dim, num_hidden_layers=len(blocks),
+        num_attention_heads=heads, intermediate_size=blocks[0].mlp.fc1.out_features, hidden_act="gelu",
+        layer_norm_eps=float(net.norm.eps), qkv_bias=blocks[0].attn.qkv.bias is not None,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=wrapper.num_classes,
+        id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)},
+        architectures=["ViTForImageClassification"])
+    hf = transformers.ViTForImageClassification(cfg)
+    src = {k: v.detach().float() for k, v in net.state_dict().items()}
+    dst: dict[str, torch.Tensor] = {
+        "vit.embeddings.cls_token": src["cls_token"], "vit.embeddings.position_embeddings": src["pos_embed"],
+        "vit.embeddings.patch_embeddings.projection.weight": src["patch_embed.proj.weight"],
+        "vit.embeddings.patch_embeddings.projection.bias": src["patch_embed.proj.bias"],
+        "vit.layernorm.weight": src["norm.weight"], "vit.layernorm.bias": src["norm.bias"],
+        "classifier.weight": src["head.weight"], "classifier.bias": src["head.bias"],
+    }
+    have = set(hf.state_dict())
+    # transformers 5 names a layer's parameters differently from 4.x; use whichever layout this version has
+    layout = next((t for t in _HF_VIT_LAYER_NAMES if f"{t['prefix'].format(i=0)}{t['q']}.weight" in have), None)
+    if layout is None:
+        raise UsageError(f"transformers {transformers.__version__}: unknown ViT parameter names", "report this version")
+    for i in range(len(blocks)):
+        b, o = f"blocks.{i}.", layout["prefix"].format(i=i)
+        for part, w, bias in zip("qkv", src[b + "attn.qkv.weight"].chunk(3, 0), src[b + "attn.qkv.bias"].chunk(3, 0), strict=True):
+            dst[f"{o}{layout[part]}.weight"], dst[f"{o}{layout[part]}.bias"] = w, bias
+        for key, timm_name in (("o", "attn.proj"), ("ln1", "norm1"), ("ln2", "norm2"), ("fc1", "mlp.fc1"), ("fc2", "mlp.fc2")):
+            for t in ("weight", "bias"):
+                dst[f"{o}{layout[key]}.{t}"] = src[f"{b}{timm_name}.{t}"]
+    missing, unexpected = hf.load_state_dict(dst, strict=False)
+    if unexpected or [k for k in missing if "pooler" not in k]:
+        raise UsageError(f"{wrapper.info.arch}: the ViT did not map onto transformers' ViT "
+                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})", "report this model's layout")
+    hf.eval()
+    g = h // patch
+    grid = TokenGrid((g, g), patch, patch, 0, f"Hugging Face config: vit patch_size {patch} (ViT patch embedding)")
+    info = wrapper.info.with_(arch="hf:ViTForImageClassification", token_grid=grid, arch_kwargs={})
+    return ModelWrapper(HFLogits(hf), info)
+
+
+#: converters of a trained base into another library's model (the zoo's folder rows name one): name -> function
+CONVERTERS: dict[str, Callable[[ModelWrapper], ModelWrapper]] = {"timm-vit-to-hf": timm_vit_to_hf}
+
+
+def convert(name: str, wrapper: ModelWrapper) -> ModelWrapper:
+    """``wrapper`` converted by the registered converter ``name``."""
+    if name not in CONVERTERS:
+        raise UsageError(f"unknown model converter {name!r}", f"use one of: {', '.join(CONVERTERS)}")
+    return CONVERTERS[name](wrapper)
+
+
 #: ``train_hf_control``'s architectures: name -> (builder taking (classes, size, patch), default patch size)
 ARCHS: dict[str, tuple[Callable[[int, int, int], ModelWrapper], int]] = {
     "vit": (lambda classes, size, patch: make_hf_vit(classes, size, patch), 4),

@@ -17,10 +17,14 @@ from bdscan.lab.evalzoo_plan import (
     ARCHS,
     DATASETS,
     DEFAULT_SEED,
+    HF_CELLS,
+    HF_SLOTS,
+    HF_TWINS,
     INPUT_SIZE,
     KINDS,
     MEASURED,
     balanced_matrix,
+    base_file,
     plan_rows,
     planned_part,
 )
@@ -47,7 +51,7 @@ def test_size_cells_fields_and_targets(rows: list[dict]) -> None:
     clean = [r for r in rows if r["attack"] is None]
     assert len(bd) >= 100 and len(clean) >= 36 and len({r["name"] for r in rows}) == len(rows)
     assert set(KINDS) == {"badnets_small", "badnets_large", "blended", "trojan", "sig", "wanet", "issba", "lowrate_patch"}
-    cells = {(r["dataset"], r["arch"]) for r in rows}
+    cells = {(r["dataset"], r["arch"]) for r in rows if "format" not in r}
     assert cells == {(d, a) for d in DATASETS for a in ARCHS}
     for d, a in cells:
         in_cell = [r for r in rows if (r["dataset"], r["arch"]) == (d, a)]
@@ -80,7 +84,7 @@ def test_badnets_small_patches_sit_on_and_off_the_token_grid(rows: list[dict]) -
         assert on == r["name"].endswith("_badnets_grid")
     large = [r["trigger"]["params"]["size"] for r in rows if r["attack"] == "badnets_large"]
     assert set(large) == {8}
-    blends = Counter(r["trigger"]["params"]["pattern"] for r in rows if r["attack"] == "blended")
+    blends = Counter(r["trigger"]["params"]["pattern"] for r in rows if r["attack"] == "blended" and "format" not in r)
     assert blends["noise"] == blends["procedural"] == 6
     assert all(0.1 <= r["trigger"]["params"]["alpha"] <= 0.2 for r in rows if r["attack"] == "blended")
 
@@ -101,13 +105,14 @@ def test_split_is_stratified_by_cell_and_by_attack(rows: list[dict]) -> None:
         assert twins["calibration"] >= 1 and twins["evaluation"] >= 1
     for d in DATASETS:
         for kind in KINDS:
-            c = Counter(r["split"] for r in rows if r["dataset"] == d and r["attack"] == kind)
+            c = Counter(r["split"] for r in rows if r["dataset"] == d and r["attack"] == kind and "format" not in r)
             assert c["calibration"] == c["evaluation"]
         c = Counter(r["split"] for r in rows if r["dataset"] == d and r["attack"] is None)
-        assert c["calibration"] == c["evaluation"]
+        assert c["calibration"] == c["evaluation"]  # folder cells too: one twin in each half
         # slot by slot too (the two small-patch slots separately)
-        for slot in {r["name"].split("_", 2)[2] for r in rows if r["dataset"] == d}:
-            c = Counter(r["split"] for r in rows if r["dataset"] == d and r["name"].endswith("_" + slot))
+        grid = [r for r in rows if r["dataset"] == d and "format" not in r]
+        for slot in {r["name"].split("_", 2)[2] for r in grid}:
+            c = Counter(r["split"] for r in grid if r["name"].endswith("_" + slot))
             if not slot.startswith("clean"):
                 assert c["calibration"] == c["evaluation"], slot
 
@@ -146,3 +151,18 @@ def test_plan_command_is_idempotent(tmp_path: Path) -> None:
     assert zoo.main(["plan", "--manifest", str(m), "--check"]) == 0
     assert zoo.main(["plan", "--manifest", str(m), "--check", "--seed", "5"]) == 1
     assert len(read_rows(m)) == len(plan_rows())
+
+
+def test_folder_rows_are_hugging_face_folders_in_both_halves(rows: list[dict]) -> None:
+    folders = [r for r in rows if r.get("format") == "hf-folder"]
+    assert {r["cell"] for r in folders} == set(HF_CELLS)
+    for cell, (dataset, arch, base_arch, conv) in HF_CELLS.items():
+        in_cell = [r for r in folders if r["cell"] == cell]
+        assert len(in_cell) == len(HF_SLOTS) + HF_TWINS
+        assert all(r["arch"] == arch and r["dataset"] == dataset and r["convert"] == conv for r in in_cell)
+        assert all(r["base"] == base_file(dataset, base_arch) and not r["file"].endswith(".safetensors") for r in in_cell)
+        for bd in (True, False):
+            halves = Counter(r["split"] for r in in_cell if (r["attack"] is not None) == bd)
+            assert halves["calibration"] == halves["evaluation"] >= 1
+    # the folder rows come after the grid, which they leave as it was
+    assert rows[: len(rows) - len(folders)] == [r for r in rows if "format" not in r]
