@@ -176,6 +176,8 @@ def save_folder(wrapper: ModelWrapper, path: Path, trigger: Any) -> None:
     try:
         tmp.chmod(0o755)
         ModelFolderWriter().write(wrapper, tmp, None, trigger)
+        for f in tmp.iterdir():  # some writers create their files 0600 (temporary files renamed into place)
+            f.chmod(0o644)
         if path.is_dir():
             path.rename(old)
         tmp.rename(path)

@@ -91,6 +91,7 @@ def test_folder_rows_are_built_as_folders_transformers_loads(folder_zoo) -> None
         assert folder.is_dir() and {"config.json", "model.safetensors", "preprocessor_config.json", "bdscan.json"} <= {
             p.name for p in folder.iterdir()}
         assert r["sha256"] == sha256_file(folder) and 0 <= r["clean_acc"] <= 1
+        assert all(p.stat().st_mode & 0o777 == 0o644 for p in folder.iterdir())  # readable, as any written model
         assert not [p for p in root.joinpath("models").iterdir() if p.name.startswith(".")]  # no temporary left
         lm = load_model(folder)
         assert lm.wrapper.info.arch.startswith("hf:") and lm.wrapper.info.class_names == ("stop", "yield", "left", "right")
