@@ -160,7 +160,7 @@ def test_base_metadata_and_round_trip(synth_dir: Path, tmp_path: Path) -> None:
     md = loaded.wrapper.info.metadata
     assert md["test_images"] == 48 and md["clean_acc"] == round(res.clean_acc, 4)  # the full test split
     assert md["recipe"]["arch_kwargs"] == {"width": 4} and md["recipe_name"] == "synth_cnn6"
-    assert md["weights_dtype"] == "float16" and "1 thread(s)" in md["machine"] and md["train_seconds"] > 0
+    assert md["weights_dtype"] == "float16" and "1 thread(s)" in md["machine"] and md["train_seconds"] >= 0  # 0.1-s steps: 0.0 is possible
     assert md["dataset_files"] == ["synth_32.npz"] and md["train_images"] == 128 and len(md["history"]) == 1
     assert loaded.wrapper.info.arch_kwargs == {"width": 4}  # rebuilt at the trained size
     x = torch.rand(4, 3, 16, 16)
