@@ -33,10 +33,11 @@ from bdscan.io import load_model
 from bdscan.io.base import sha256_file
 from bdscan.io.hf_folder import ModelFolderWriter
 from bdscan.lab.attacks import AttackConfig, make_trigger
+from bdscan.lab.evalzoo import load_dataset
 from bdscan.lab.evalzoo_finetune import finetune, measure
 from bdscan.lab.evalzoo_plan import finetune_recipe
 from bdscan.lab.hf import make_hf_swin
-from bdscan.lab.labdata import AugmentConfig, augment_batch, extra_train_files, find_data_dir, load_lab_data
+from bdscan.lab.labdata import AugmentConfig, augment_batch, find_data_dir, load_lab_data
 from bdscan.lab.train import round_to_half_
 from bdscan.models.archs import BDSCAN_ARCHS
 from bdscan.repair import reversed_trigger_from_findings
@@ -46,8 +47,8 @@ __all__ = [
     "BDSCAN_ARCHS", "EVAL_ZOO", "RESULTS", "ROOT", "SAMPLE_MODELS", "THRESHOLD", "ZOO_MANIFEST", "AttackConfig",
     "AugmentConfig", "GuardConfig", "ModelFolderWriter", "Stopwatch", "Trigger", "add_budget", "add_manifest",
     "add_out", "add_overrides", "add_threads", "at", "atomic_path", "augment_batch", "best_seconds", "budget_config",
-    "build_guard", "combined_verdict", "extra_train_files", "find_data_dir", "finetune", "finetune_recipe", "invert",
-    "is_right", "judge", "load_lab_data", "load_model",
+    "build_guard", "combined_verdict", "find_data_dir", "finetune", "finetune_recipe", "invert",
+    "is_right", "judge", "load_dataset", "load_lab_data", "load_model",
     "load_rows", "load_with_samples", "machine_line", "make_hf_swin", "make_trigger", "measure", "nc_evidence", "new_parser",
     "parse_overrides", "print_row", "read_json", "recordings", "reversed_trigger_from_findings", "round_to_half_", "run_benchmark",
     "scan", "scan_cli", "scan_config", "set_threads", "sha16", "smin", "split_guard_data", "table_header", "trigger_param",

@@ -26,11 +26,10 @@ from benchmarks.common import (
     EVAL_ZOO,
     AttackConfig,
     add_out,
-    extra_train_files,
     find_data_dir,
     finetune,
     finetune_recipe,
-    load_lab_data,
+    load_dataset,
     load_model,
     machine_line,
     make_trigger,
@@ -44,8 +43,6 @@ from benchmarks.common import (
     utc_now,
     write_json,
 )
-
-ZOO = EVAL_ZOO.parent
 
 
 def parser() -> argparse.ArgumentParser:
@@ -65,7 +62,7 @@ def parser() -> argparse.ArgumentParser:
 
 def _twins_acc(base: str) -> float | None:
     """Mean clean accuracy of the cell's built clean twins (manifest), or None."""
-    rows = json.loads((ZOO / "manifest.json").read_text())
+    rows = read_json(EVAL_ZOO, [])
     accs = [r["clean_acc"] for r in rows if r["cell"] == base and r["attack"] is None and r.get("clean_acc") is not None]
     return sum(accs) / len(accs) if accs else None
 
@@ -79,9 +76,8 @@ def run(args: argparse.Namespace) -> None:
     if any(r["key"] == key for r in doc["runs"]):
         print(f"already measured: {json.dumps(key)} (see {args.out})")
         return
-    path = find_data_dir(None) / f"{dataset}_32.npz"
-    data = load_lab_data(path, extra_train_files(path))
-    base = load_model(ZOO / "bases" / f"{args.base}_base.safetensors").wrapper
+    data = load_dataset(dataset, find_data_dir(None))
+    base = load_model(EVAL_ZOO.parent / "bases" / f"{args.base}_base.safetensors").wrapper
     recipe = replace(finetune_recipe(f"bdscan_{arch_short}", dataset, args.kind), **key["set"])
     trigger = make_trigger(AttackConfig(args.attack, args.target, key["params"]), data.input_size, model=base,
                            x=data.x_train[:512].float() / 255.0)

@@ -236,7 +236,9 @@ def check_bases(rows: Sequence[dict[str, Any]], paths: Paths) -> list[dict[str, 
     return [r for r in rows if not paths.base(r).is_file()]
 
 
-def _data(dataset: str, data_dir: Path) -> LabData:
+def load_dataset(dataset: str, data_dir: Path) -> LabData:
+    """A zoo data set as its rows are built from it: ``<dataset>_32.npz`` in ``data_dir`` with its extra training
+    files, checked against the plan's class count."""
     path = data_dir / f"{dataset}_32.npz"
     data = load_lab_data(path, extra_train_files(path))  # CIFAR-10: the complete 50,000-image training split
     if data.num_classes != DATASETS.get(dataset, data.num_classes):
@@ -269,7 +271,7 @@ def build_row(row: dict[str, Any], paths: Paths, device: str = "cpu", record: bo
         raise UsageError(f"{name}: {base_path.name} is not the base this model was built from (sha256 differs)",
                          "use the committed base, or pass --record to rebuild from this one and record it")
     t0, c0 = time.perf_counter(), time.process_time()
-    data = _data(row["dataset"], paths.data or find_data_dir(None))
+    data = load_dataset(row["dataset"], paths.data or find_data_dir(None))
     base = load_model(base_path).wrapper
     if row.get("convert"):  # a folder row: the base re-expressed in the folder's library (bdscan.lab.hf)
         from bdscan.lab.hf import convert

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from bdscan.atomic import atomic_path
 from bdscan.data import CleanData
 from bdscan.errors import UsageError
-from bdscan.io.hf_folder import HFLogits, ModelFolderWriter, require_transformers
+from bdscan.io.hf_folder import GRIDS, HFLogits, ModelFolderWriter, require_transformers
 from bdscan.lab.attacks import AttackConfig, make_trigger
 from bdscan.models.wrapper import ModelInfo, ModelWrapper, TokenGrid
 from bdscan.trigger import Trigger
@@ -34,12 +34,19 @@ class HFControl:
     folder: Path
 
 
-def _wrap(hf_model: torch.nn.Module, classes: int, size: int, patch: int, grid_source: str) -> ModelWrapper:
+def _config_grid(hf_model: torch.nn.Module, size: tuple[int, int, int]) -> TokenGrid | None:
+    """The token grid the folder loader reads from this model's config (:data:`bdscan.io.hf_folder.GRIDS`), so that
+    a model made here carries the grid it will have when its written folder is loaded."""
+    cfg = hf_model.config.to_dict()
+    rule = GRIDS.get(cfg.get("model_type", ""))
+    return rule(cfg, size) if rule is not None else None
+
+
+def _wrap(hf_model: torch.nn.Module, classes: int, size: int) -> ModelWrapper:
     """A transformers image classifier behind bdscan's wrapper: RGB ``size``×``size`` inputs, mean/std 0.5, classes
-    named ``class<i>``, the patch embedding's ``size // patch`` square token grid."""
-    g = size // patch
+    named ``class<i>``, the token grid of its config."""
     info = ModelInfo(f"hf:{type(hf_model).__name__}", classes, (3, size, size), (0.5,) * 3, (0.5,) * 3, 1.0,
-                     tuple(f"class{i}" for i in range(classes)), token_grid=TokenGrid((g, g), patch, patch, 0, grid_source))
+                     tuple(f"class{i}" for i in range(classes)), token_grid=_config_grid(hf_model, (3, size, size)))
     return ModelWrapper(HFLogits(hf_model), info)
 
 
@@ -50,8 +57,7 @@ def make_hf_vit(classes: int, size: int, patch: int = 4, hidden: int = 48, layer
                                  num_attention_heads=heads, intermediate_size=2 * hidden, num_labels=classes,
                                  id2label={i: f"class{i}" for i in range(classes)},
                                  label2id={f"class{i}": i for i in range(classes)})
-    return _wrap(transformers.ViTForImageClassification(cfg), classes, size, patch,
-                 f"Hugging Face config: vit patch_size {patch} (ViT patch embedding)")
+    return _wrap(transformers.ViTForImageClassification(cfg), classes, size)
 
 
 def make_hf_swin(classes: int, size: int, patch: int = 2, window: int = 4, embed: int = 48,
@@ -66,8 +72,7 @@ def make_hf_swin(classes: int, size: int, patch: int = 2, window: int = 4, embed
                                   num_heads=list(heads), window_size=window, drop_path_rate=0.0, num_labels=classes,
                                   id2label={i: f"class{i}" for i in range(classes)},
                                   label2id={f"class{i}": i for i in range(classes)})
-    return _wrap(transformers.SwinForImageClassification(cfg), classes, size, patch,
-                 f"Hugging Face config: swin patch_size {patch} (patch embedding; attention in {window}×{window}-token windows)")
+    return _wrap(transformers.SwinForImageClassification(cfg), classes, size)
 
 
 #: a transformers ViT layer's parameter names (5.x, 4.x): timm's fused qkv becomes q, k and v
@@ -135,9 +140,8 @@ def timm_vit_to_hf(wrapper: ModelWrapper) -> ModelWrapper:
         raise UsageError(f"{wrapper.info.arch}: the ViT did not map onto transformers' ViT "
                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})", "report this model's layout")
     hf.eval()
-    g = h // patch
-    grid = TokenGrid((g, g), patch, patch, 0, f"Hugging Face config: vit patch_size {patch} (ViT patch embedding)")
-    info = wrapper.info.with_(arch="hf:ViTForImageClassification", token_grid=grid, arch_kwargs={})
+    info = wrapper.info.with_(arch="hf:ViTForImageClassification", token_grid=_config_grid(hf, wrapper.info.input_size),
+                              arch_kwargs={})
     return ModelWrapper(HFLogits(hf), info)
 
 
