@@ -59,6 +59,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--detectors", default="neural-cleanse,mm-bd", help="comma-separated detectors (default: %(default)s)")
     add_budget(ap)
     ap.add_argument("--steps", type=int, default=None, help="override the budget's optimisation steps")
+    ap.add_argument("--levels", default=None, help="Neural Cleanse's levels, passed to the scan (default: the scan's own, "
+                    "pixel,patch); e.g. all, to replay any subset of levels offline from each level's own p-value")
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: %(default)s)")
     ap.add_argument("--alpha", type=float, default=0.05, help="the verdict's level, passed to the scan (default: %(default)s)")
     ap.add_argument("--only", nargs="*", help="model names (default: every built model of the split)")
@@ -69,11 +71,13 @@ def parser() -> argparse.ArgumentParser:
 
 
 def scan_one(model: Path, data: Path, detectors: str, budget: str, steps: int | None, seed: int, alpha: float,
-             threads: int) -> tuple[dict, float]:
+             threads: int, levels: str | None = None) -> tuple[dict, float]:
     """One ``bdscan scan`` in a fresh process: its scan document and the process's wall time."""
     args = [str(model), "--data", str(data), "--detectors", detectors, "--budget", budget, "--seed", str(seed),
             "--alpha", str(alpha), "--no-activations", "-q", "--fail-on", "never"]
-    return scan_cli(args + (["--steps", str(steps)] if steps is not None else []), threads)
+    args += ["--steps", str(steps)] if steps is not None else []
+    args += ["--levels", levels] if levels is not None else []
+    return scan_cli(args, threads)
 
 
 def row_of(entry: dict, doc: dict, seed: int, wall: float) -> dict[str, Any]:
@@ -180,6 +184,8 @@ def run(args: argparse.Namespace) -> None:
     seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
     entries = select(read_json(args.manifest), args, args.manifest.parent)
     key = {"detectors": args.detectors, "budget": args.budget, "steps": args.steps, "alpha": args.alpha, "split": args.split}
+    if args.levels is not None:  # only when given, so that results recorded before the option keep their key
+        key["levels"] = args.levels
     prev = read_json(args.out)
     rows: list[dict] = prev["rows"] if prev and prev.get("key") == key else []
     done = {(r["model"], r["seed"], r.get("sha16")) for r in rows}
@@ -189,7 +195,8 @@ def run(args: argparse.Namespace) -> None:
             digest = sha16(f)
             if (e["name"], seed, digest) in done:
                 continue
-            doc, wall = scan_one(f, SAMPLES[e["dataset"]], args.detectors, args.budget, args.steps, seed, args.alpha, args.threads)
+            doc, wall = scan_one(f, SAMPLES[e["dataset"]], args.detectors, args.budget, args.steps, seed, args.alpha, args.threads,
+                                 args.levels)
             row = row_of(e, doc, seed, wall) | {"sha16": digest}
             rows = [r for r in rows if (r["model"], r["seed"]) != (e["name"], seed)] + [row]
             print_row({k: v for k, v in row.items() if k != "evidence"})
@@ -197,7 +204,8 @@ def run(args: argparse.Namespace) -> None:
                                   "machine": machine_line(threads=args.threads), "rows": rows})
     names = {e["name"] for e in entries}
     rows = [r for r in rows if r["seed"] in seeds and r["model"] in names]
-    print(f"\nEvaluation zoo, {args.split} half: detectors {args.detectors}, budget {args.budget}"
+    print(f"\nEvaluation zoo, {args.split} half: detectors {args.detectors}"
+          f"{f' (levels {args.levels})' if args.levels else ''}, budget {args.budget}"
           f"{f', {args.steps} steps' if args.steps else ''}, seeds {args.seeds}, alpha {args.alpha:g}; "
           f"{machine_line(threads=args.threads)}\n")
     dets = [d.strip() for d in args.detectors.split(",")]

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from bdscan.detect import ScanSettings, parse_detectors
-from bdscan.detect.config import BUDGETS, MODES, PRECISIONS
+from bdscan.detect.config import BUDGETS, LEVEL_GROUPS, LEVELS, PRECISIONS, parse_levels
 from bdscan.errors import UsageError
 from bdscan.io import LoadOptions, loaders
 from bdscan.pipeline import DEVICES, ScanRequest, configure
@@ -104,12 +104,10 @@ def _input_size(v: Any) -> tuple[int, int, int]:
 
 
 def _levels(v: Any) -> tuple[str, ...]:
-    items = _items(v)
-    if items == ["both"]:
-        return MODES
-    if not items or any(x not in MODES for x in items):
-        raise _Bad(f"expects {', '.join(MODES)} or both")
-    return tuple(m for m in MODES if m in items)
+    try:
+        return parse_levels(",".join(_items(v)))
+    except UsageError:
+        raise _Bad(f"expects levels among {', '.join(LEVELS)} (or {', '.join(LEVEL_GROUPS)})") from None
 
 
 def _detectors(v: Any) -> tuple[str, ...]:

@@ -22,7 +22,7 @@ import typer
 from rich.markup import escape
 
 from bdscan.console import err
-from bdscan.detect.config import MODES, PRECISIONS
+from bdscan.detect.config import PRECISIONS, parse_levels
 from bdscan.errors import BdscanError, LoadError, NumericalError, UnsafeModelError, UsageError, first_line
 from bdscan.io import LoadOptions
 
@@ -40,20 +40,18 @@ EXIT_HELP = (
     "3 model or data cannot be loaded; 4 internal error."
 )
 
-#: --levels' choices: each Neural Cleanse level, or both
-Levels = Enum("Levels", {m: m for m in (*MODES, "both")}, type=str)
 #: --precision's choices, from the one list the inversion config validates against
 Precision = Enum("Precision", {p: p for p in PRECISIONS}, type=str)
 
 
-def levels_of(levels: Levels | None, mode: Levels | None, default: str = "both") -> tuple[str, ...]:
+def levels_of(levels: str | None, mode: str | None, default: str = "default") -> tuple[str, ...]:
     """The levels chosen by ``--levels`` or its deprecated name ``--mode`` (which prints a note)."""
     if mode is not None:
-        if levels is not None and levels != mode:
-            raise UsageError(f"--mode {mode.value} and --levels {levels.value} disagree", "use --levels alone (--mode is deprecated)")
+        if levels is not None and parse_levels(levels) != parse_levels(mode):
+            raise UsageError(f"--mode {mode} and --levels {levels} disagree", "use --levels alone (--mode is deprecated)")
         err.print("[yellow]note[/]: --mode is deprecated and will be removed in bdscan 0.3; use --levels")
-    chosen = (levels or mode).value if (levels or mode) is not None else default
-    return MODES if chosen == "both" else (chosen,)
+    chosen = levels if levels is not None else mode
+    return parse_levels(chosen if chosen is not None else default)
 
 
 def exit_code_for(e: BaseException) -> int:
@@ -120,8 +118,10 @@ ScaleOpt = Annotated[float | None, typer.Option("--scale", help="255 if the mode
 PatchOpt = Annotated[int | None, typer.Option("--patch-size", help="Token grid patch size, if it cannot be found from the model.")]
 TrustOpt = Annotated[bool, typer.Option("--trust-pickle", help="Allow a full pickled nn.Module (after a clean static scan).")]
 FormatOpt = Annotated[str | None, typer.Option("--format", help="Force a loader (safetensors, state-dict, torchscript, ...).")]
-LevelsOpt = Annotated[Levels | None, typer.Option("--levels", help="Neural Cleanse levels: pixel, patch (token grid) or both. [default: both]")]
-ModeOpt = Annotated[Levels | None, typer.Option("--mode", hidden=True, help="Deprecated name of --levels.")]
+LevelsOpt = Annotated[str | None, typer.Option("--levels", help=(
+    "Neural Cleanse levels, comma-separated: pixel, patch (token grid), blend (whole-image blend level); "
+    "both = pixel,patch; all = every level. [default: pixel,patch]"))]
+ModeOpt = Annotated[str | None, typer.Option("--mode", hidden=True, help="Deprecated name of --levels.")]
 DetectorsOpt = Annotated[str | None, typer.Option("--detectors", help="Comma-separated detectors to run (see `bdscan detectors`).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of sampling, initialisation and batch order.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu or cuda.")]

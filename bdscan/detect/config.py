@@ -13,8 +13,30 @@ CPU_CHUNK_IMAGES_PER_THREAD = 32
 
 #: values of :attr:`InversionConfig.precision`
 PRECISIONS = ("auto", "fp32", "bf16")
-#: the levels a scan can run: pixel-level Neural Cleanse, and the patch level (a mask on the model's token grid)
+#: every level a scan can run: pixel-level Neural Cleanse, the patch level (a mask on the model's token grid) and
+#: the blend level (one mask value for the whole image: a trigger spread thinly over every pixel)
+LEVELS = ("pixel", "patch", "blend")
+#: the levels a scan runs unless told otherwise
 MODES = ("pixel", "patch")
+#: names that stand for several levels in ``--levels``
+LEVEL_GROUPS: dict[str, tuple[str, ...]] = {"both": ("pixel", "patch"), "default": MODES, "all": LEVELS}
+
+
+def parse_levels(text: str) -> tuple[str, ...]:
+    """``--levels``' value: comma-separated levels or group names, e.g. "pixel,blend", "both", "all"; returned in
+    :data:`LEVELS` order, each once. Raises :class:`UsageError` for an unknown or empty choice."""
+    items = [x.strip().lower() for x in str(text).split(",") if x.strip()]
+    chosen: set[str] = set()
+    for x in items:
+        if x in LEVEL_GROUPS:
+            chosen.update(LEVEL_GROUPS[x])
+        elif x in LEVELS:
+            chosen.add(x)
+        else:
+            raise UsageError(f"unknown level {x!r}", f"use {', '.join(LEVELS)} (comma-separated), or {', '.join(LEVEL_GROUPS)}")
+    if not chosen:
+        raise UsageError("no level chosen", f"use {', '.join(LEVELS)} (comma-separated), or {', '.join(LEVEL_GROUPS)}")
+    return tuple(m for m in LEVELS if m in chosen)
 
 
 @dataclass(frozen=True)

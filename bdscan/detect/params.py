@@ -4,6 +4,8 @@ A parametrisation owns the raw (unconstrained) mask tensor of K labels and says 
 pixel mask and what its size statistic is:
 
 * :class:`PixelTrigger` - Neural Cleanse's: one mask value per pixel (H×W), statistic = L1 norm.
+* :class:`BlendTrigger` - one mask value for the whole image (a blend level): a trigger spread thinly over every
+  pixel, statistic = blend level × pixels.
 * :class:`PatchTrigger` - bdscan's patch-level variant: one mask value per token of the model's token
   grid, upsampled to pixels; statistic = tokens touched. The research paper (Raj et al., section 5.4)
   argues transformers see patches, not pixels, so a trigger's size should be counted in patches.
@@ -141,6 +143,39 @@ class PatchTrigger:
             "cell_offset": self.cell_offset,
             "unit_area": self.unit_area,
         }
+
+
+@dataclass(frozen=True)
+class BlendTrigger:
+    """One mask value for the whole image: the trigger is the pattern blended over the image at level ``a``,
+    ``x' = (1 - a) * x + a * p``; statistic = ``a * H * W``, the L1 norm of that uniform mask, so that its
+    size and Neural Cleanse's λ schedule are on the pixel level's scale.
+
+    The pixel level's L1 penalty favours small opaque patches and so cannot see a trigger spread thinly over
+    the whole image (Blended, Chen et al. 2017; SIG, Barni et al. 2019; warping, WaNet, Nguyen & Tran 2021):
+    such a trigger's L1 norm is large. What stays small is how much of every pixel must be replaced: a
+    universal, targeted perturbation of bounded amplitude (``|x' - x| <= a``), the evidence of USB
+    (Xu et al., "Universal Soldier: using universal adversarial perturbations for detecting backdoor attacks",
+    2023), measured here with Neural Cleanse's own schedule and outlier test.
+    """
+
+    height: int
+    width: int
+    name: str = "blend"
+    statistic: str = "blend level × pixels (L1 norm of a uniform mask)"
+
+    @property
+    def mask_shape(self) -> tuple[int, ...]:
+        return (1, 1)
+
+    def pixel_mask(self, raw: torch.Tensor) -> torch.Tensor:
+        return squash(raw).unsqueeze(1).expand(-1, 1, self.height, self.width)
+
+    def norm(self, raw: torch.Tensor) -> torch.Tensor:
+        return squash(raw).flatten(1)[:, 0] * (self.height * self.width)
+
+    def describe(self) -> dict[str, object]:
+        return {"name": self.name, "statistic": self.statistic, "mask_shape": list(self.mask_shape)}
 
 
 def cnn_patch_sweep(height: int, width: int, sizes: tuple[int, ...] = (4, 8), half_offsets: bool = True) -> list[PatchTrigger]:

@@ -23,7 +23,7 @@ from bdscan.detect.anomaly import PATCH_MAD_FLOOR, AnomalyResult, anomaly
 from bdscan.detect.base import DEFAULT_ALPHA
 from bdscan.detect.config import BUDGETS, DEFAULT_BUDGET, MODES, InversionConfig
 from bdscan.detect.inversion import InversionResult, LabelResult, invert_prepared, prepared, resolve_precision
-from bdscan.detect.params import PatchTrigger, PixelTrigger, TriggerParam, cnn_patch_sweep
+from bdscan.detect.params import BlendTrigger, PatchTrigger, PixelTrigger, TriggerParam, cnn_patch_sweep
 from bdscan.errors import UsageError
 from bdscan.models.wrapper import ModelWrapper
 
@@ -149,17 +149,38 @@ class ScanFindings:
     seconds: float
 
 
-def params_for(model: ModelWrapper, mode: str, cnn_sizes: tuple[int, ...], cnn_offsets: bool) -> list[TriggerParam]:
-    """The parametrisations a mode uses on ``model``."""
+def _pixel_params(model: ModelWrapper, sizes: tuple[int, ...], offsets: bool) -> list[TriggerParam]:
     _, h, w = model.input_size
-    if mode == "pixel":
-        return [PixelTrigger(h, w)]
-    if mode == "patch":
-        grid = model.token_grid
-        if grid is None:
-            return list(cnn_patch_sweep(h, w, cnn_sizes, cnn_offsets))
-        return [PatchTrigger(grid, h, w)]
-    raise UsageError(f"unknown scan mode {mode!r}", "use pixel, patch or both")
+    return [PixelTrigger(h, w)]
+
+
+def _patch_params(model: ModelWrapper, sizes: tuple[int, ...], offsets: bool) -> list[TriggerParam]:
+    _, h, w = model.input_size
+    grid = model.token_grid
+    if grid is None:  # a CNN has no patches of its own: a sweep of grids
+        return list(cnn_patch_sweep(h, w, sizes, offsets))
+    return [PatchTrigger(grid, h, w)]
+
+
+def _blend_params(model: ModelWrapper, sizes: tuple[int, ...], offsets: bool) -> list[TriggerParam]:
+    _, h, w = model.input_size
+    return [BlendTrigger(h, w)]
+
+
+#: level -> (model, CNN patch sizes, half offsets) -> the parametrisations that level inverts
+LEVEL_PARAMS: dict[str, Callable[[ModelWrapper, tuple[int, ...], bool], list[TriggerParam]]] = {
+    "pixel": _pixel_params,
+    "patch": _patch_params,
+    "blend": _blend_params,
+}
+
+
+def params_for(model: ModelWrapper, mode: str, cnn_sizes: tuple[int, ...], cnn_offsets: bool) -> list[TriggerParam]:
+    """The parametrisations a level (``mode``) uses on ``model``."""
+    make = LEVEL_PARAMS.get(mode)
+    if make is None:
+        raise UsageError(f"unknown scan level {mode!r}", f"use one of {', '.join(LEVEL_PARAMS)}")
+    return make(model, cnn_sizes, cnn_offsets)
 
 
 def combine(results: Mapping[str, Any], threshold: float, alpha: float = DEFAULT_ALPHA) -> Verdict:

@@ -157,14 +157,20 @@ KIND_RECIPES: dict[str, dict[str, Any]] = {
     # 1 %: twice the steps, as 400 steps brought the GTSRB CNN6 only to the edge of 90 % ASR
     "lowrate_patch": {"poison_rate": 0.01, "steps": 800},
 }
+#: per (family, kind) changes on top of KIND_RECIPES, where a family needs its own recipe for a kind (chosen
+#: with ``python -m benchmarks finetune-probe`` on the family's GTSRB base; figures in benchmarks/RESULTS-LOG.md)
+FAMILY_KIND_RECIPES: dict[tuple[str, str], dict[str, Any]] = {}
 #: label-preserving flips per data set (a mirrored traffic sign is another sign)
 HFLIP = {"gtsrb": False, "cifar10": True}
 
 
 def finetune_recipe(arch: str, dataset: str, kind: str | None) -> FinetuneRecipe:
     """The resolved fine-tune recipe of a row (``kind`` None: a clean twin)."""
-    rec = replace(FAMILY_RECIPES[ARCH_FAMILY[arch]], hflip=HFLIP[dataset])
-    return replace(rec, **KIND_RECIPES[kind]) if kind else rec
+    family = ARCH_FAMILY[arch]
+    rec = replace(FAMILY_RECIPES[family], hflip=HFLIP[dataset])
+    if kind is None:
+        return rec
+    return replace(rec, **{**KIND_RECIPES[kind], **FAMILY_KIND_RECIPES.get((family, kind), {})})
 
 
 # -------------------------------------------------------------------------------------------------- split

@@ -40,6 +40,7 @@ from bdscan.analysis.activations import PAPER_KS, ActivationProfile, activation_
 from bdscan.atomic import atomic_write_text
 from bdscan.data import CleanData, load_clean_data
 from bdscan.detect import ScanSettings, get_detector
+from bdscan.detect.config import LEVELS
 from bdscan.detect.config import budget as budget_config
 from bdscan.detect.scan import MODES, ModeResult, ScanConfig, ScanFindings
 from bdscan.errors import BdscanError, UsageError
@@ -98,7 +99,7 @@ class StudyConfig:
 
     def validate(self) -> StudyConfig:
         budget_config(self.budget)
-        bad = [m for m in self.modes if m not in MODES]
+        bad = [m for m in self.modes if m not in LEVELS]
         if bad or not self.modes:
             raise UsageError(f"unknown scan mode {bad[0] if bad else '(none)'!r}", "use pixel, patch or both")
         if self.repair_epochs < 1 or self.activation_images < 1 or any(k < 1 for k in self.ks):

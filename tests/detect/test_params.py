@@ -1,10 +1,10 @@
-"""Token counts of known masks on each architecture's own grid."""
+"""Sizes of known masks: token counts on each architecture's own grid, pixel L1, the blend level."""
 
 import pytest
 import timm
 import torch
 
-from bdscan.detect.params import PatchTrigger, PixelTrigger, cnn_patch_sweep
+from bdscan.detect.params import BlendTrigger, PatchTrigger, PixelTrigger, cnn_patch_sweep
 from bdscan.models import BDSCAN_ARCHS, find_token_grid
 
 ON, OFF = 30.0, -30.0  # raw values that squash to ~1 and ~0
@@ -61,3 +61,14 @@ def test_cnn_sweep_units_and_shift() -> None:
 def test_cnn_sweep_without_offsets() -> None:
     assert [s.name for s in cnn_patch_sweep(32, 32, (4,), half_offsets=False)] == ["patch4"]
     assert [s.name for s in cnn_patch_sweep(32, 32, (4,))] == ["patch4", "patch4+half"]
+
+
+def test_blend_mask_is_one_level_over_the_whole_image_and_its_size_is_in_pixels() -> None:
+    p = BlendTrigger(6, 8)
+    raw = torch.stack([torch.full((1, 1), OFF), torch.zeros(1, 1)])  # levels ~0 and 0.5
+    m = p.pixel_mask(raw)
+    assert m.shape == (2, 1, 6, 8)
+    assert torch.equal(m[1], torch.full_like(m[1], float(m[1, 0, 0, 0]))) and float(m[1, 0, 0, 0]) == pytest.approx(0.5)
+    # the size is the L1 norm of the uniform mask: level × pixels, on the pixel level's scale
+    assert p.norm(raw).tolist() == pytest.approx([0.0, 24.0], abs=1e-3)
+    assert p.norm(raw).tolist() == pytest.approx(m.flatten(1).sum(1).tolist(), abs=1e-3)

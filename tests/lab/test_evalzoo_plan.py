@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bdscan.lab import zoo
+from bdscan.lab import evalzoo_plan, zoo
 from bdscan.lab.attacks import AttackConfig, make_trigger
 from bdscan.lab.evalzoo import DEFAULT_MANIFEST, dumps_rows, merge_plan, read_rows
 from bdscan.lab.evalzoo_finetune import FinetuneRecipe
@@ -25,6 +25,7 @@ from bdscan.lab.evalzoo_plan import (
     MEASURED,
     balanced_matrix,
     base_file,
+    finetune_recipe,
     plan_rows,
     planned_part,
 )
@@ -166,3 +167,13 @@ def test_folder_rows_are_hugging_face_folders_in_both_halves(rows: list[dict]) -
             assert halves["calibration"] == halves["evaluation"] >= 1
     # the folder rows come after the grid, which they leave as it was
     assert rows[: len(rows) - len(folders)] == [r for r in rows if "format" not in r]
+
+
+def test_a_family_recipe_for_one_kind_changes_that_family_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    cnn, vit = finetune_recipe("bdscan_cnn6", "gtsrb", "wanet"), finetune_recipe("bdscan_vit", "gtsrb", "wanet")
+    monkeypatch.setattr(evalzoo_plan, "FAMILY_KIND_RECIPES", {("transformer", "wanet"): {"steps": 1234, "lr": 1e-4}})
+    assert finetune_recipe("bdscan_cnn6", "gtsrb", "wanet") == cnn
+    changed = finetune_recipe("bdscan_vit", "gtsrb", "wanet")
+    assert (changed.steps, changed.lr) == (1234, 1e-4) and changed.poison_rate == vit.poison_rate
+    assert finetune_recipe("bdscan_vit", "gtsrb", "blended").steps != 1234
+    assert finetune_recipe("bdscan_vit", "gtsrb", None).steps != 1234
