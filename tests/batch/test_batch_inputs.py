@@ -107,6 +107,7 @@ def test_every_manifest_format_gives_the_same_jobs_with_rows_over_the_command_li
     ("m.jsonl", '{"model": "a.pt"\n', ["m.jsonl line 1", "not valid JSON"]),
     ("m.json", '[{"model": "a.pt", "threshold": -1}]', ["m.json row 1", "threshold"]),
     ("m.txt", "a.pt\n", ["unknown manifest format '.txt'"]),
+    ("m.json", '[{"model": "a.pt", "levels": "pixel,voxel"}]', ["m.json row 1", "levels", "blend"]),
 ])
 def test_a_malformed_manifest_row_is_one_usage_error_naming_the_row(tmp_path: Path, name: str, text: str, needles: list[str]) -> None:
     m = tmp_path / name

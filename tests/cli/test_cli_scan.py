@@ -167,6 +167,19 @@ def test_bad_options_exit_2(tiny_bd) -> None:
         assert "Traceback" not in output
     code, output = run("scan", tiny_bd.model, "--levels", "voxel")
     assert code == 2
+    assert_one_line_error(output)
+    assert "voxel" in output and "blend" in output  # names the choices
+
+
+def test_levels_take_a_comma_list_and_the_report_keeps_every_level(tiny_bd, tmp_path: Path) -> None:
+    js, html = tmp_path / "scan.json", tmp_path / "r.html"
+    code, output = run("scan", tiny_bd.model, "--data", tiny_bd.data, "--budget", "smoke", "--steps", "3", "--levels",
+                       "blend,pixel", "-q", "--json", js, "--report", html, "--no-activations", "--fail-on", "never")
+    assert code == 0, output
+    doc = json.loads(js.read_text())
+    assert list(doc["modes"]) == ["pixel", "blend"] and doc["config"]["modes"] == ["pixel", "blend"]
+    assert doc["modes"]["blend"]["params"][0]["name"] == "blend"
+    assert "blend level" in html.read_text()
 
 
 def test_inspect_json_and_models(tiny_bd) -> None:
