@@ -27,6 +27,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from bdscan.detect.config import LEVELS
+from bdscan.detect.config import MODES as DEFAULT_LEVELS
 from benchmarks.common import (
     BDSCAN_ARCHS,
     EVAL_ZOO,
@@ -65,6 +67,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--alpha", type=float, default=0.05, help="the verdict's level, passed to the scan (default: %(default)s)")
     ap.add_argument("--only", nargs="*", help="model names (default: every built model of the split)")
     ap.add_argument("--cell", nargs="*", help="only these cells (<dataset>_<arch>)")
+    ap.add_argument("--replay", nargs="+", metavar="LEVELS,DETECTORS",
+                    help="scan nothing: replay the recorded scans (--out) with only these levels and detectors, one summary "
+                         "table per combination, e.g. --replay pixel,patch pixel,patch,blend pixel,patch,blend,mm-bd")
     add_out(ap, "zoo_detect.json", help="JSON output (default: benchmarks/results/zoo_detect_<split>.json)")
     add_threads(ap, 1)
     return ap
@@ -155,6 +160,61 @@ def _pct(v: float | None) -> str:
     return "—" if v is None else f"{100 * v:.0f} %"
 
 
+def replay(row: dict, levels: Sequence[str], detectors: Sequence[str], alpha: float) -> dict[str, Any]:
+    """The verdict ``row``'s scan would have given with only these Neural Cleanse ``levels`` and other ``detectors``,
+    from the p-values it recorded, by the scan's own nested rule (docs/verdict.md): Neural Cleanse's p-value is its
+    smallest level p-value times the number of its levels; the combined one the smallest detector p-value times
+    the number of detectors, at most ``alpha`` to flag, naming the deciding one's class. Levels or detectors the
+    scan did not run, or that had no p-value (inconclusive), are left out of both counts, as in a scan.
+
+    Args:
+        row: a benchmark row (``levels``: level -> {p, min_label}; ``evidence``: detector -> {p, target}).
+        levels: Neural Cleanse's levels to keep (none: Neural Cleanse left out).
+        detectors: the other detectors to keep, e.g. ("mm-bd",).
+        alpha: the verdict's level.
+
+    Returns:
+        ``row`` with status, suspect, p, decided_by, flagged and right replaced.
+    """
+    lv = {m: v for m, v in (row.get("levels") or {}).items() if m in levels and v.get("p") is not None}
+    cands: dict[str, tuple[float, Any]] = {}
+    nc = (row.get("evidence") or {}).get("neural-cleanse") or {}
+    if "levels" not in row and set(levels) == set(DEFAULT_LEVELS) and nc.get("p") is not None:
+        # recorded before rows kept their levels: the scan's own Neural Cleanse p-value is the default levels'
+        cands["neural-cleanse"] = (float(nc["p"]), nc.get("target"))
+    elif lv:
+        best = min(lv, key=lambda m: lv[m]["p"])
+        cands["neural-cleanse"] = (min(1.0, len(lv) * lv[best]["p"]), lv[best].get("min_label"))
+    for d in detectors:
+        e = (row.get("evidence") or {}).get(d) or {}
+        if e.get("p") is not None:
+            cands[d] = (float(e["p"]), e.get("target"))
+    out = dict(row)
+    if not cands:
+        out.update(status="inconclusive", suspect=None, p=None, decided_by=None, flagged=False,
+                   right=row["true_target"] is None)
+        return out
+    by = min(cands, key=lambda d: cands[d][0])
+    p = min(1.0, len(cands) * cands[by][0])
+    flagged = p <= alpha
+    suspect = cands[by][1] if flagged else None
+    right = (flagged and suspect == row["true_target"]) if row["true_target"] is not None else not flagged
+    out.update(status="backdoor" if flagged else "clean", suspect=suspect, p=p, decided_by=by, flagged=flagged, right=right)
+    return out
+
+
+def replayable(row: dict, levels: Sequence[str]) -> bool:
+    """Whether ``row`` recorded what a replay with these levels needs (rows recorded before the benchmark kept each
+    level's p-value hold only the default levels' combined one)."""
+    return not levels or "levels" in row or set(levels) == set(DEFAULT_LEVELS)
+
+
+def parse_combo(text: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """"pixel,patch,blend,mm-bd" -> ((levels), (other detectors)): names that are Neural Cleanse levels, the rest."""
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    return tuple(x for x in items if x in LEVELS), tuple(x for x in items if x not in LEVELS)
+
+
 def select(entries: Sequence[dict], args: argparse.Namespace, root: Path) -> list[dict]:
     """The manifest rows to scan: the split, ``--only``/``--cell``, built models only (a file beside the manifest)."""
     out = []
@@ -178,9 +238,42 @@ def log_skip(e: dict) -> None:
           file=sys.stderr)
 
 
+def print_summary(rows: Sequence[dict]) -> None:
+    """The per-group table: TPR, flagged, FPR, AUC, seed agreement, median seconds."""
+    table_header("group", "backdoored scans", "clean scans", "TPR (right class)", "flagged (any class)", "FPR", "AUC",
+                 "same verdict, all seeds", "median s")
+    for name, rs in groups(rows).items():
+        s = summary(rs)
+        auc_s = "—" if s["auc"] is None else f"{s['auc']:.2f}"
+        sec_s = "—" if s["median_seconds"] is None else f"{s['median_seconds']:.0f}"
+        print(f"| {name} | {s['scans_backdoored']} | {s['scans_clean']} | {_pct(s['tpr'])} | {_pct(s['flagged_any_class'])} "
+              f"| {_pct(s['fpr'])} | {auc_s} | {s['same_verdict']}/{s['models_multi_seed']} | {sec_s} |")
+
+
+def run_replay(args: argparse.Namespace) -> None:
+    """``--replay``: the recorded rows re-judged under each combination of levels and detectors."""
+    doc = read_json(args.out)
+    if not doc or not doc.get("rows"):
+        raise SystemExit(f"zoo-detect --replay: no recorded scans in {args.out} (run the benchmark first, or give --out)")
+    seeds = {int(s) for s in str(args.seeds).split(",") if s.strip()}
+    rows = [r for r in doc["rows"] if r["seed"] in seeds and (not args.only or r["model"] in args.only)]
+    print(f"Replayed from {args.out} ({len(rows)} scans; recorded with {doc['key']}), alpha {args.alpha:g}\n")
+    for combo in args.replay:
+        levels, dets = parse_combo(combo)
+        print(f"### {combo}: levels {', '.join(levels) or 'none'}; detectors {', '.join(('neural-cleanse',) * bool(levels) + dets)}\n")
+        kept = [r for r in rows if replayable(r, levels)]
+        if len(kept) < len(rows):
+            print(f"({len(rows) - len(kept)} scans left out: recorded without their levels' own p-values)\n")
+        print_summary([replay(r, levels, dets, args.alpha) for r in kept])
+        print()
+
+
 def run(args: argparse.Namespace) -> None:
     if args.out.name == "zoo_detect.json":
         args.out = args.out.with_name(f"zoo_detect_{args.split}.json")
+    if args.replay:
+        run_replay(args)
+        return
     seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
     entries = select(read_json(args.manifest), args, args.manifest.parent)
     key = {"detectors": args.detectors, "budget": args.budget, "steps": args.steps, "alpha": args.alpha, "split": args.split}
@@ -218,11 +311,4 @@ def run(args: argparse.Namespace) -> None:
         print(f"| {r['model']} | {r['attack'] or 'clean'} | {r['seed']} | {verdict} | {r['p'] if r['p'] is not None else '—'} "
               f"| {r['decided_by'] or '—'} | {' | '.join(cells)} | {tt} | {'yes' if r['right'] else 'NO'} | {r['seconds']:.0f} |")
     print()
-    table_header("group", "backdoored scans", "clean scans", "TPR (right class)", "flagged (any class)", "FPR", "AUC",
-                 "same verdict, all seeds", "median s")
-    for name, rs in groups(rows).items():
-        s = summary(rs)
-        auc_s = "—" if s["auc"] is None else f"{s['auc']:.2f}"
-        sec_s = "—" if s["median_seconds"] is None else f"{s['median_seconds']:.0f}"
-        print(f"| {name} | {s['scans_backdoored']} | {s['scans_clean']} | {_pct(s['tpr'])} | {_pct(s['flagged_any_class'])} "
-              f"| {_pct(s['fpr'])} | {auc_s} | {s['same_verdict']}/{s['models_multi_seed']} | {sec_s} |")
+    print_summary(rows)

@@ -3,7 +3,9 @@ alarm, the AUC and seed agreement. The scans themselves are measurements and nev
 
 from __future__ import annotations
 
-from benchmarks.zoo_detect import auc, groups, row_of, same_verdict, select, summary
+import pytest
+
+from benchmarks.zoo_detect import auc, groups, parse_combo, replay, replayable, row_of, same_verdict, select, summary
 
 
 def _doc(status: str, target: int | None, p: float | None, nc_p: float | None = None, mm_p: float | None = None) -> dict:
@@ -91,3 +93,46 @@ def test_only_built_rows_of_the_half_with_a_working_backdoor_are_scanned(tmp_pat
     assert [e["name"] for e in select(rows, args, tmp_path)] == ["a", "c"]
     args.cell = ["gtsrb_cnn6"]
     assert select(rows, args, tmp_path) == []
+
+
+def _rec(target: int | None, levels: dict[str, tuple[float | None, int]], mm: tuple[float, int] | None = None) -> dict:
+    """A recorded row with these level p-values (p, smallest class) and MM-BD's (p, class)."""
+    ev = {"mm-bd": {"status": "clean", "target": mm[1], "p": mm[0]}} if mm else {}
+    return {"model": "m", "seed": 0, "true_target": target, "levels": {k: {"p": p, "min_label": c} for k, (p, c) in levels.items()},
+            "evidence": ev, "status": "clean", "suspect": None, "p": 1.0, "flagged": False, "right": False}
+
+
+def test_replay_applies_the_scans_nested_correction() -> None:
+    row = _rec(4, {"pixel": (0.03, 4), "patch": (0.2, 6), "blend": (0.012, 4)}, mm=(0.5, 1))
+    # Neural Cleanse over two levels: 2 × 0.03 = 0.06 > 0.05, not flagged; the blend level makes it 3 × 0.012 = 0.036
+    assert replay(row, ("pixel", "patch"), (), 0.05)["p"] == pytest.approx(0.06)
+    assert not replay(row, ("pixel", "patch"), (), 0.05)["flagged"]
+    r = replay(row, ("pixel", "patch", "blend"), (), 0.05)
+    assert r["p"] == pytest.approx(0.036) and r["flagged"] and r["suspect"] == 4 and r["right"] and r["decided_by"] == "neural-cleanse"
+    # a second detector doubles it: 2 × min(0.036, 0.5) = 0.072
+    r = replay(row, ("pixel", "patch", "blend"), ("mm-bd",), 0.05)
+    assert r["p"] == pytest.approx(0.072) and not r["flagged"] and r["suspect"] is None and not r["right"]
+    # MM-BD alone decides with its own class
+    r = replay(_rec(1, {"pixel": (0.9, 3)}, mm=(0.001, 1)), ("pixel",), ("mm-bd",), 0.05)
+    assert r["flagged"] and r["suspect"] == 1 and r["decided_by"] == "mm-bd" and r["right"]
+
+
+def test_replay_leaves_out_what_did_not_run_and_counts_a_clean_flag_as_a_false_alarm() -> None:
+    row = _rec(None, {"pixel": (0.01, 2), "patch": (None, 0)})  # an inconclusive patch level: not counted
+    r = replay(row, ("pixel", "patch", "blend"), ("mm-bd",), 0.05)
+    assert r["p"] == pytest.approx(0.01) and r["flagged"] and not r["right"]
+    r = replay(row, (), ("mm-bd",), 0.05)
+    assert r["status"] == "inconclusive" and not r["flagged"] and r["right"]
+
+
+def test_parse_combo_splits_levels_from_detectors() -> None:
+    assert parse_combo("pixel, blend,mm-bd") == (("pixel", "blend"), ("mm-bd",))
+    assert parse_combo("mm-bd") == ((), ("mm-bd",))
+
+
+def test_a_row_recorded_without_its_levels_replays_only_the_default_levels() -> None:
+    old = {"model": "m", "seed": 0, "true_target": 3, "evidence": {"neural-cleanse": {"status": "backdoor", "target": 3, "p": 0.01},
+                                                                   "mm-bd": {"status": "clean", "target": 3, "p": 0.3}}}
+    assert replayable(old, ("pixel", "patch")) and replayable(old, ()) and not replayable(old, ("pixel", "patch", "blend"))
+    r = replay(old, ("patch", "pixel"), ("mm-bd",), 0.05)
+    assert r["p"] == pytest.approx(0.02) and r["right"]
