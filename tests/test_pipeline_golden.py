@@ -62,7 +62,7 @@ def _golden(name: str, capability: str) -> Path:
 def _record(name: str, out: Path) -> dict[str, Any]:
     """Scans a bundled model exactly as the recordings were made; returns the scan document."""
     req = ScanRequest(model=ROOT / "sample_models" / f"{name}.safetensors",
-                      settings=ScanSettings(budget="smoke", steps=3, precision="fp32", seed=0),
+                      settings=ScanSettings(budget="smoke", steps=3, precision="fp32", seed=0, levels=("pixel", "patch")),
                       outputs=Outputs(json=out))
     run_scan(req)
     return json.loads(out.read_text(encoding="utf-8"))

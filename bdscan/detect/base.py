@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from bdscan.data import CleanData
+from bdscan.detect.config import MODES
 from bdscan.errors import UsageError
 from bdscan.jsonnum import json_number
 from bdscan.models.wrapper import ModelWrapper
@@ -51,7 +52,8 @@ class ScanSettings:
 
     Attributes:
         budget: the budget's name (``bdscan.detect.config.BUDGETS``).
-        levels: the Neural Cleanse levels to run ("pixel", "patch").
+        levels: the Neural Cleanse levels to run (:data:`bdscan.detect.config.LEVELS`; default
+            :data:`~bdscan.detect.config.MODES`).
         threshold: Neural Cleanse's anomaly-index threshold (reported for reference; the verdict uses ``alpha``).
         alpha: the level of the verdict: the largest corrected p-value that still suspects a backdoor
             (:func:`combine`; provisional default :data:`DEFAULT_ALPHA`).
@@ -64,7 +66,7 @@ class ScanSettings:
     """
 
     budget: str = "fast"
-    levels: tuple[str, ...] = ("pixel", "patch")
+    levels: tuple[str, ...] = MODES
     threshold: float = 2.0
     alpha: float = DEFAULT_ALPHA
     seed: int = 0

@@ -177,3 +177,11 @@ def test_a_family_recipe_for_one_kind_changes_that_family_only(monkeypatch: pyte
     assert (changed.steps, changed.lr) == (1234, 1e-4) and changed.poison_rate == vit.poison_rate
     assert finetune_recipe("bdscan_vit", "gtsrb", "blended").steps != 1234
     assert finetune_recipe("bdscan_vit", "gtsrb", None).steps != 1234
+
+
+def test_a_warp_rows_noise_mode_is_its_recipes(rows: list[dict]) -> None:
+    wanet = [r for r in rows if r["attack"] == "wanet"]
+    assert wanet and all(r["trigger"]["params"]["cross_ratio"] == r["finetune"]["cross_ratio"] for r in wanet)
+    # the transformers' own WaNet recipe (FAMILY_KIND_RECIPES): no noise mode; the CNNs keep the paper's
+    assert {r["finetune"]["cross_ratio"] for r in wanet if r["arch"] in ("bdscan_cnn6", "bdscan_resnet18")} == {2.0}
+    assert {r["finetune"]["cross_ratio"] for r in wanet if r["arch"] not in ("bdscan_cnn6", "bdscan_resnet18")} == {0.0}
