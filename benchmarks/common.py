@@ -25,7 +25,8 @@ from bdscan.data import load_clean_data
 from bdscan.detect.anomaly import PATCH_MAD_FLOOR, anomaly
 from bdscan.detect.base import Evidence
 from bdscan.detect.base import combine as combine_detectors
-from bdscan.detect.config import budget
+from bdscan.detect.config import LEVELS, budget
+from bdscan.detect.config import MODES as DEFAULT_LEVELS
 from bdscan.detect.inversion import invert
 from bdscan.detect.scan import ScanConfig, combine, params_for, scan
 from bdscan.guard import GuardConfig, build_guard, split_guard_data
@@ -44,7 +45,7 @@ from bdscan.repair import reversed_trigger_from_findings
 from bdscan.trigger import Trigger
 
 __all__ = [
-    "BDSCAN_ARCHS", "EVAL_ZOO", "RESULTS", "ROOT", "SAMPLE_MODELS", "THRESHOLD", "ZOO_MANIFEST", "AttackConfig",
+    "BDSCAN_ARCHS", "DEFAULT_LEVELS", "EVAL_ZOO", "LEVELS", "RESULTS", "ROOT", "SAMPLE_MODELS", "THRESHOLD", "ZOO_MANIFEST", "AttackConfig",
     "AugmentConfig", "GuardConfig", "ModelFolderWriter", "Stopwatch", "Trigger", "add_budget", "add_manifest",
     "add_out", "add_overrides", "add_threads", "at", "atomic_path", "augment_batch", "best_seconds", "budget_config",
     "build_guard", "combined_verdict", "find_data_dir", "finetune", "finetune_recipe", "invert",

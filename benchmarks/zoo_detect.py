@@ -27,11 +27,11 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bdscan.detect.config import LEVELS
-from bdscan.detect.config import MODES as DEFAULT_LEVELS
 from benchmarks.common import (
     BDSCAN_ARCHS,
+    DEFAULT_LEVELS,
     EVAL_ZOO,
+    LEVELS,
     SAMPLE_MODELS,
     add_budget,
     add_out,
