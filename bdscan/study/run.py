@@ -101,7 +101,7 @@ class StudyConfig:
         budget_config(self.budget)
         bad = [m for m in self.modes if m not in LEVELS]
         if bad or not self.modes:
-            raise UsageError(f"unknown scan mode {bad[0] if bad else '(none)'!r}", "use pixel, patch or both")
+            raise UsageError(f"unknown scan mode {bad[0] if bad else '(none)'!r}", f"use {', '.join(LEVELS)}")
         if self.repair_epochs < 1 or self.activation_images < 1 or any(k < 1 for k in self.ks):
             raise UsageError("repair epochs, activation images and every k must be positive", "check the study options")
         return self
