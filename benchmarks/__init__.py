@@ -14,7 +14,7 @@ from types import ModuleType
 
 #: name -> one line: the registry of the suite, in the order ``--help`` lists it (detection quality, then speed)
 BENCHMARKS: dict[str, str] = {
-    "detect": "scan the sample zoo with a budget; per-model anomaly indices, verdicts and time (JSON, resumable)",
+    "detect": "scan the lab zoo with a budget; per-model anomaly indices, verdicts and time (JSON, resumable)",
     "schedule": "replay recorded scans: the verdicts a shorter or two-stage schedule would have given",
     "schedule-more": "more replays: per-level steps, a plateau early stop, two stages with extrapolated sizes",
     "seeds": "one model and level over several seeds and budget variants: how stable is the anomaly index",
@@ -34,7 +34,7 @@ BENCHMARKS: dict[str, str] = {
     "combine-replay": "Neural Cleanse and MM-BD combined by the verdict's rule, replayed from recorded scans (no scanning)",
     "zoo-detect": "the evaluation zoo (one half) scanned as users scan: TPR, FPR, AUC, seed agreement, seconds per family and attack",
     "finetune-probe": "one zoo fine-tune recipe tried on a base: accuracy and ASR curve, full-test figures, drop vs the cell's twins",
-    "bench-mmbd": "MM-BD (--detectors mm-bd) over the sample zoo: per-model p-value, suspect, true target, seconds; TPR, FPR, AUC",
+    "bench-mmbd": "MM-BD (--detectors mm-bd) over the lab zoo: per-model p-value, suspect, true target, seconds; TPR, FPR, AUC",
 }
 
 

@@ -35,10 +35,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import SAMPLE_MODELS, Stopwatch, add_budget, add_out, machine_line, new_parser, utc_now, write_json
+from benchmarks.common import LAB_ZOO, Stopwatch, add_budget, add_out, machine_line, new_parser, utc_now, write_json
 
 #: the CIFAR-10 zoo but its two slowest models (the ResNet-18s): 12 models
-DEFAULT_MODELS = [p for p in sorted(SAMPLE_MODELS.glob("cifar10_*.safetensors")) if "resnet18" not in p.name]
+DEFAULT_MODELS = [p for p in sorted(LAB_ZOO.glob("cifar10_*.safetensors")) if "resnet18" not in p.name]
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # a Ray driver or head node on 127.0.0.1 only
 
 

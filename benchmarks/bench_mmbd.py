@@ -1,4 +1,4 @@
-"""MM-BD (``--detectors mm-bd``) over the sample zoo: per model and seed its calibrated p-value, suspected class,
+"""MM-BD (``--detectors mm-bd``) over the lab zoo: per model and seed its calibrated p-value, suspected class,
 the true target, right or wrong, and seconds; TPR, FPR and ROC AUC at ``--alpha``, overall and per family.
 
 Every model is scanned exactly as a user scans it, ``bdscan scan MODEL --detectors mm-bd --budget B --seed S``

@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.common import (
-    SAMPLE_MODELS,
+    LAB_ZOO,
     Stopwatch,
     add_budget,
     add_out,
@@ -31,7 +31,7 @@ from benchmarks.common import (
     write_json,
 )
 
-PROBE_MODEL = SAMPLE_MODELS / "gtsrb_vit_badnets.safetensors"
+PROBE_MODEL = LAB_ZOO / "gtsrb_vit_badnets.safetensors"
 
 
 def probe() -> float:

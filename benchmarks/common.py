@@ -45,8 +45,8 @@ from bdscan.repair import reversed_trigger_from_findings
 from bdscan.trigger import Trigger
 
 __all__ = [
-    "BDSCAN_ARCHS", "DEFAULT_LEVELS", "EVAL_ZOO", "LEVELS", "RESULTS", "ROOT", "SAMPLE_MODELS", "THRESHOLD", "ZOO_MANIFEST", "AttackConfig",
-    "AugmentConfig", "GuardConfig", "ModelFolderWriter", "Stopwatch", "Trigger", "add_budget", "add_manifest",
+    "BDSCAN_ARCHS", "DEFAULT_LEVELS", "EVAL_ZOO", "LAB_ZOO", "LEVELS", "RESULTS", "ROOT", "SAMPLE_MODELS", "THRESHOLD", "ZOO_MANIFEST",
+    "AttackConfig", "AugmentConfig", "GuardConfig", "ModelFolderWriter", "Stopwatch", "Trigger", "add_budget", "add_manifest",
     "add_out", "add_overrides", "add_threads", "at", "atomic_path", "augment_batch", "best_seconds", "budget_config",
     "build_guard", "combined_verdict", "find_data_dir", "finetune", "finetune_recipe", "invert",
     "is_right", "judge", "load_dataset", "load_lab_data", "load_model",
@@ -59,8 +59,11 @@ __all__ = [
 #: the repository root: default paths hang off it, so the suite runs the same from any directory
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
+#: the bundled sample models and the clean sample sets (``<dataset>_samples.npz``) the zoos' scans use
 SAMPLE_MODELS = ROOT / "sample_models"
-ZOO_MANIFEST = SAMPLE_MODELS / "zoo.json"
+#: the lab zoo: the small, quickly trained models of the study and of the speed benchmarks
+LAB_ZOO = ROOT / "benchmarks" / "lab_zoo"
+ZOO_MANIFEST = LAB_ZOO / "zoo.json"
 #: the evaluation zoo (issue #23): calibration and evaluation halves
 EVAL_ZOO = ROOT / "benchmarks" / "zoo" / "manifest.json"
 
@@ -99,7 +102,7 @@ def add_overrides(ap: argparse.ArgumentParser, many: bool = False) -> None:
 
 
 def add_manifest(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--manifest", type=Path, default=ZOO_MANIFEST, help="zoo manifest (default: sample_models/zoo.json)")
+    ap.add_argument("--manifest", type=Path, default=ZOO_MANIFEST, help="zoo manifest (default: benchmarks/lab_zoo/zoo.json)")
 
 
 def parse_overrides(spec: str) -> dict[str, Any]:
@@ -145,7 +148,7 @@ def trigger_param(wrapper: Any, mode: str) -> Any:
 
 
 def load_with_samples(path: str | Path) -> tuple[Any, Any]:
-    """A model file and the clean samples its metadata names (``sample_models/*_samples.npz``, next to it)."""
+    """A model file and the clean samples its metadata names (``*_samples.npz`` next to it)."""
     lm = load_model(path)
     info = lm.wrapper.info
     data = load_clean_data(Path(path).parent / info.metadata["samples"], info.input_size, info.num_classes, info.class_names)

@@ -1,4 +1,4 @@
-"""Detection quality over the sample zoo: pixel and patch anomaly index, target found, true target, time.
+"""Detection quality over the lab zoo: pixel and patch anomaly index, target found, true target, time.
 
 Each model is scanned as ``bdscan scan MODEL --budget B`` would (both levels) on its bundled clean samples, with
 ``--set`` overriding fields of the budget. Prints a Markdown table (for benchmarks/README.md) and writes JSON

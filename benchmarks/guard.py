@@ -1,4 +1,4 @@
-"""The input guard (`bdscan guard`) over the sample zoo's backdoored models: the share of triggered inputs it
+"""The input guard (`bdscan guard`) over the lab zoo's backdoored models: the share of triggered inputs it
 flags at a false-positive rate, per family.
 
 For each backdoored zoo model (or ``--only``), its bundled clean samples are split as ``bdscan guard`` splits

@@ -2,7 +2,7 @@
 
 Runs ``fast``'s schedule in float32 on every label for ``--steps`` steps (early stopping off, so every label
 runs every step), after a one-step warm-up, and prints the operators by their own CPU time. The sample images
-are the ones the model's metadata names (``sample_models/*_samples.npz``); the trigger is the first one a
+are the ones the model's metadata names (``*_samples.npz`` beside it); the trigger is the first one a
 default scan inverts at ``--level``.
 """
 

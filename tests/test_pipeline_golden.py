@@ -8,8 +8,9 @@ re-recorded with the same settings (the call below, one torch thread) when the s
 (issue 24: p-value verdict); ``schema1_cifar10_cnn6_badnets.json`` keeps the schema-1 recording for the tests that
 ``bdscan report`` still reads old documents (tests/detect/test_verdict.py).
 Floating-point kernels differ between CPU generations, so there is one recording per kind of host the project's
-CI runs on (``versions.cpu_capability``: ``NAME.json`` was made on the AVX2 host, ``NAME.AVX512.json`` on the
-AVX-512 one), and the document must be identical to the recording of its own kind of host. On any other host,
+CI runs on (``versions.cpu_capability``, with ``-AMX`` where the CPU has AMX tiles, for which oneDNN picks other
+float32 kernels: ``NAME.json`` was made on the AVX2 host, ``NAME.AVX512.json`` on an AVX-512 host without AMX, and
+``NAME.AVX512-AMX.json`` on one with it), and the document must be identical to the recording of its own kind of host. On any other host,
 numbers are compared to a relative 1e-2 (derived statistics such as the anomaly index amplify a last-digit
 difference in the sizes: 1.1e-3 between the two hosts) and embedded PNGs are not compared. Re-record both
 (``python tests/test_pipeline_golden.py``, once on each host) only when a change is meant to alter results.
@@ -53,15 +54,29 @@ def _compare(a: Any, b: Any, exact: bool, path: str = "") -> list[str]:
 NAMES = ("cifar10_cnn6_badnets", "cifar10_vit_badnets")
 
 
-def _golden(name: str, capability: str) -> Path:
-    """The recording made on this kind of host when there is one, else the AVX2 host's."""
-    own = GOLDEN / f"{name}.{capability}.json"
-    return own if own.is_file() else GOLDEN / f"{name}.json"
+def _host_kind(capability: str) -> str:
+    """The kind of host a recording belongs to: torch's CPU capability, with ``-AMX`` where the CPU has AMX tiles."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        flags = ""
+    return f"{capability}-AMX" if " amx_tile" in flags else capability
+
+
+def _golden(name: str, capability: str) -> tuple[Path, bool]:
+    """The recording made on this kind of host (and True) when there is one, else the nearest other (and False):
+    the same capability's without AMX, else the AVX2 host's."""
+    kind = _host_kind(capability)
+    own = GOLDEN / (f"{name}.json" if kind == "AVX2" else f"{name}.{kind}.json")
+    if own.is_file():
+        return own, True
+    near = GOLDEN / f"{name}.{capability}.json"
+    return (near if near.is_file() else GOLDEN / f"{name}.json"), False
 
 
 def _record(name: str, out: Path) -> dict[str, Any]:
     """Scans a bundled model exactly as the recordings were made; returns the scan document."""
-    req = ScanRequest(model=ROOT / "sample_models" / f"{name}.safetensors",
+    req = ScanRequest(model=ROOT / "benchmarks" / "lab_zoo" / f"{name}.safetensors",
                       settings=ScanSettings(budget="smoke", steps=3, precision="fp32", seed=0, levels=("pixel", "patch")),
                       outputs=Outputs(json=out))
     run_scan(req)
@@ -73,8 +88,8 @@ def _record(name: str, out: Path) -> dict[str, Any]:
 def test_scan_document_unchanged_for_a_bundled_model(name: str, tmp_path: Path) -> None:
     assert torch.get_num_threads() == 1  # as recorded (tests run on one thread)
     got = _record(name, tmp_path / "scan.json")
-    want = json.loads(_golden(name, got["versions"]["cpu_capability"]).read_text(encoding="utf-8"))
-    same_host = got["versions"]["cpu_capability"] == want["versions"]["cpu_capability"]
+    path, same_host = _golden(name, got["versions"]["cpu_capability"])
+    want = json.loads(path.read_text(encoding="utf-8"))
     for d in (want, got):
         d.pop("timings")
         d.pop("versions")  # software versions and the host: compared below where they matter
@@ -90,7 +105,7 @@ if __name__ == "__main__":  # re-records this host's documents (one torch thread
     for n in NAMES:
         tmp = GOLDEN / f".{n}.tmp.json"
         doc = _record(n, tmp)
-        cap = doc["versions"]["cpu_capability"]
-        dest = GOLDEN / (f"{n}.json" if cap == "AVX2" else f"{n}.{cap}.json")
+        kind = _host_kind(doc["versions"]["cpu_capability"])
+        dest = GOLDEN / (f"{n}.json" if kind == "AVX2" else f"{n}.{kind}.json")
         tmp.replace(dest)
         print(f"recorded {dest.relative_to(ROOT)}")

@@ -16,7 +16,7 @@ lab_app = typer.Typer(help="The backdoor lab: train models and inject backdoors 
 
 
 def study_cmd(
-    manifest: Annotated[Path, typer.Argument(help="Zoo manifest (e.g. sample_models/zoo.json).")],
+    manifest: Annotated[Path, typer.Argument(help="Zoo manifest (e.g. benchmarks/lab_zoo/zoo.json).")],
     out_dir: Annotated[Path, typer.Option("--out", help="Study folder: study.md, study.html, study.json, figures/, models/.")],
     models: Annotated[list[str] | None, typer.Option("--models", help="Only these zoo models (repeatable).")] = None,
     budget_name: Annotated[str, typer.Option("--budget", help="Scan budget for every model.")] = DEFAULT_BUDGET,
@@ -35,7 +35,7 @@ def study_cmd(
 
         refuse_input_overwrite(out_dir, [manifest])
         if not manifest.is_file():
-            raise LoadError(f"{manifest}: no such manifest", "point to a zoo manifest such as sample_models/zoo.json")
+            raise LoadError(f"{manifest}: no such manifest", "point to a zoo manifest such as benchmarks/lab_zoo/zoo.json")
         budget(budget_name)
         cfg = StudyConfig(budget=budget_name, seed=seed, repair=not no_repair, repair_epochs=repair_epochs,
                           models=tuple(models) if models else None, device=device).validate()

@@ -13,7 +13,7 @@ Two statistics are computed; the verdict rests on the second:
   probability is multiplied by K, because the class tested was chosen as the smallest of K (Bonferroni over
   the classes, which is exact in the tail: two classes cannot both lie that far below the rest). Under the null
   (log sizes i.i.d. normal, any mean and spread) ``P(p <= a) = a`` for every K (tested by simulation); how it
-  was chosen over MAD- and raw-size variants, measured on the sample zoo: docs/verdict.md.
+  was chosen over MAD- and raw-size variants, measured on the lab zoo: docs/verdict.md.
 """
 
 from __future__ import annotations

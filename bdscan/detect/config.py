@@ -127,7 +127,7 @@ class InversionConfig:
 BUDGETS: dict[str, InversionConfig] = {
     "original": InversionConfig(),
     "thorough": InversionConfig(steps=300, samples=1000, batch_size=32, early_stop_patience=20, precision="auto"),
-    # The default: measured on the sample zoo (benchmarks/README.md); a step is 2 mini-batches, not an epoch. No early
+    # The default: measured on the lab zoo (benchmarks/README.md); a step is 2 mini-batches, not an epoch. No early
     # stop: with a 6-step patience it froze some labels before their mask had shrunk (one at 2.7x the size it reached
     # by step 30), and such labels carried most of the seed-to-seed noise of the sizes; a label that is not stopped runs
     # exactly as before, and letting every label run its 30 steps costs about 3 % more label-steps (docs/verdict.md).

@@ -12,7 +12,7 @@ The guard watches one layer of ``wrapper.net`` (the raw network, which takes nor
   (and the token average of a model that pools by averaging).
 * ``tokens``: for a transformer, the last token sequence (N, T, D) of the classifier's width computed before
   the classifier runs (the final norm of a ViT, DeiT, ConViT or CCT), **averaged over its tokens**. It is
-  not the default: on the sample zoo's transformers and on the tests' tiny ViT it flagged fewer triggered
+  not the default: on the lab zoo's transformers and on the tests' tiny ViT it flagged fewer triggered
   inputs at the same false-positive rate than ``penultimate`` (benchmarks/README.md, "Input guard"): a small
   trigger moves the few tokens it covers, and the average over all tokens dilutes that, while the class token
   has already gathered it.

@@ -1,4 +1,4 @@
-"""The backdoor lab: train clean models, inject backdoors (BadNets, Blended, Trojan), build the sample zoo,
+"""The backdoor lab: train clean models, inject backdoors (BadNets, Blended, Trojan), build the lab zoo,
 and train the evaluation zoo's accurate bases from named recipes (:mod:`bdscan.lab.recipes`, :mod:`bdscan.lab.base`).
 
 Library only (the CLI lives in :mod:`bdscan.cli`); functions never print, they log and report progress

@@ -139,11 +139,16 @@ def select(rows: Iterable[dict[str, Any]], split: str | None = None, only: Itera
 # ----------------------------------------------------------------------------------------------- files
 
 
-def canonical_safetensors(raw: bytes) -> bytes:
+def canonical_safetensors(raw: bytes, extra: dict[str, Any] | None = None) -> bytes:
     """The same safetensors file with its JSON header written with sorted keys (padded to 8 bytes, as the
-    format wants): the library orders the metadata at random, which would give every build another sha256."""
+    format wants): the library orders the metadata at random, which would give every build another sha256.
+    ``extra`` is merged into bdscan's ``bdscan.extra`` metadata (what a loaded model's ``info.metadata`` holds);
+    the tensors' bytes are unchanged."""
     (n,) = struct.unpack("<Q", raw[:8])
     header = json.loads(raw[8 : 8 + n])
+    if extra:
+        meta = header.setdefault("__metadata__", {})
+        meta["bdscan.extra"] = json.dumps({**json.loads(meta.get("bdscan.extra", "{}")), **extra}, default=str)
     text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
     return struct.pack("<Q", len(text)) + text + raw[8 + n :]

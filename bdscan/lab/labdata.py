@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bdscan.atomic import atomic_write_with
 from bdscan.errors import DataLoadError, UsageError
 
 #: seed of the fixed test subsample (independent of the model's seed, so twins are compared on the same images)
@@ -250,3 +251,29 @@ def find_data_dir(data_dir: str | Path | None = None) -> Path:
             if cand.is_dir():
                 return cand
     raise UsageError("cannot find the training data (shared/data/gtsrb_32.npz)", "pass --data-dir or set BDSCAN_DATA_DIR")
+
+
+def samples_file_name(dataset: str) -> str:
+    """The bundled clean sample set of ``dataset`` (beside the models that name it in their ``samples`` metadata)."""
+    return f"{dataset}_samples.npz"
+
+
+def write_samples(data_npz: Path, out: Path, per_class: int = 20, seed: int = 0) -> Path:
+    """A small clean sample set from the test split: ``per_class`` images of each class (``x`` uint8 NHWC,
+    ``y`` int64, ``class_names``), drawn with ``seed``."""
+    data = load_lab_data(data_npz)
+    rng = np.random.default_rng(seed)
+    y = data.y_test.numpy()
+    keep = []
+    for k in range(data.num_classes):
+        idx = np.flatnonzero(y == k)
+        keep.extend(sorted(rng.choice(idx, size=min(per_class, len(idx)), replace=False).tolist()))
+    keep_a = np.array(keep, dtype=np.int64)
+    x = data.x_test[torch.from_numpy(keep_a)].permute(0, 2, 3, 1).contiguous().numpy()
+
+    def writer(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, x=x, y=y[keep_a].astype(np.int64), class_names=np.array(data.class_names))
+
+    atomic_write_with(out, writer)
+    return out

@@ -1,14 +1,15 @@
-"""The sample-model zoo: a manifest of clean and backdoored models, built resumably, one file per model.
+"""The lab zoo: a manifest of small, quickly trained clean and backdoored models (the study's models), built
+resumably, one file per model.
 
-``sample_models/zoo.json`` is a JSON list; each entry names a model (architecture, data set, kind,
+``benchmarks/lab_zoo/zoo.json`` is a JSON list; each entry names a model (architecture, data set, kind,
 target, attack parameters, clean twin, teacher, recipe overrides) and, once built, its results (status,
 clean accuracy, ASR, seconds, size, whether the backdoor "counts"). :func:`build_zoo` walks the list in
 order, skips every model whose file exists with the same configuration hash, trains or injects the
 rest, writes each ``.safetensors`` atomically and rewrites the manifest (and ``README.md``) after
 every model, so an interrupted build continues where it stopped::
 
-    python -m bdscan.lab.zoo                      # build everything still missing (or: ... zoo sample)
-    python -m bdscan.lab.zoo --only gtsrb_vit_badnets --out sample_models
+    python -m bdscan.lab.zoo                      # build everything still missing (or: ... zoo lab)
+    python -m bdscan.lab.zoo --only gtsrb_vit_badnets --out benchmarks/lab_zoo
 
 The evaluation zoo's accurate clean bases (issue #23) are trained from named recipes
 (:mod:`bdscan.lab.recipes`, :mod:`bdscan.lab.base`), resumably, one command per base::
@@ -41,11 +42,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
 from bdscan import machine
-from bdscan.atomic import atomic_write_text, atomic_write_with
+from bdscan.atomic import atomic_write_text
 from bdscan.errors import BdscanError, UsageError
 from bdscan.io import load_model, save_safetensors
 from bdscan.io.safetensors_io import read_metadata
@@ -53,7 +51,8 @@ from bdscan.lab.attacks import AttackConfig
 from bdscan.lab.base import recipes_main, train_base_main
 from bdscan.lab.evalzoo import EVALZOO_COMMANDS
 from bdscan.lab.inject import InjectConfig, inject
-from bdscan.lab.labdata import AugmentConfig, find_data_dir, load_lab_data
+from bdscan.lab.labdata import AugmentConfig, find_data_dir, load_lab_data, samples_file_name, write_samples
+from bdscan.lab.samples import samples_main
 from bdscan.lab.train import LAB_VERSION, Progress, TrainConfig, evaluate, round_to_half_, torch_threads, train_clean
 from bdscan.lab.zoo_tables import COUNT_MAX_DROP, COUNT_MIN_ASR, pct_cell, write_readme
 from bdscan.models.wrapper import ModelWrapper
@@ -221,31 +220,6 @@ def data_file(entry: ZooEntry, data_dir: Path) -> Path:
         p = Path(entry.data)
         return p if p.is_absolute() else data_dir / p
     return data_dir / f"{entry.dataset}_32.npz"
-
-
-def samples_file_name(dataset: str) -> str:
-    return f"{dataset}_samples.npz"
-
-
-def write_samples(data_npz: Path, out: Path, per_class: int = 20, seed: int = 0) -> Path:
-    """A small clean sample set from the test split: ``per_class`` images of each class (``x`` uint8 NHWC,
-    ``y`` int64, ``class_names``), drawn with ``seed``."""
-    data = load_lab_data(data_npz)
-    rng = np.random.default_rng(seed)
-    y = data.y_test.numpy()
-    keep = []
-    for k in range(data.num_classes):
-        idx = np.flatnonzero(y == k)
-        keep.extend(sorted(rng.choice(idx, size=min(per_class, len(idx)), replace=False).tolist()))
-    keep_a = np.array(keep, dtype=np.int64)
-    x = data.x_test[torch.from_numpy(keep_a)].permute(0, 2, 3, 1).contiguous().numpy()
-
-    def writer(tmp: Path) -> None:
-        with open(tmp, "wb") as f:
-            np.savez_compressed(f, x=x, y=y[keep_a].astype(np.int64), class_names=np.array(data.class_names))
-
-    atomic_write_with(out, writer)
-    return out
 
 
 # ------------------------------------------------------------------------------------------ building
@@ -477,7 +451,8 @@ def _now() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m bdscan.lab.zoo [sample] [options]`` builds the sample zoo; ``train-base`` and ``recipes`` (see
+    """``python -m bdscan.lab.zoo [lab] [options]`` builds the lab zoo; ``samples`` copies the bundled sample models
+    (:mod:`bdscan.lab.samples`); ``train-base`` and ``recipes`` (see
     :func:`train_base_main`), ``plan``, ``build`` and ``table`` (see :mod:`bdscan.lab.evalzoo`) are the evaluation zoo's."""
     args_list = list(sys.argv[1:] if argv is None else argv)
     if args_list and args_list[0] in _SUBCOMMANDS:
@@ -486,10 +461,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def build_main(argv: Sequence[str] | None = None) -> int:
-    """The sample zoo's build (the command line without a subcommand, or ``sample``)."""
-    ap = argparse.ArgumentParser(prog="python -m bdscan.lab.zoo", description="Build bdscan's sample-model zoo (resumable).")
+    """The lab zoo's build (the command line without a subcommand, or ``lab``)."""
+    ap = argparse.ArgumentParser(prog="python -m bdscan.lab.zoo", description="Build bdscan's lab zoo: the study's small models (resumable).")
     ap.add_argument("--only", nargs="+", metavar="NAME", help="build only these models (and their clean twins/teachers)")
-    ap.add_argument("--out", default="sample_models", help="output folder (default: sample_models)")
+    ap.add_argument("--out", default="benchmarks/lab_zoo", help="output folder (default: benchmarks/lab_zoo)")
     ap.add_argument("--manifest", default=None, help="manifest file (default: <out>/zoo.json; created if missing)")
     ap.add_argument("--data-dir", default=None, help="folder with gtsrb_32.npz and cifar10_32.npz (default: shared/data)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: leave the other core free)")
@@ -524,7 +499,8 @@ def build_main(argv: Sequence[str] | None = None) -> int:
 
 
 _SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
-    "sample": build_main,
+    "lab": build_main,
+    "samples": samples_main,
     "train-base": train_base_main,
     "recipes": recipes_main,
     **EVALZOO_COMMANDS,  # plan, build (the evaluation zoo's, as issue #23 names it), table

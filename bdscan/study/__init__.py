@@ -2,7 +2,7 @@
 
 Typical use (what ``bdscan study`` does)::
 
-    result = run_study(Path("sample_models/zoo.json"), out, StudyConfig(budget="fast"))
+    result = run_study(Path("benchmarks/lab_zoo/zoo.json"), out, StudyConfig(budget="fast"))
     write_study(result, out)  # study.json, study.md, study.html, figures/
 
 See :mod:`bdscan.study.run` for what is measured and :mod:`bdscan.study.tables` for the tables.

@@ -1,6 +1,6 @@
 """The paper's study over a model zoo, resumable, written as JSON, Markdown and a self-contained HTML page.
 
-:func:`run_study` goes through every *built* model of a zoo manifest (``sample_models/zoo.json``) and, per model,
+:func:`run_study` goes through every *built* model of a zoo manifest (``benchmarks/lab_zoo/zoo.json``) and, per model,
 saves ``out_dir/models/<name>.json`` atomically; a model whose file is already there with the same
 configuration hash is not computed again (so an interrupted study resumes). :func:`write_study` turns the
 per-model dicts into ``study.json``, ``study.md``, ``study.html`` and ``figures/*.png``.
@@ -175,10 +175,10 @@ def load_manifest(path: Path) -> list[dict[str, Any]]:
     try:
         doc = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UsageError(f"{path}: not a readable zoo manifest ({type(e).__name__})", "give sample_models/zoo.json") from e
+        raise UsageError(f"{path}: not a readable zoo manifest ({type(e).__name__})", "give benchmarks/lab_zoo/zoo.json") from e
     entries = doc.get("models") if isinstance(doc, dict) else doc
     if not isinstance(entries, list) or not all(isinstance(e, dict) and "name" in e for e in entries):
-        raise UsageError(f"{path}: not a zoo manifest (expected a list of models with names)", "give sample_models/zoo.json")
+        raise UsageError(f"{path}: not a zoo manifest (expected a list of models with names)", "give benchmarks/lab_zoo/zoo.json")
     return entries
 
 
@@ -384,7 +384,7 @@ def run_study(manifest: Path, out_dir: Path, cfg: StudyConfig, progress: StudyPr
     """Runs the study over every built model of ``manifest`` (filtered by ``cfg.models``), resumably.
 
     Args:
-        manifest: the zoo manifest (``sample_models/zoo.json``); model files and samples are relative to its folder.
+        manifest: the zoo manifest (``benchmarks/lab_zoo/zoo.json``); model files and samples are relative to its folder.
         out_dir: where ``models/<name>.json`` go (and, with :func:`write_study`, the documents).
         cfg: the configuration.
         progress: optional ``(model name, models done, models total)``, called before each model and once at the end

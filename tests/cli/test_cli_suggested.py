@@ -118,5 +118,5 @@ def test_a_bundled_sample_s_data_is_named_relative_to_the_folder(monkeypatch: py
 
     root = Path(__file__).resolve().parents[2]
     monkeypatch.chdir(root)
-    lm = load_model(Path("sample_models/cifar10_cnn6_badnets.safetensors"))
-    assert resolve_data(None, lm) == Path("sample_models/cifar10_samples.npz")  # not /abs/path/sample_models/...
+    lm = load_model(Path("benchmarks/lab_zoo/cifar10_cnn6_badnets.safetensors"))
+    assert resolve_data(None, lm) == Path("benchmarks/lab_zoo/cifar10_samples.npz")  # not /abs/path/benchmarks/...

@@ -188,7 +188,7 @@ def test_train_base_command_line(synth_dir: Path, tmp_path: Path, capsys: pytest
     assert load_model(out / "synth_cli_base.safetensors").wrapper.info.metadata["train_images"] == 64
     assert zoo.main(["train-base", "--out", str(out)]) == 2  # neither a recipe nor --dataset/--arch
     assert zoo.main(["recipes"]) == 0 and "gtsrb_vit" in capsys.readouterr().out
-    assert zoo.main(["--list", "--out", str(tmp_path / "sample")]) == 0  # the sample zoo's command line still works
+    assert zoo.main(["--list", "--out", str(tmp_path / "sample")]) == 0  # the lab zoo's command line still works
     assert "gtsrb_cnn6_clean" in capsys.readouterr().out
 
 
