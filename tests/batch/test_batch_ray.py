@@ -36,7 +36,8 @@ def by_path(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def test_a_registry_folder_gives_one_row_per_model_and_a_rerun_is_served_from_the_cache(ray_local, registry, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    code, output = bdscan("scan", registry.dir, "--data", registry.data, *SMOKE, "--out", out)
+    # α 0.001: the clean model must stay clean on every kind of CPU (a calibrated test flags about α of clean models)
+    code, output = bdscan("scan", registry.dir, "--data", registry.data, *SMOKE, "--alpha", "0.001", "--out", out)
     assert code == 1, output  # a finding (the backdoor, the unsafe pickle) wins over the corrupt file's exit 3
     assert "Traceback" not in output
     assert not registry.marker.exists()  # the hostile pickle's payload never ran
@@ -72,7 +73,7 @@ def test_a_registry_folder_gives_one_row_per_model_and_a_rerun_is_served_from_th
     assert f'href="{bd["report"]}"' in html and f'href="{hostile["report"]}"' in html and "<script>" in html
     assert "http://" not in html.replace('href="http', "") and "src=" not in html  # self-contained
     # a rerun: every finished scan comes from the cache (the corrupt file is tried again)
-    code2, output2 = bdscan("scan", registry.dir, "--data", registry.data, *SMOKE, "--out", out)
+    code2, output2 = bdscan("scan", registry.dir, "--data", registry.data, *SMOKE, "--alpha", "0.001", "--out", out)
     assert code2 == 1, output2
     assert "3 of 4 model(s) served from the cache" in output2
     again = by_path(summary(out))

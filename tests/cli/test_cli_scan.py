@@ -94,7 +94,9 @@ def test_ci_budgets_flag_the_planted_backdoor(name: str, tiny_bd, tmp_path: Path
 
 
 def test_clean_model_exit_0(tiny_clean) -> None:
-    code, output = run("scan", tiny_clean.model, "--data", tiny_clean.data, *SMOKE, "-q")
+    # A calibrated test flags about α of clean models, and each kind of CPU trains this tiny model a little
+    # differently (p 0.02-0.25 here at α 0.05): a test that must pass on every host asks at α 0.001.
+    code, output = run("scan", tiny_clean.model, "--data", tiny_clean.data, *SMOKE, "--alpha", "0.001", "-q")
     assert code == 0, output
     assert output.startswith("CLEAN")
 

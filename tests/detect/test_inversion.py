@@ -45,7 +45,8 @@ def test_planted_backdoor_flagged_with_right_target(tiny_bd) -> None:
 
 
 def test_clean_twin_not_flagged(tiny_clean) -> None:
-    f = scan(tiny_clean.tiny.wrapper, tiny_clean.tiny.data, ScanConfig(modes=("pixel",), inversion=SMOKE))
+    # at α 0.001: a calibrated test flags about α of clean models, and every kind of CPU trains this one differently
+    f = scan(tiny_clean.tiny.wrapper, tiny_clean.tiny.data, ScanConfig(modes=("pixel",), inversion=SMOKE, alpha=0.001))
     assert f.verdict.status == "clean"
 
 
