@@ -34,6 +34,7 @@ BENCHMARKS: dict[str, str] = {
     "combine-replay": "Neural Cleanse and MM-BD combined by the verdict's rule, replayed from recorded scans (no scanning)",
     "zoo-detect": "the evaluation zoo (one half) scanned as users scan: TPR, FPR, AUC, seed agreement, seconds per family and attack",
     "finetune-probe": "one zoo fine-tune recipe tried on a base: accuracy and ASR curve, full-test figures, drop vs the cell's twins",
+    "repair": "the default unlearning on the backdoored sample models, per learning rate and split seed: full-test accuracy and attack success",
     "bench-mmbd": "MM-BD (--detectors mm-bd) over the lab zoo: per-model p-value, suspect, true target, seconds; TPR, FPR, AUC",
 }
 

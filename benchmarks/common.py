@@ -41,17 +41,18 @@ from bdscan.lab.hf import make_hf_swin
 from bdscan.lab.labdata import AugmentConfig, augment_batch, find_data_dir, load_lab_data
 from bdscan.lab.train import round_to_half_
 from bdscan.models.archs import BDSCAN_ARCHS
-from bdscan.repair import reversed_trigger_from_findings
+from bdscan.repair import RepairConfig, repair, reversed_trigger_from_findings
 from bdscan.trigger import Trigger
 
 __all__ = [
-    "BDSCAN_ARCHS", "DEFAULT_LEVELS", "EVAL_ZOO", "LAB_ZOO", "LEVELS", "RESULTS", "ROOT", "SAMPLE_MODELS", "THRESHOLD", "ZOO_MANIFEST",
-    "AttackConfig", "AugmentConfig", "GuardConfig", "ModelFolderWriter", "Stopwatch", "Trigger", "add_budget", "add_manifest",
-    "add_out", "add_overrides", "add_threads", "at", "atomic_path", "augment_batch", "best_seconds", "budget_config",
+    "BDSCAN_ARCHS", "DEFAULT_LEVELS", "EVAL_ZOO", "LAB_ZOO", "LEVELS", "PATCH_MAD_FLOOR", "RESULTS", "ROOT", "SAMPLE_MODELS", "THRESHOLD",
+    "ZOO_MANIFEST",
+    "AttackConfig", "AugmentConfig", "GuardConfig", "ModelFolderWriter", "RepairConfig", "Stopwatch", "Trigger", "add_budget", "add_manifest",
+    "add_out", "add_overrides", "add_threads", "anomaly", "at", "atomic_path", "augment_batch", "best_seconds", "budget_config",
     "build_guard", "combined_verdict", "find_data_dir", "finetune", "finetune_recipe", "invert",
     "is_right", "judge", "load_dataset", "load_lab_data", "load_model",
     "load_rows", "load_with_samples", "machine_line", "make_hf_swin", "make_trigger", "measure", "nc_evidence", "new_parser",
-    "parse_overrides", "print_row", "read_json", "recordings", "reversed_trigger_from_findings", "round_to_half_", "run_benchmark",
+    "parse_overrides", "print_row", "read_json", "recordings", "repair", "reversed_trigger_from_findings", "round_to_half_", "run_benchmark",
     "scan", "scan_cli", "scan_config", "set_threads", "sha16", "smin", "split_guard_data", "table_header", "trigger_param",
     "true_target", "utc_now", "versions", "write_json",
 ]

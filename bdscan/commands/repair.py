@@ -45,7 +45,8 @@ def repair_cmd(
     method: Annotated[str, typer.Option("--method", help="unlearn (fine-tune with the stamped trigger) or prune (penultimate neurons).")] = "unlearn",
     epochs: Annotated[int, typer.Option("--epochs", help="Unlearning epochs over the repair images.")] = 8,
     lr: Annotated[float | None, typer.Option("--lr", help=(
-        "Unlearning learning rate (Adam). Default: 0.001 for a model with a token grid (a transformer), 0.0003 for a CNN."))] = None,
+        "Unlearning learning rate (Adam). Default: 0.0003; higher (e.g. 0.001) when the trigger survives, "
+        "lower when accuracy drops."))] = None,
     stamp_fraction: Annotated[float, typer.Option("--stamp-fraction", help="Share of repair images stamped in each epoch.")] = (
         _DEFAULTS.stamp_fraction),
     targets: Annotated[str, typer.Option("--targets", help=(

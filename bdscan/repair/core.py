@@ -43,10 +43,10 @@ OPTIMIZERS = ("adam", "sgd")
 TARGETS = ("model", "labels")
 #: confidence of every interval a repair reports
 CONFIDENCE = 0.95
-#: unlearning's learning rate (Adam) for a model with a token grid (a transformer) and for one without (a CNN):
-#: on the bundled CNNs 1e-3 cost 8-25 points of clean accuracy while 3e-4 removed the backdoor as well; on the
-#: transformers 3e-4 left a fifth to a half of the original trigger working (docs/repair.md, "The recipe")
-LR_TRANSFORMER, LR_CNN = 1e-3, 3e-4
+#: unlearning's learning rate (Adam) for every model: on the accurate sample models (a CNN, a ResNet-18, a ViT and a
+#: CCT) 1e-3 cost the transformers 6-10 points of clean accuracy and wrecked the ResNet-18, 1e-4 left 13-21 % of the
+#: original trigger working, 3e-4 removed it and kept accuracy within 2 points (docs/repair.md, "The recipe")
+DEFAULT_LR = 3e-4
 #: fewest clean images a repair accepts (both parts of the split need a few of them)
 MIN_IMAGES = 10
 
@@ -114,8 +114,8 @@ class RepairConfig:
     matching the model's own answers leaves its clean behaviour where it was and only takes the trigger's
     effect away. Second, half the repair images are stamped in each epoch (``stamp_fraction=0.5``; Neural
     Cleanse: 0.2): with the model's own answers as targets, stamping more removed more of the *original*
-    backdoor, of which the reversed trigger is only an approximation. Third, the learning rate depends on the
-    model (:meth:`resolved`): Adam at 1e-3 for a transformer, 3e-4 for a CNN (measured: docs/repair.md).
+    backdoor, of which the reversed trigger is only an approximation. Adam at 3e-4 for 8 epochs (measured:
+    docs/repair.md).
 
     Attributes:
         method: a registered repair method: "unlearn" (fine-tune with the stamped trigger) or "prune" (zero
@@ -124,8 +124,7 @@ class RepairConfig:
         targets: what unlearning trains every image towards: "model" (the input model's soft answers on the
             unstamped image; labels are not used) or "labels" (the true labels, as Neural Cleanse).
         epochs: passes over the repair images (unlearning).
-        lr: learning rate (unlearning); None = by the model: :data:`LR_TRANSFORMER` for a model with a token
-            grid, :data:`LR_CNN` for one without (:meth:`resolved`).
+        lr: learning rate (unlearning); None = bdscan's default, :data:`DEFAULT_LR` (:meth:`resolved`).
         batch_size: images per mini-batch (training and measuring).
         optimizer: "adam" or "sgd" (SGD uses momentum 0.9).
         weight_decay: optimizer weight decay.
@@ -165,10 +164,11 @@ class RepairConfig:
         return replace(self, **changes)
 
     def resolved(self, model: ModelWrapper) -> RepairConfig:
-        """The configuration with the learning rate chosen for ``model`` when it was left to bdscan."""
+        """The configuration with bdscan's learning rate when it was left to bdscan (``model``: the model repaired,
+        for defaults that depend on it; none does today)."""
         if self.lr is not None:
             return self
-        return replace(self, lr=LR_TRANSFORMER if model.token_grid is not None else LR_CNN)
+        return replace(self, lr=DEFAULT_LR)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -80,7 +80,7 @@ def refusal(result: RepairResult) -> OutOfToleranceError | None:
         worst = max((v for k, v in result.after.items() if k.startswith("asr_") and v is not None), default=None)
         parts.append("the trigger still sends " + (f"{worst * 100:.1f} % " if worst is not None else "")
                       + f"of the held-out images of other classes to the target, above the limit of {result.config.max_asr * 100:.0f} %")
-        hints.append("try --method unlearn, more --epochs, or the scan's other --level")
+        hints.append("try a higher --lr (e.g. 0.001), more --epochs, more clean data, or the scan's other --level")
         failed.append("attack success")
     return OutOfToleranceError(
         "the repair failed: " + "; and ".join(parts) + "; the repaired model was not written",

@@ -68,7 +68,7 @@ def unlearn(
     ``{"epochs", "stamped_per_epoch", "targets", "loss"}`` (mean training loss per epoch; with the model's answers
     as targets it is a cross-entropy to soft targets, so it cannot reach 0).
     """
-    cfg = cfg.resolved(model)  # the learning rate for this kind of model, when left to bdscan
+    cfg = cfg.resolved(model)  # bdscan's learning rate, when left to it
     # computed on the untouched input, before any step: what the repaired model should still answer
     targets = soft_targets(model, data.x, cfg.batch_size) if cfg.targets == "model" else data.y
     net = working_copy(model, cfg.device)
