@@ -15,7 +15,11 @@ Figures, overall and per architecture family, attack kind and data set:
 * **same verdict**: models whose status and class are the same under every seed scanned;
 * **seconds**: the scan's own wall time (``timings.total_s``), median.
 
-JSON is written after every scan, so a run resumes where it stopped (same detectors, budget and steps).
+JSON is written after every scan, so a run resumes where it stopped (same detectors, budget and steps). Each row
+also keeps, per Neural Cleanse level and class, the best trigger size after every step (``sizes``): a run of S steps
+holds the scan that any shorter schedule would have made (the best size after step s of a long run is exactly what an
+s-step run reports, ``tests/detect/test_inversion.py``), so ``--replay-steps 30,60,90`` judges each step count
+offline from one run with ``--steps 90``.
 """
 
 from __future__ import annotations
@@ -32,10 +36,12 @@ from benchmarks.common import (
     DEFAULT_LEVELS,
     EVAL_ZOO,
     LEVELS,
+    PATCH_MAD_FLOOR,
     SAMPLE_MODELS,
     add_budget,
     add_out,
     add_threads,
+    anomaly,
     machine_line,
     new_parser,
     print_row,
@@ -61,6 +67,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--detectors", default="neural-cleanse,mm-bd", help="comma-separated detectors (default: %(default)s)")
     add_budget(ap)
     ap.add_argument("--steps", type=int, default=None, help="override the budget's optimisation steps")
+    ap.add_argument("--replay-steps", default=None, metavar="S1,S2,...",
+                    help="scan nothing: replay the recorded scans (--out, recorded with --steps at least the largest) as if "
+                         "stopped after each step count, with --replay's first combination (default: pixel,patch)")
     ap.add_argument("--levels", default=None, help="Neural Cleanse's levels, passed to the scan (default: the scan's own, "
                     "pixel,patch); e.g. all, to replay any subset of levels offline from each level's own p-value")
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: %(default)s)")
@@ -103,7 +112,34 @@ def row_of(entry: dict, doc: dict, seed: int, wall: float) -> dict[str, Any]:
             "clean_acc": entry.get("clean_acc"), "asr": entry.get("asr"),
             "seconds": float(doc["timings"]["total_s"]), "wall_s": round(wall, 1),
             # each detector's own wall time (Neural Cleanse's per level: pixel_s, patch_s; others <name>_s)
-            "detector_seconds": {k: v for k, v in doc["timings"].items() if k != "total_s"}}
+            "detector_seconds": {k: v for k, v in doc["timings"].items() if k != "total_s"},
+            "sizes": sizes_of(doc)}
+
+
+def _sig(v: float | None) -> float | None:
+    return None if v is None else float(f"{v:.5g}")
+
+
+def sizes_of(doc: dict) -> dict[str, dict[str, list[float | None]]]:
+    """Per Neural Cleanse level and class, the best trigger size after each step (None until the class's trigger
+    first succeeds), from a scan document's label histories, to 5 significant digits."""
+    out: dict[str, dict[str, list[float | None]]] = {}
+    for m, sec in (doc.get("modes") or {}).items():
+        out[m] = {str(lab["label"]): [_sig(v) for v in (lab.get("history") or [])] for lab in sec.get("labels") or []}
+    return out
+
+
+def levels_at(row: dict, steps: int) -> dict[str, dict[str, Any]] | None:
+    """Each level's p-value and smallest class had the scan stopped after ``steps`` steps (from ``sizes``); None when
+    the row recorded no sizes or fewer steps."""
+    sizes = row.get("sizes")
+    if not sizes or not all(sizes.values()) or any(len(h) < steps for lv in sizes.values() for h in lv.values()):
+        return None
+    out = {}
+    for m, lv in sizes.items():
+        res = anomaly({int(k): h[steps - 1] for k, h in lv.items()}, mad_floor=PATCH_MAD_FLOOR if m == "patch" else 0.0)
+        out[m] = {"p": res.p_value, "min_label": res.min_label}
+    return out
 
 
 def auc(rows: Sequence[dict]) -> float | None:
@@ -271,6 +307,9 @@ def run_replay(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> None:
     if args.out.name == "zoo_detect.json":
         args.out = args.out.with_name(f"zoo_detect_{args.split}.json")
+    if args.replay_steps:
+        run_replay_steps(args)
+        return
     if args.replay:
         run_replay(args)
         return
@@ -312,3 +351,33 @@ def run(args: argparse.Namespace) -> None:
               f"| {r['decided_by'] or '—'} | {' | '.join(cells)} | {tt} | {'yes' if r['right'] else 'NO'} | {r['seconds']:.0f} |")
     print()
     print_summary(rows)
+
+
+def run_replay_steps(args: argparse.Namespace) -> None:
+    """``--replay-steps``: the recorded rows re-judged as if each scan had stopped after S steps."""
+    doc = read_json(args.out)
+    if not doc or not doc.get("rows"):
+        raise SystemExit(f"zoo-detect --replay-steps: no recorded scans in {args.out} (run the benchmark first, or give --out)")
+    seeds = {int(s) for s in str(args.seeds).split(",") if s.strip()}
+    rows = [r for r in doc["rows"] if r["seed"] in seeds and (not args.only or r["model"] in args.only)]
+    levels, dets = parse_combo(args.replay[0] if args.replay else ",".join(DEFAULT_LEVELS))
+    print(f"Replayed from {args.out} ({len(rows)} scans; recorded with {doc['key']}), levels {', '.join(levels)}, "
+          f"detectors {', '.join(('neural-cleanse', *dets))}, alpha {args.alpha:g}\n")
+    for steps in [int(s) for s in args.replay_steps.split(",") if s.strip()]:
+        judged = []
+        for r in rows:
+            lv = levels_at(r, steps)
+            if lv is not None:
+                judged.append(replay(r | {"levels": lv}, levels, dets, args.alpha))
+        print(f"### {steps} steps ({len(judged)} of {len(rows)} scans recorded that long)\n")
+        print_summary(judged)
+        print()
+        table_header("model", "seed", "verdict", "p", *(f"{m} p (class)" for m in levels), "true target")
+        for r in sorted(judged, key=lambda r: (r["true_target"] is None, r["model"], r["seed"])):
+            lv = levels_at(r, steps) or {}
+            cells = [f"{lv[m]['p']:.4f} ({lv[m]['min_label']})" if lv.get(m, {}).get("p") is not None else "—" for m in levels]
+            verdict = f"{r['status']} {r['suspect']}" if r["flagged"] else r["status"]
+            truth = "clean" if r["true_target"] is None else r["true_target"]
+            print(f"| {r['model']} | {r['seed']} | {verdict} | {r['p']:.4f} | {' | '.join(cells)} | {truth} |")
+        print()
+

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.zoo_detect import auc, groups, parse_combo, replay, replayable, row_of, same_verdict, select, summary
+from benchmarks.common import anomaly
+from benchmarks.zoo_detect import auc, groups, levels_at, parse_combo, replay, replayable, row_of, same_verdict, select, summary
 
 
 def _doc(status: str, target: int | None, p: float | None, nc_p: float | None = None, mm_p: float | None = None) -> dict:
@@ -136,3 +137,31 @@ def test_a_row_recorded_without_its_levels_replays_only_the_default_levels() -> 
     assert replayable(old, ("pixel", "patch")) and replayable(old, ()) and not replayable(old, ("pixel", "patch", "blend"))
     r = replay(old, ("patch", "pixel"), ("mm-bd",), 0.05)
     assert r["p"] == pytest.approx(0.02) and r["right"]
+
+
+def _histories(final: dict[int, float], steps: int, late: int | None = None) -> list[dict]:
+    """Label histories whose best size falls linearly to ``final``; label ``late`` first succeeds at step 3."""
+    out = []
+    for lab, size in final.items():
+        h = [size * (1 + 2 * (steps - 1 - i) / steps) for i in range(steps)]
+        if lab == late:
+            h[:2] = [None, None]
+        out.append({"label": lab, "norm": size, "history": h})
+    return out
+
+
+def test_rows_keep_every_steps_sizes_and_replay_a_shorter_schedule() -> None:
+    final = {0: 40.0, 1: 52.0, 2: 61.0, 3: 12.0, 4: 70.0, 5: 45.0}
+    doc = _doc("backdoor", 3, 0.001)
+    doc["modes"] = {"pixel": {"anomaly": {"p_value": anomaly(final).p_value, "min_label": 3},
+                              "labels": _histories(final, 10, late=4)}}
+    row = row_of(_entry("a", 3), doc, seed=0, wall=1.0)
+    assert len(row["sizes"]["pixel"]["3"]) == 10 and row["sizes"]["pixel"]["4"][:2] == [None, None]
+    # stopped after the last step: what the scan itself said
+    assert levels_at(row, 10)["pixel"] == {"p": pytest.approx(row["levels"]["pixel"]["p"], rel=1e-4), "min_label": 3}
+    # stopped after 2 steps: class 4 had not succeeded yet, so it is left out as a failed class is
+    early = levels_at(row, 2)["pixel"]
+    sizes2 = {int(k): h[1] for k, h in row["sizes"]["pixel"].items()}
+    assert early["p"] == pytest.approx(anomaly(sizes2).p_value, rel=1e-4) and early["p"] != levels_at(row, 10)["pixel"]["p"]
+    assert levels_at(row, 11) is None  # not recorded that long
+    assert levels_at(row_of(_entry("b", 3), _doc("clean", None, 0.4), 0, 1.0), 2) is None  # no label histories
