@@ -70,6 +70,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--replay-steps", default=None, metavar="S1,S2,...",
                     help="scan nothing: replay the recorded scans (--out, recorded with --steps at least the largest) as if "
                          "stopped after each step count, with --replay's first combination (default: pixel,patch)")
+    ap.add_argument("--replay-two-look", default=None, metavar="S1:S2:A1:C",
+                    help="scan nothing: replay a two-look schedule from recorded sizes: judge after S1 steps; flag there when "
+                         "Neural Cleanse's p <= A1, call it clean when p > C, else judge after S2 steps at alpha - A1 "
+                         "(the two looks' false-alarm rates add up to at most alpha)")
     ap.add_argument("--levels", default=None, help="Neural Cleanse's levels, passed to the scan (default: the scan's own, "
                     "pixel,patch); e.g. all, to replay any subset of levels offline from each level's own p-value")
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: %(default)s)")
@@ -310,6 +314,9 @@ def run(args: argparse.Namespace) -> None:
     if args.replay_steps:
         run_replay_steps(args)
         return
+    if args.replay_two_look:
+        run_replay_two_look(args)
+        return
     if args.replay:
         run_replay(args)
         return
@@ -380,4 +387,52 @@ def run_replay_steps(args: argparse.Namespace) -> None:
             truth = "clean" if r["true_target"] is None else r["true_target"]
             print(f"| {r['model']} | {r['seed']} | {verdict} | {r['p']:.4f} | {' | '.join(cells)} | {truth} |")
         print()
+
+
+def two_look(row: dict, s1: int, s2: int, a1: float, c: float, alpha: float, levels: Sequence[str],
+             detectors: Sequence[str]) -> dict[str, Any] | None:
+    """The verdict of a two-look schedule replayed from ``row``'s sizes (None when not recorded for ``s2`` steps).
+
+    After ``s1`` steps the scan flags when the combined p-value is at most ``a1`` and stops as clean when it exceeds
+    ``c``; otherwise every class runs on to ``s2`` steps and the scan flags at ``alpha - a1``. Under the null, the
+    first look flags with probability at most ``a1`` and the second at most ``alpha - a1``, so the schedule's
+    false-alarm rate is at most ``alpha`` whatever ``c`` (stopping as clean never adds a flag).
+
+    Returns:
+        the replayed row with ``looks`` (1 or 2) and ``steps_run`` added.
+    """
+    lv1, lv2 = levels_at(row, s1), levels_at(row, s2)
+    if lv1 is None or lv2 is None:
+        return None
+    first = replay(row | {"levels": lv1}, levels, detectors, a1)
+    p1 = first["p"] if first["p"] is not None else 1.0
+    if first["flagged"] or p1 > c:
+        return first | {"looks": 1, "steps_run": s1}
+    return replay(row | {"levels": lv2}, levels, detectors, alpha - a1) | {"looks": 2, "steps_run": s2}
+
+
+def run_replay_two_look(args: argparse.Namespace) -> None:
+    """``--replay-two-look``: the recorded rows re-judged by a two-look schedule, beside one look at S1 and at S2."""
+    doc = read_json(args.out)
+    if not doc or not doc.get("rows"):
+        raise SystemExit(f"zoo-detect --replay-two-look: no recorded scans in {args.out} (run the benchmark first, or give --out)")
+    s1, s2, a1, c = (t(v) for t, v in zip((int, int, float, float), args.replay_two_look.split(":"), strict=True))
+    seeds = {int(s) for s in str(args.seeds).split(",") if s.strip()}
+    rows = [r for r in doc["rows"] if r["seed"] in seeds and (not args.only or r["model"] in args.only)]
+    levels, dets = parse_combo(args.replay[0] if args.replay else ",".join(DEFAULT_LEVELS))
+    judged = [j for j in (two_look(r, s1, s2, a1, c, args.alpha, levels, dets) for r in rows) if j is not None]
+    print(f"Replayed from {args.out}: {len(judged)} of {len(rows)} scans recorded for {s2} steps; two looks: {s1} steps "
+          f"(flag at p <= {a1:g}, clean at p > {c:g}), else {s2} steps at alpha {args.alpha - a1:g}\n")
+    for name, rs in (("one look, " + str(s1) + " steps", [replay(r | {"levels": levels_at(r, s1)}, levels, dets, args.alpha)
+                                                          for r in rows if levels_at(r, s2) is not None]),
+                     ("one look, " + str(s2) + " steps", [replay(r | {"levels": levels_at(r, s2)}, levels, dets, args.alpha)
+                                                          for r in rows if levels_at(r, s2) is not None]),
+                     ("two looks", judged)):
+        print(f"### {name}\n")
+        print_summary(rs)
+        print()
+    if judged:
+        second = sum(j["looks"] == 2 for j in judged)
+        mean = statistics.fmean(j["steps_run"] for j in judged)
+        print(f"second look on {second} of {len(judged)} scans; mean steps {mean:.1f} ({mean / s1:.2f}x the first look alone)")
 

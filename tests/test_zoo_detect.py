@@ -6,7 +6,19 @@ from __future__ import annotations
 import pytest
 
 from benchmarks.common import anomaly
-from benchmarks.zoo_detect import auc, groups, levels_at, parse_combo, replay, replayable, row_of, same_verdict, select, summary
+from benchmarks.zoo_detect import (
+    auc,
+    groups,
+    levels_at,
+    parse_combo,
+    replay,
+    replayable,
+    row_of,
+    same_verdict,
+    select,
+    summary,
+    two_look,
+)
 
 
 def _doc(status: str, target: int | None, p: float | None, nc_p: float | None = None, mm_p: float | None = None) -> dict:
@@ -165,3 +177,28 @@ def test_rows_keep_every_steps_sizes_and_replay_a_shorter_schedule() -> None:
     assert early["p"] == pytest.approx(anomaly(sizes2).p_value, rel=1e-4) and early["p"] != levels_at(row, 10)["pixel"]["p"]
     assert levels_at(row, 11) is None  # not recorded that long
     assert levels_at(row_of(_entry("b", 3), _doc("clean", None, 0.4), 0, 1.0), 2) is None  # no label histories
+
+
+def _converging_row(target_final: float, name: str = "m", target: int | None = 3) -> dict:
+    """A pixel-only row over 4 steps: every class's size halves by the last step, except class 3's, which reaches
+    ``target_final`` (from the others' range at step 1)."""
+    others = {0: 60.0, 1: 52.0, 2: 70.0, 4: 66.0, 5: 58.0, 6: 75.0, 7: 63.0, 8: 55.0, 9: 68.0}
+    labels = [{"label": k, "norm": v / 2, "history": [v, v * 0.8, v * 0.6, v / 2]} for k, v in others.items()]
+    labels.append({"label": 3, "norm": target_final, "history": [45.0, 40.0, 30.0, target_final]})
+    doc = _doc("clean", None, 0.5)
+    doc["modes"] = {"pixel": {"anomaly": {"p_value": 0.5, "min_label": 3}, "labels": labels}}
+    return row_of(_entry(name, target), doc, seed=0, wall=1.0)
+
+
+def test_two_look_flags_early_stops_clean_or_looks_again_within_alpha() -> None:
+    row = _converging_row(8.0)
+    p1 = replay(row | {"levels": levels_at(row, 1)}, ("pixel",), (), 0.05)["p"]
+    p4 = replay(row | {"levels": levels_at(row, 4)}, ("pixel",), (), 0.05)["p"]
+    assert p4 < 0.001 < 0.05 < p1 < 0.9  # borderline after one step, clear after four
+    second = two_look(row, 1, 4, 0.005, 0.9, 0.05, ("pixel",), ())
+    assert second["looks"] == 2 and second["steps_run"] == 4 and second["flagged"] and second["right"] and second["suspect"] == 3
+    stopped = two_look(row, 1, 4, 0.005, p1 / 2, 0.05, ("pixel",), ())  # p1 above C: clean after the first look
+    assert stopped["looks"] == 1 and stopped["steps_run"] == 1 and not stopped["flagged"] and not stopped["right"]
+    early = two_look(row, 4, 4, 0.005, 0.9, 0.05, ("pixel",), ())  # flagged at the first look already (p <= A1)
+    assert early["looks"] == 1 and early["flagged"]
+    assert two_look(row, 1, 5, 0.005, 0.9, 0.05, ("pixel",), ()) is None  # not recorded for 5 steps
