@@ -303,13 +303,10 @@ def invert_prepared(
     dev = torch.device(device)
     if cfg.precision not in ("fp32", "bf16"):
         raise ValueError(f"invert_prepared needs a resolved precision, not {cfg.precision!r}")
-    samples = prepare_samples(data, cfg, model.num_classes)
-    x_all, y_all = samples.x.to(dev), samples.y.to(dev)
-    n = len(samples)
-    c, h, w = model.input_size
     order = list(labels)
     if not cfg.batched:
         # label by label, as the original: each run sees the same batches, so results equal batched ones
+        n = len(prepare_samples(data, cfg, model.num_classes))
         results: list[LabelResult] = []
         for i, lab in enumerate(order):
             sub = invert_prepared(model, data, param, [lab], cfg.with_(batched=True), None, dev)
@@ -319,111 +316,168 @@ def invert_prepared(
                          {"step": sub.labels[0].steps, "steps": cfg.steps, "labels_done": i + 1, "labels": len(order)})
         return InversionResult(param.describe(), results, cfg, n, time.perf_counter() - t0)
 
-    # Per-label parameters, initialised like the original (uniform random mask and pattern in [0, 1]
-    # mapped through atanh), each seeded by (seed, label) so a label's start does not depend on the others.
-    mask_raw: list[torch.Tensor] = []
-    pat_raw: list[torch.Tensor] = []
-    for lab in order:
-        g = torch.Generator().manual_seed(cfg.seed * 7919 + int(lab))
-        m0 = torch.rand(param.mask_shape, generator=g)
-        p0 = torch.rand((c, h, w), generator=g)
-        mask_raw.append(torch.atanh((m0 - 0.5) * (2 - 1e-7)).to(dev).requires_grad_(True))
-        pat_raw.append(torch.atanh((p0 - 0.5) * (2 - 1e-7)).to(dev).requires_grad_(True))
-    opt = torch.optim.Adam([*mask_raw, *pat_raw], lr=cfg.lr, betas=cfg.betas)
-    states = [_LabelState(cfg) for _ in order]
-    best_mask = [torch.zeros(h, w) for _ in order]
-    best_pat = [torch.zeros(c, h, w) for _ in order]
-    best_raw = [mr.detach().cpu().clone() for mr in mask_raw]
-    history: list[list[float | None]] = [[] for _ in order]
-    snaps: list[list[PhaseSnapshot]] = [[] for _ in order]
-    targets = torch.tensor(order, device=dev)
-    bps = cfg.resolved_batches_per_step(n)
-    chunk_len = cfg.resolved_label_chunk(dev.type)
-    # bf16 runs the model's arithmetic only: stamping, the trigger's size, λ and Adam stay float32
-    bf16 = cfg.precision == "bf16"
-    layout = torch.channels_last if bf16 else torch.contiguous_format
-    step = 0
-    done_count = 0
-    while True:
-        active = [i for i, s in enumerate(states) if not s.done]
-        if not active:
-            break
-        idx_all = _batch_order(n, cfg, step).to(dev)
-        acc_sum = torch.zeros(len(order), device=dev)
-        acc_den = torch.zeros(len(order), device=dev)
-        reg_sum = torch.zeros(len(order), device=dev)
-        for b in range(bps):
-            bidx = idx_all[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-            xb, yb = x_all[bidx], y_all[bidx]
-            opt.zero_grad(set_to_none=True)
-            for start in range(0, len(active), chunk_len):
-                chunk = active[start : start + chunk_len]
-                raw = torch.stack([mask_raw[i] for i in chunk])
-                m = param.pixel_mask(raw)  # (k, 1, H, W)
-                p = squash(torch.stack([pat_raw[i] for i in chunk]))  # (k, C, H, W)
-                stamped = (1 - m).unsqueeze(1) * xb.unsqueeze(0) + (m * p).unsqueeze(1)  # (k, B, C, H, W)
-                k, bsz = len(chunk), xb.shape[0]
-                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
-                    logits = model(stamped.reshape(k * bsz, c, h, w).contiguous(memory_format=layout))
-                logits = logits.float()
-                tgt = targets[chunk].repeat_interleave(bsz)
-                ce = F.cross_entropy(logits, tgt, reduction="none").view(k, bsz)
-                # Only images of *other* classes count: an image already of class t says nothing about a trigger.
-                wgt = (yb.unsqueeze(0) != targets[chunk].unsqueeze(1)).float()  # (k, B)
-                den = wgt.sum(1).clamp_min(1.0)
-                ce_k = (ce * wgt).sum(1) / den
-                reg = param.norm(raw)
-                lam = torch.tensor([states[i].cost for i in chunk], device=dev)
-                loss = (ce_k + lam * reg).sum()
-                if not torch.isfinite(loss):
-                    raise NumericalError("the model produced NaN/inf during trigger optimisation",
-                                         "check the model's weights and input scaling (--mean/--std)")
-                loss.backward()
-                with torch.no_grad():
-                    hit = (logits.argmax(1).view(k, bsz) == targets[chunk].unsqueeze(1)).float()
-                    ci = torch.tensor(chunk, device=dev)
-                    acc_sum.index_add_(0, ci, (hit * wgt).sum(1))
-                    acc_den.index_add_(0, ci, wgt.sum(1))
-                    reg_sum.index_add_(0, ci, reg.detach())
-            opt.step()
-        step += 1
-        with torch.no_grad():
-            for i in active:
-                acc = float(acc_sum[i] / acc_den[i].clamp_min(1.0))
-                reg_mean = float(reg_sum[i] / bps)
-                if states[i].update(acc, reg_mean):
-                    raw_i = mask_raw[i].detach()
-                    best_raw[i] = raw_i.cpu().clone()
-                    best_mask[i] = param.pixel_mask(raw_i.unsqueeze(0))[0, 0].cpu().clone()
-                    best_pat[i] = squash(pat_raw[i].detach()).cpu().clone()
-                    snaps[i].append(PhaseSnapshot(states[i].steps, None, best_mask[i].half(), best_pat[i].half()))
-                history[i].append(_saved_norm(param, best_raw[i]) if states[i].best_step > 0 else None)
-                if states[i].done:
-                    done_count += 1
-        if progress:
-            act = [i for i in active if not states[i].done] or active
-            progress(sum(cfg.steps if st.done else st.steps for st in states), len(order) * cfg.steps, {
-                "step": step, "steps": cfg.steps, "labels_done": done_count, "labels": len(order),
-                "active": len(act),
-                "mean_lambda": sum(states[i].cost for i in act) / len(act),
-                "mean_success": float(sum(float(acc_sum[i] / acc_den[i].clamp_min(1)) for i in act) / len(act)),
-            })
-    results = []
-    for i, lab in enumerate(order):
-        st = states[i]
-        succeeded = st.best_step > 0
-        if not succeeded:  # report the last state, clearly marked as never successful
-            best_raw[i] = mask_raw[i].detach().cpu().clone()
-            best_mask[i] = param.pixel_mask(best_raw[i].unsqueeze(0))[0, 0].clone()
-            best_pat[i] = squash(pat_raw[i].detach()).cpu().clone()
-        # Neural Cleanse's detection statistic is the size of the *saved* mask (mad_outlier_detection.py)
-        norm = _saved_norm(param, best_raw[i]) if succeeded else None
-        results.append(LabelResult(
-            label=int(lab), norm=norm, success_rate=st.best_acc, steps=st.steps, stopped_early=st.stopped_early,
-            final_lambda=st.cost, mask=best_mask[i], pattern=best_pat[i], raw_mask=squash(best_raw[i]),
-            phases=_phases(snaps[i], history[i], param), history=history[i], param=param.name,
-        ))
-    return InversionResult(param.describe(), results, cfg, n, time.perf_counter() - t0)
+    run = Inversion(model, data, param, order, cfg, device)
+    run.advance(progress=progress)
+    return run.result()
+
+
+class Inversion:
+    """One batched inversion over ``labels`` that can be stopped after any step and continued (a second look).
+
+    ``advance(until)`` runs optimisation steps until every label has finished its ``cfg.steps`` (or stopped early)
+    or until step ``until``; ``result()`` reports every label's best trigger so far. A run advanced to step ``s``
+    reports exactly what a run with ``cfg.steps = s`` reports, and continuing it gives exactly what an
+    uninterrupted run gives (the same parameters, Adam state, λ schedules and mini-batches; tested), so a scan
+    can look at its 30-step sizes and run on only when it needs to.
+
+    Args:
+        model, data, param, labels, cfg, device: as :func:`invert_prepared` (``cfg.precision`` resolved, the model
+            held by :func:`prepared`).
+    """
+
+    def __init__(self, model: ModelWrapper, data: CleanData, param: TriggerParam, labels: Sequence[int],
+                 cfg: InversionConfig, device: torch.device | str) -> None:
+        t0 = time.perf_counter()
+        dev = torch.device(device)
+        if cfg.precision not in ("fp32", "bf16"):
+            raise ValueError(f"Inversion needs a resolved precision, not {cfg.precision!r}")
+        self.model, self.param, self.cfg, self.dev = model, param, cfg, dev
+        samples = prepare_samples(data, cfg, model.num_classes)
+        self.x_all, self.y_all = samples.x.to(dev), samples.y.to(dev)
+        self.n = len(samples)
+        c, h, w = model.input_size
+        self.order = list(labels)
+        # Per-label parameters, initialised like the original (uniform random mask and pattern in [0, 1]
+        # mapped through atanh), each seeded by (seed, label) so a label's start does not depend on the others.
+        self.mask_raw: list[torch.Tensor] = []
+        self.pat_raw: list[torch.Tensor] = []
+        for lab in self.order:
+            g = torch.Generator().manual_seed(cfg.seed * 7919 + int(lab))
+            m0 = torch.rand(param.mask_shape, generator=g)
+            p0 = torch.rand((c, h, w), generator=g)
+            self.mask_raw.append(torch.atanh((m0 - 0.5) * (2 - 1e-7)).to(dev).requires_grad_(True))
+            self.pat_raw.append(torch.atanh((p0 - 0.5) * (2 - 1e-7)).to(dev).requires_grad_(True))
+        self.opt = torch.optim.Adam([*self.mask_raw, *self.pat_raw], lr=cfg.lr, betas=cfg.betas)
+        self.states = [_LabelState(cfg) for _ in self.order]
+        self.best_mask = [torch.zeros(h, w) for _ in self.order]
+        self.best_pat = [torch.zeros(c, h, w) for _ in self.order]
+        self.best_raw = [mr.detach().cpu().clone() for mr in self.mask_raw]
+        self.history: list[list[float | None]] = [[] for _ in self.order]
+        self.snaps: list[list[PhaseSnapshot]] = [[] for _ in self.order]
+        self.targets = torch.tensor(self.order, device=dev)
+        self.step = 0
+        self.done_count = 0
+        self.seconds = time.perf_counter() - t0
+
+    @property
+    def finished(self) -> bool:
+        """Every label has run its ``cfg.steps`` or stopped early."""
+        return all(s.done for s in self.states)
+
+    def advance(self, until: int | None = None, progress: Progress | None = None) -> None:
+        """Runs steps until every label is done or ``until`` steps have run in all (None: to the end)."""
+        t0 = time.perf_counter()
+        try:
+            self._advance(until, progress)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+    def _advance(self, until: int | None, progress: Progress | None) -> None:
+        cfg, param, dev, order, states = self.cfg, self.param, self.dev, self.order, self.states
+        mask_raw, pat_raw, opt, targets = self.mask_raw, self.pat_raw, self.opt, self.targets
+        c, h, w = self.model.input_size
+        n, model = self.n, self.model
+        bps = cfg.resolved_batches_per_step(n)
+        chunk_len = cfg.resolved_label_chunk(dev.type)
+        # bf16 runs the model's arithmetic only: stamping, the trigger's size, λ and Adam stay float32
+        bf16 = cfg.precision == "bf16"
+        layout = torch.channels_last if bf16 else torch.contiguous_format
+        while until is None or self.step < until:
+            active = [i for i, s in enumerate(states) if not s.done]
+            if not active:
+                break
+            idx_all = _batch_order(n, cfg, self.step).to(dev)
+            acc_sum = torch.zeros(len(order), device=dev)
+            acc_den = torch.zeros(len(order), device=dev)
+            reg_sum = torch.zeros(len(order), device=dev)
+            for b in range(bps):
+                bidx = idx_all[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+                xb, yb = self.x_all[bidx], self.y_all[bidx]
+                opt.zero_grad(set_to_none=True)
+                for start in range(0, len(active), chunk_len):
+                    chunk = active[start : start + chunk_len]
+                    raw = torch.stack([mask_raw[i] for i in chunk])
+                    m = param.pixel_mask(raw)  # (k, 1, H, W)
+                    p = squash(torch.stack([pat_raw[i] for i in chunk]))  # (k, C, H, W)
+                    stamped = (1 - m).unsqueeze(1) * xb.unsqueeze(0) + (m * p).unsqueeze(1)  # (k, B, C, H, W)
+                    k, bsz = len(chunk), xb.shape[0]
+                    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+                        logits = model(stamped.reshape(k * bsz, c, h, w).contiguous(memory_format=layout))
+                    logits = logits.float()
+                    tgt = targets[chunk].repeat_interleave(bsz)
+                    ce = F.cross_entropy(logits, tgt, reduction="none").view(k, bsz)
+                    # Only images of *other* classes count: an image already of class t says nothing about a trigger.
+                    wgt = (yb.unsqueeze(0) != targets[chunk].unsqueeze(1)).float()  # (k, B)
+                    den = wgt.sum(1).clamp_min(1.0)
+                    ce_k = (ce * wgt).sum(1) / den
+                    reg = param.norm(raw)
+                    lam = torch.tensor([states[i].cost for i in chunk], device=dev)
+                    loss = (ce_k + lam * reg).sum()
+                    if not torch.isfinite(loss):
+                        raise NumericalError("the model produced NaN/inf during trigger optimisation",
+                                             "check the model's weights and input scaling (--mean/--std)")
+                    loss.backward()
+                    with torch.no_grad():
+                        hit = (logits.argmax(1).view(k, bsz) == targets[chunk].unsqueeze(1)).float()
+                        ci = torch.tensor(chunk, device=dev)
+                        acc_sum.index_add_(0, ci, (hit * wgt).sum(1))
+                        acc_den.index_add_(0, ci, wgt.sum(1))
+                        reg_sum.index_add_(0, ci, reg.detach())
+                opt.step()
+            self.step += 1
+            with torch.no_grad():
+                for i in active:
+                    acc = float(acc_sum[i] / acc_den[i].clamp_min(1.0))
+                    reg_mean = float(reg_sum[i] / bps)
+                    if states[i].update(acc, reg_mean):
+                        raw_i = mask_raw[i].detach()
+                        self.best_raw[i] = raw_i.cpu().clone()
+                        self.best_mask[i] = param.pixel_mask(raw_i.unsqueeze(0))[0, 0].cpu().clone()
+                        self.best_pat[i] = squash(pat_raw[i].detach()).cpu().clone()
+                        self.snaps[i].append(PhaseSnapshot(states[i].steps, None, self.best_mask[i].half(), self.best_pat[i].half()))
+                    self.history[i].append(_saved_norm(param, self.best_raw[i]) if states[i].best_step > 0 else None)
+                    if states[i].done:
+                        self.done_count += 1
+            if progress:
+                act = [i for i in active if not states[i].done] or active
+                progress(sum(cfg.steps if st.done else st.steps for st in states), len(order) * cfg.steps, {
+                    "step": self.step, "steps": cfg.steps, "labels_done": self.done_count, "labels": len(order),
+                    "active": len(act),
+                    "mean_lambda": sum(states[i].cost for i in act) / len(act),
+                    "mean_success": float(sum(float(acc_sum[i] / acc_den[i].clamp_min(1)) for i in act) / len(act)),
+                })
+
+    def result(self) -> InversionResult:
+        """Every label's best trigger after the steps run so far (a label that never succeeded: its last state,
+        marked as such); the run itself is not changed, so it can be advanced further."""
+        param = self.param
+        results = []
+        for i, lab in enumerate(self.order):
+            st = self.states[i]
+            succeeded = st.best_step > 0
+            best_raw, best_mask, best_pat = self.best_raw[i], self.best_mask[i], self.best_pat[i]
+            if not succeeded:  # report the last state, clearly marked as never successful
+                best_raw = self.mask_raw[i].detach().cpu().clone()
+                best_mask = param.pixel_mask(best_raw.unsqueeze(0))[0, 0].clone()
+                best_pat = squash(self.pat_raw[i].detach()).cpu().clone()
+            # Neural Cleanse's detection statistic is the size of the *saved* mask (mad_outlier_detection.py)
+            norm = _saved_norm(param, best_raw) if succeeded else None
+            results.append(LabelResult(
+                label=int(lab), norm=norm, success_rate=st.best_acc, steps=st.steps, stopped_early=st.stopped_early,
+                final_lambda=st.cost, mask=best_mask, pattern=best_pat, raw_mask=squash(best_raw),
+                phases=_phases(self.snaps[i], list(self.history[i]), param), history=list(self.history[i]), param=param.name,
+            ))
+        return InversionResult(param.describe(), results, self.cfg, self.n, self.seconds)
 
 
 def _saved_norm(param: TriggerParam, raw: torch.Tensor) -> float:

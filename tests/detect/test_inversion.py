@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from bdscan.detect.config import BUDGETS
-from bdscan.detect.inversion import invert
+from bdscan.detect.inversion import Inversion, invert, prepared
 from bdscan.detect.params import PixelTrigger
 from bdscan.detect.scan import ScanConfig, scan
 from tests.conftest import CLASSES, SIZE, TARGET
@@ -87,6 +87,34 @@ def test_history_replays_a_shorter_run(tiny_bd) -> None:
         if want is not None:
             assert s.norm == pytest.approx(want, rel=1e-5)
     assert any(r.norm is not None for r in short.labels)
+
+
+def _same(a, b) -> None:  # type: ignore[no-untyped-def]
+    assert [r.label for r in a.labels] == [r.label for r in b.labels]
+    for x, y in zip(a.labels, b.labels, strict=True):
+        keys = ("norm", "steps", "stopped_early", "final_lambda", "success_rate", "history")
+        assert [getattr(x, k) for k in keys] == [getattr(y, k) for k in keys]
+        assert torch.equal(x.mask, y.mask) and torch.equal(x.pattern, y.pattern) and torch.equal(x.raw_mask, y.raw_mask)
+        assert [ph.norm for ph in x.phases] == [ph.norm for ph in y.phases]
+
+
+def test_an_inversion_stopped_and_continued_is_the_uninterrupted_one(tiny_bd) -> None:
+    """What a second look rests on: a run looked at after step s reports exactly an s-step run, and continuing it
+    gives exactly the uninterrupted run (parameters, Adam state, λ schedules and batches carry over)."""
+    w, data = tiny_bd.tiny.wrapper, tiny_bd.tiny.data
+    cfg = BUDGETS["smoke"].with_(steps=10, samples=48, precision="fp32")
+    labels, param = [0, TARGET, 7], PixelTrigger(SIZE, SIZE)
+    with prepared(w, "fp32", "cpu"):
+        run = Inversion(w, data, param, labels, cfg, "cpu")
+        run.advance(4)
+        assert run.step == 4 and not run.finished
+        mid = run.result()
+        run.advance()
+        end = run.result()
+        assert run.finished and run.step <= 10
+    _same(mid, invert(w, data, param, labels, cfg.with_(steps=4)))
+    _same(end, invert(w, data, param, labels, cfg))
+    assert mid.labels[1].steps == 4 and end.labels[1].history[:4] == mid.labels[1].history
 
 
 @pytest.mark.parametrize(("chunk", "device", "threads", "want"),
