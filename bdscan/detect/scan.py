@@ -22,7 +22,7 @@ from bdscan.data import CleanData
 from bdscan.detect.anomaly import PATCH_MAD_FLOOR, AnomalyResult, anomaly
 from bdscan.detect.base import DEFAULT_ALPHA
 from bdscan.detect.config import BUDGETS, DEFAULT_BUDGET, MODES, InversionConfig
-from bdscan.detect.inversion import InversionResult, LabelResult, invert_prepared, prepared, resolve_precision
+from bdscan.detect.inversion import Inversion, InversionResult, LabelResult, invert_prepared, prepared, resolve_precision
 from bdscan.detect.params import BlendTrigger, PatchTrigger, PixelTrigger, TriggerParam, cnn_patch_sweep
 from bdscan.errors import UsageError
 from bdscan.models.wrapper import ModelWrapper
@@ -31,6 +31,31 @@ log = logging.getLogger(__name__)
 
 #: progress(inversion name, label-steps done, label-steps in all, stats): see :data:`bdscan.detect.inversion.Progress`
 ScanProgress = Callable[[str, int, int, dict[str, float]], None]
+
+
+@dataclass(frozen=True)
+class SecondLook:
+    """A two-look schedule: judge after ``first_steps``, run every class on only when the verdict is borderline.
+
+    Neural Cleanse's masks are often still shrinking when a short schedule ends, and how far each class has got
+    depends on the seed (docs/verdict.md, "Unconverged masks"). Running every class longer costs every scan that
+    much more; this spends it only where the first verdict is in doubt. After ``first_steps`` the scan flags when its
+    p-value is at most ``alpha_first`` and stops as clean when it exceeds ``clean_above``; otherwise every class
+    (the same runs, continued: :class:`~bdscan.detect.inversion.Inversion`) goes on to the budget's ``steps`` and is
+    judged again. The reported p-value is the first look's times ``alpha / alpha_first`` or the second's times
+    ``alpha / (alpha - alpha_first)``: under the null, P(p <= t) <= t·alpha_first/alpha + t·(alpha - alpha_first)/alpha
+    = t whatever ``clean_above`` (stopping as clean never adds a flag), so it is a valid p-value compared with
+    ``alpha`` like any other.
+
+    Attributes:
+        first_steps: steps of the first look (fewer than the budget's).
+        alpha_first: the share of alpha spent on the first look (0 < alpha_first < alpha).
+        clean_above: a first-look p-value (before the look's correction) above which the scan stops as clean.
+    """
+
+    first_steps: int = 30
+    alpha_first: float = 0.005
+    clean_above: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -52,6 +77,8 @@ class ScanConfig:
             threads; None = automatic: one per torch thread, up to the number of inversions (2 for a default
             scan). Results do not depend on it (tested); the model's small matrix products use one core each
             better than two, so side by side is faster (benchmarks/README.md).
+        second_look: a two-look schedule (:class:`SecondLook`), the budget's steps being the second look's;
+            None: one look after the budget's steps.
     """
 
     modes: tuple[str, ...] = MODES
@@ -66,6 +93,7 @@ class ScanConfig:
     cnn_patch_sizes: tuple[int, ...] = (4,)
     cnn_patch_offsets: bool = False
     workers: int | None = None
+    second_look: SecondLook | None = None
 
     def resolved_workers(self, inversions: int, threads: int) -> int:
         """How many of ``inversions`` run at once with ``threads`` torch threads in all."""
@@ -125,6 +153,7 @@ class Verdict:
             None when no level is conclusive.
         p_values: each conclusive level's own p-value.
         alpha: the level the p-value was compared with.
+        factor: the further correction in ``p_value`` (a two-look schedule's; 1 for one look).
     """
 
     status: str
@@ -136,6 +165,7 @@ class Verdict:
     p_value: float | None = None
     p_values: dict[str, float] = field(default_factory=dict)
     alpha: float = DEFAULT_ALPHA
+    factor: float = 1.0
 
 
 @dataclass
@@ -183,7 +213,8 @@ def params_for(model: ModelWrapper, mode: str, cnn_sizes: tuple[int, ...], cnn_o
     return make(model, cnn_sizes, cnn_offsets)
 
 
-def combine(results: Mapping[str, Any], threshold: float, alpha: float = DEFAULT_ALPHA) -> Verdict:
+def combine(results: Mapping[str, Any], threshold: float, alpha: float = DEFAULT_ALPHA, factor: float = 1.0,
+            look: str = "") -> Verdict:
     """Neural Cleanse's verdict over its levels (docs/verdict.md).
 
     Rule: each conclusive level has a calibrated p-value for its smallest trigger
@@ -198,6 +229,8 @@ def combine(results: Mapping[str, Any], threshold: float, alpha: float = DEFAULT
             :class:`ModeResult`.
         threshold: Neural Cleanse's anomaly-index threshold (reported, not applied).
         alpha: the verdict's level.
+        factor: a further correction of the p-value (a two-look schedule's, :class:`SecondLook`); 1 for one look.
+        look: a clause naming the look the verdict comes from ("" for one look).
     """
     tests = {m: r.anomaly.test for m, r in results.items() if r.anomaly.conclusive and r.anomaly.test is not None}
     mins = {m: t.min_label for m, t in tests.items()}
@@ -208,25 +241,27 @@ def combine(results: Mapping[str, Any], threshold: float, alpha: float = DEFAULT
     # smallest p first; on a tie the larger t, then the patch level (the transformers' case, Raj et al.)
     basis = min(tests, key=lambda m: (tests[m].p_value, -tests[m].t, m != "patch"))
     t = tests[basis]
-    p = min(1.0, len(tests) * t.p_value)
+    p = min(1.0, factor * len(tests) * t.p_value)
     index = results[basis].anomaly.anomaly_index
     levels = f"corrected for {len(tests)} levels" if len(tests) > 1 else "1 level"
+    levels += f", {look}" if look else ""
     how = (f"{levels}; its log size lies {t.t:.1f} predictive standard deviations below the other {t.classes - 1} classes'; "
            f"anomaly index {index:.2f}")
     p_values = {m: tt.p_value for m, tt in tests.items()}
     if p <= alpha:
         return Verdict("backdoor", t.min_label, index, basis, agree,
                        f"Class {t.min_label} can be reached with an abnormally small {basis} trigger: p = {p:.2g} ≤ α = "
-                       f"{alpha:g} ({how}).", p, p_values, alpha)
+                       f"{alpha:g} ({how}).", p, p_values, alpha, factor)
     return Verdict("clean", None, index, basis, agree,
                    f"No class is abnormally easy to reach: the smallest trigger ({basis} level, class {t.min_label}) has "
-                   f"p = {p:.2g} > α = {alpha:g} ({how}, reference threshold {threshold:g}).", p, p_values, alpha)
+                   f"p = {p:.2g} > α = {alpha:g} ({how}, reference threshold {threshold:g}).", p, p_values, alpha, factor)
 
 
 def flag_levels(results: Mapping[str, ModeResult], verdict: Verdict) -> None:
     """Sets each level's :attr:`ModeResult.flagged`: its smallest class when its own p-value, times the number
-    of conclusive levels, is at most alpha (so a level flags exactly when it alone would decide the verdict)."""
-    n = len(verdict.p_values)
+    of conclusive levels (and the verdict's further correction), is at most alpha (so a level flags exactly when it
+    alone would decide the verdict)."""
+    n = len(verdict.p_values) * verdict.factor
     for m, r in results.items():
         p = verdict.p_values.get(m)
         r.flagged = (r.anomaly.min_label,) if p is not None and r.anomaly.min_label is not None and n * p <= verdict.alpha else ()
@@ -255,6 +290,11 @@ def scan(model: ModelWrapper, data: CleanData, cfg: ScanConfig, progress: ScanPr
     if bad:
         raise UsageError(f"label {bad[0]} is not a class of this model (0..{model.num_classes - 1})", "check --labels")
     cfg.inversion.validate()
+    sl = cfg.second_look
+    if sl is not None and not (0 < sl.first_steps < cfg.inversion.steps and 0 < sl.alpha_first < cfg.alpha
+                               and 0 < sl.clean_above <= 1):
+        raise UsageError(f"second look {sl} does not fit the budget ({cfg.inversion.steps} steps) and α {cfg.alpha:g}",
+                         "first_steps must be below the budget's steps, 0 < alpha_first < alpha, 0 < clean_above <= 1")
     jobs: list[tuple[str, str, TriggerParam]] = []  # (mode, name, parametrisation), in report order
     for mode in cfg.modes:
         params = params_for(model, mode, cfg.cnn_patch_sizes, cfg.cnn_patch_offsets)
@@ -284,19 +324,72 @@ def scan(model: ModelWrapper, data: CleanData, cfg: ScanConfig, progress: ScanPr
     # one path for any number of workers: with one, the pool runs the inversions one after the other
     with prepared(model, cfg.inversion.precision, cfg.device), _torch_threads(per_worker), \
             ThreadPoolExecutor(workers, thread_name_prefix="bdscan-inversion") as pool:
-        futures = [pool.submit(run, j) for j in jobs]
-        try:
-            wait(futures, return_when=FIRST_EXCEPTION)
-        except BaseException:  # e.g. Ctrl-C: do not sit out the other inversions
-            stop.set()
-            raise
-        if any(f.done() and f.exception() is not None for f in futures):
-            stop.set()
-            wait(futures)
-            # the real failure, not the _Stopped it caused in the others
-            raise next(e for e in [f.exception() for f in futures] if e is not None and not isinstance(e, _Stopped))
-        outs = [f.result() for f in futures]
+        if cfg.second_look is None:
+            outs = _run_all(pool, stop, run, jobs)
+            results, samples_used = _mode_results(cfg, jobs, outs, labels)
+            verdict = combine(results, cfg.threshold, cfg.alpha)
+        else:
+            results, samples_used, verdict = _two_looks(model, data, cfg, jobs, labels, pool, stop, progress)
+    flag_levels(results, verdict)
+    return ScanFindings(cfg, results, verdict, samples_used, time.perf_counter() - t0)
 
+
+def _run_all(pool: ThreadPoolExecutor, stop: threading.Event, fn: Callable[[Any], Any], items: list[Any]) -> list[Any]:
+    """``fn`` over ``items`` in the pool; the first failure (or Ctrl-C) stops the others at their next step."""
+    futures = [pool.submit(fn, it) for it in items]
+    try:
+        wait(futures, return_when=FIRST_EXCEPTION)
+    except BaseException:  # e.g. Ctrl-C: do not sit out the other inversions
+        stop.set()
+        raise
+    if any(f.done() and f.exception() is not None for f in futures):
+        stop.set()
+        wait(futures)
+        # the real failure, not the _Stopped it caused in the others
+        raise next(e for e in [f.exception() for f in futures] if e is not None and not isinstance(e, _Stopped))
+    return [f.result() for f in futures]
+
+
+def _two_looks(model: ModelWrapper, data: CleanData, cfg: ScanConfig, jobs: list[tuple[str, str, TriggerParam]],
+               labels: list[int], pool: ThreadPoolExecutor, stop: threading.Event,
+               progress: ScanProgress | None) -> tuple[dict[str, ModeResult], int, Verdict]:
+    """The :class:`SecondLook` schedule: every inversion to ``first_steps``, a look, and on only if in doubt."""
+    sl = cfg.second_look
+    assert sl is not None
+    final = cfg.inversion.steps
+
+    def advance(item: tuple[Inversion, str], until: int | None) -> None:
+        run, name = item
+
+        def cb(done: int, total: int, stats: dict[str, float]) -> None:
+            if stop.is_set():
+                raise _Stopped
+            if progress:
+                progress(name, done, total, stats)
+
+        run.advance(until, cb)
+
+    runs = [(Inversion(model, data, param, labels, cfg.inversion, cfg.device), name) for _, name, param in jobs]
+    _run_all(pool, stop, lambda it: advance(it, sl.first_steps), runs)
+    results, samples_used = _mode_results(cfg, jobs, [r.result() for r, _ in runs], labels)
+    p1 = combine(results, cfg.threshold, cfg.alpha).p_value
+    first = f"first look after {sl.first_steps} of {final} steps, α {sl.alpha_first:g} of {cfg.alpha:g}"
+    # an inconclusive first look (too few classes reached yet) is in doubt too: more steps are what it lacks
+    if (p1 is not None and (p1 <= sl.alpha_first or p1 > sl.clean_above)) or all(r.finished for r, _ in runs):
+        log.info("first look after %d steps: p %s, no second look", sl.first_steps, p1)
+        return results, samples_used, combine(results, cfg.threshold, cfg.alpha, cfg.alpha / sl.alpha_first, first)
+    log.info("first look after %d steps: p %s, in doubt: every class runs on to %d steps", sl.first_steps, p1, final)
+    _run_all(pool, stop, lambda it: advance(it, None), runs)
+    results, samples_used = _mode_results(cfg, jobs, [r.result() for r, _ in runs], labels)
+    gave = "was inconclusive" if p1 is None else f"gave {p1:.2g}"
+    second = (f"second look after {final} steps (the first, after {sl.first_steps}, {gave}), "
+              f"α {cfg.alpha - sl.alpha_first:g} of {cfg.alpha:g}")
+    return results, samples_used, combine(results, cfg.threshold, cfg.alpha, cfg.alpha / (cfg.alpha - sl.alpha_first), second)
+
+
+def _mode_results(cfg: ScanConfig, jobs: list[tuple[str, str, TriggerParam]], outs: list[InversionResult],
+                  labels: list[int]) -> tuple[dict[str, ModeResult], int]:
+    """Each level's per-label best triggers and outlier tests from its inversions, and the samples they used."""
     results: dict[str, ModeResult] = {}
     samples_used = 0
     for mode in cfg.modes:
@@ -318,9 +411,7 @@ def scan(model: ModelWrapper, data: CleanData, cfg: ScanConfig, progress: ScanPr
         results[mode] = ModeResult(mode, mine[0][1].statistic, [p.describe() for _, p, _ in mine], ordered, an,
                                    seconds, histories)
         log.info("%s: p %s, anomaly index %.2f (min label %s)", mode, an.p_value, an.anomaly_index, an.min_label)
-    verdict = combine(results, cfg.threshold, cfg.alpha)
-    flag_levels(results, verdict)
-    return ScanFindings(cfg, results, verdict, samples_used, time.perf_counter() - t0)
+    return results, samples_used
 
 
 class _Stopped(Exception):
