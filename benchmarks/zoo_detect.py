@@ -405,10 +405,14 @@ def two_look(row: dict, s1: int, s2: int, a1: float, c: float, alpha: float, lev
     if lv1 is None or lv2 is None:
         return None
     first = replay(row | {"levels": lv1}, levels, detectors, a1)
-    p1 = first["p"] if first["p"] is not None else 1.0
-    if first["flagged"] or p1 > c:
-        return first | {"looks": 1, "steps_run": s1}
-    return replay(row | {"levels": lv2}, levels, detectors, alpha - a1) | {"looks": 2, "steps_run": s2}
+    p1 = first["p"]
+    # as bdscan.detect.scan's SecondLook: an inconclusive first look is in doubt too; the reported p-value carries
+    # the look's correction (alpha / a1, or alpha / (alpha - a1)), so that AUCs compare with one-look scans
+    if p1 is not None and (first["flagged"] or p1 > c):
+        return first | {"p": min(1.0, p1 * alpha / a1), "looks": 1, "steps_run": s1}
+    second = replay(row | {"levels": lv2}, levels, detectors, alpha - a1)
+    p2 = second["p"]
+    return second | {"p": None if p2 is None else min(1.0, p2 * alpha / (alpha - a1)), "looks": 2, "steps_run": s2}
 
 
 def run_replay_two_look(args: argparse.Namespace) -> None:
