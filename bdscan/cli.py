@@ -48,7 +48,7 @@ from bdscan.commands.common import (
 from bdscan.console import ConsoleEvents, out, print_inspection, print_scan, progress_bar
 from bdscan.detect import DETECTORS, ScanSettings, parse_detectors
 from bdscan.detect.base import DEFAULT_ALPHA
-from bdscan.detect.config import BUDGETS, DEFAULT_BUDGET
+from bdscan.detect.config import BUDGETS, DEFAULT_BUDGET, parse_second_look
 
 _BUDGET_HELP = f"{', '.join(BUDGETS)} (default {DEFAULT_BUDGET}; original = Neural Cleanse's own schedule)."
 
@@ -193,6 +193,10 @@ def scan_cmd(
     workers: Annotated[int | None, typer.Option("--workers", min=1, help=(
         "Inversions run at once on a CPU, each on its share of the cores (default: one per torch thread, up to "
         "the scan's inversions: 2 for --levels both). Results do not depend on it."))] = None,
+    second_look: Annotated[str | None, typer.Option("--second-look", metavar="STEPS:ALPHA:CLEAN", help=(
+        "Experimental, not yet calibrated (docs/verdict.md): judge after STEPS steps, flag when p <= ALPHA, stop as "
+        "clean when p > CLEAN, else run every class on to the budget's steps (--steps) and judge at --alpha minus "
+        "ALPHA; e.g. 30:0.005:0.5 with --steps 90."))] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Write scan.json, triggers.npz and PNGs here.")] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the scan document (JSON) here.")] = None,
     sarif_path: Annotated[Path | None, typer.Option("--sarif", help="Write SARIF 2.1.0 here.")] = None,
@@ -228,7 +232,8 @@ def scan_cmd(
 
         settings = ScanSettings(budget=budget_name, levels=levels_of(levels, mode), threshold=threshold, alpha=alpha,
                                 seed=seed, device=device, workers=workers, steps=steps, samples=samples,
-                                precision=precision.value if precision else None)
+                                precision=precision.value if precision else None,
+                                second_look=parse_second_look(second_look) if second_look is not None else None)
         req = ScanRequest(model=model[0], data=data,
                           load=load_options(arch, num_classes, input_size, mean, std, scale, patch_size, trust_pickle),
                           fmt=fmt, settings=settings, detectors=parse_detectors(detectors), samples_per_class=samples_per_class,

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from bdscan.detect import ScanSettings, parse_detectors
-from bdscan.detect.config import BUDGETS, LEVEL_GROUPS, LEVELS, PRECISIONS, parse_levels
+from bdscan.detect.config import BUDGETS, LEVEL_GROUPS, LEVELS, PRECISIONS, parse_levels, parse_second_look
 from bdscan.errors import UsageError
 from bdscan.io import LoadOptions, loaders
 from bdscan.pipeline import DEVICES, ScanRequest, configure
@@ -117,6 +117,13 @@ def _detectors(v: Any) -> tuple[str, ...]:
         raise _Bad(e.message + (f" ({e.hint})" if e.hint else "")) from None
 
 
+def _second_look(v: Any) -> tuple[int, float, float]:
+    try:
+        return parse_second_look(v)
+    except UsageError as e:
+        raise _Bad(e.message.removeprefix(f"second look {v!r} ") + (f" ({e.hint})" if e.hint else "")) from None
+
+
 def _format(v: Any) -> str:
     return _choice(sorted(loaders()))(v)
 
@@ -155,6 +162,7 @@ OPTIONS: dict[str, Option] = {
     "patch_size": Option(_int(1)),
     "trust_pickle": Option(_bool),
     "format": Option(_format),
+    "second_look": Option(_second_look),
 }
 
 
@@ -200,7 +208,7 @@ def request_of(values: Mapping[str, Any], where: str) -> ScanRequest:
                             threshold=v.get("threshold", defaults.threshold), alpha=v.get("alpha", defaults.alpha),
                             seed=v.get("seed", defaults.seed),
                             device=v.get("device", defaults.device), workers=v.get("workers"), steps=v.get("steps"),
-                            samples=v.get("samples"), precision=v.get("precision"))
+                            samples=v.get("samples"), precision=v.get("precision"), second_look=v.get("second_look"))
     load = LoadOptions(arch=v.get("arch"), num_classes=v.get("num_classes"), input_size=v.get("input_size"), mean=v.get("mean"),
                        std=v.get("std"), scale=v.get("scale"), patch_size=v.get("patch_size"), trust_pickle=v.get("trust_pickle", False))
     req = ScanRequest(model=Path(v["model"]), data=v.get("data"), load=load, fmt=v.get("format"), settings=settings,

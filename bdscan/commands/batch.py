@@ -28,7 +28,7 @@ DEFAULTS = {"data": "data", "detectors": "detectors", "budget_name": "budget", "
             "samples_per_class": "samples_per_class", "threshold": "threshold", "alpha": "alpha", "workers": "workers", "seed": "seed",
             "device": "device", "activations": "activations", "arch": "arch", "num_classes": "num_classes",
             "input_size": "input_size", "mean": "mean", "std": "std", "scale": "scale", "patch_size": "patch_size",
-            "trust_pickle": "trust_pickle", "fmt": "format"}
+            "trust_pickle": "trust_pickle", "fmt": "format", "second_look": "second_look"}
 _STYLE = {"backdoor": "bold red", "unsafe": "bold red", "error": "yellow", "inconclusive": "yellow", "clean": "green"}
 
 

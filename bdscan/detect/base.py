@@ -63,6 +63,8 @@ class ScanSettings:
         steps: override of the budget's optimisation steps.
         samples: override of the budget's clean samples.
         precision: override of the budget's arithmetic ("auto", "fp32", "bf16").
+        second_look: Neural Cleanse's two-look schedule as (first_steps, alpha_first, clean_above)
+            (:class:`bdscan.detect.scan.SecondLook`; the budget's steps are the second look's); None: one look.
     """
 
     budget: str = "fast"
@@ -75,6 +77,7 @@ class ScanSettings:
     steps: int | None = None
     samples: int | None = None
     precision: str | None = None
+    second_look: tuple[int, float, float] | None = None
 
     def overrides(self) -> dict[str, Any]:
         """The inversion overrides the user set (seed always), as ``InversionConfig.with_`` takes them."""

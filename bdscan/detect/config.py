@@ -39,6 +39,20 @@ def parse_levels(text: str) -> tuple[str, ...]:
     return tuple(m for m in LEVELS if m in chosen)
 
 
+def parse_second_look(value: object) -> tuple[int, float, float]:
+    """``--second-look``'s value, "FIRST_STEPS:ALPHA_FIRST:CLEAN_ABOVE" (e.g. "30:0.005:0.5"), or such a sequence;
+    whether it fits the budget and alpha is checked when the scan is configured. Raises :class:`UsageError`."""
+    items = [str(x).strip() for x in value] if isinstance(value, (list, tuple)) else str(value).split(":")
+    hint = "give FIRST_STEPS:ALPHA_FIRST:CLEAN_ABOVE, e.g. 30:0.005:0.5 (with --steps 90)"
+    if len(items) != 3:
+        raise UsageError(f"second look {value!r} is not three values", hint)
+    try:
+        first, a1, clean = int(items[0]), float(items[1]), float(items[2])
+    except ValueError:
+        raise UsageError(f"second look {value!r} is not a step count and two probabilities", hint) from None
+    return first, a1, clean
+
+
 @dataclass(frozen=True)
 class InversionConfig:
     """Hyper-parameters of the trigger-inversion core.

@@ -58,6 +58,15 @@ class SecondLook:
     clean_above: float = 0.5
 
 
+def check_second_look(look: SecondLook, steps: int, alpha: float) -> None:
+    """Raises :class:`UsageError` unless ``look`` fits a budget of ``steps`` steps and the verdict's ``alpha``."""
+    if not (0 < look.first_steps < steps and 0 < look.alpha_first < alpha and 0 < look.clean_above <= 1):
+        raise UsageError(f"second look {look.first_steps}:{look.alpha_first:g}:{look.clean_above:g} does not fit {steps} "
+                         f"steps and α {alpha:g}", "give FIRST_STEPS:ALPHA_FIRST:CLEAN_ABOVE with FIRST_STEPS below the "
+                         "budget's steps (--steps), 0 < ALPHA_FIRST < --alpha and 0 < CLEAN_ABOVE <= 1, e.g. 30:0.005:0.5 "
+                         "with --steps 90")
+
+
 @dataclass(frozen=True)
 class ScanConfig:
     """What a scan does.
@@ -290,11 +299,8 @@ def scan(model: ModelWrapper, data: CleanData, cfg: ScanConfig, progress: ScanPr
     if bad:
         raise UsageError(f"label {bad[0]} is not a class of this model (0..{model.num_classes - 1})", "check --labels")
     cfg.inversion.validate()
-    sl = cfg.second_look
-    if sl is not None and not (0 < sl.first_steps < cfg.inversion.steps and 0 < sl.alpha_first < cfg.alpha
-                               and 0 < sl.clean_above <= 1):
-        raise UsageError(f"second look {sl} does not fit the budget ({cfg.inversion.steps} steps) and α {cfg.alpha:g}",
-                         "first_steps must be below the budget's steps, 0 < alpha_first < alpha, 0 < clean_above <= 1")
+    if cfg.second_look is not None:
+        check_second_look(cfg.second_look, cfg.inversion.steps, cfg.alpha)
     jobs: list[tuple[str, str, TriggerParam]] = []  # (mode, name, parametrisation), in report order
     for mode in cfg.modes:
         params = params_for(model, mode, cfg.cnn_patch_sizes, cfg.cnn_patch_offsets)

@@ -79,7 +79,8 @@ def test_every_manifest_format_gives_the_same_jobs_with_rows_over_the_command_li
     d = tmp_path / "reg"
     (d / "v").mkdir(parents=True)
     rows = [{"model": "v/a.onnx", "data": "clean", "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "budget": "quick"},
-            {"model": "b.pt", "arch": "bdscan_cnn6", "num_classes": 43, "levels": "patch", "trust_pickle": True, "steps": 7}]
+            {"model": "b.pt", "arch": "bdscan_cnn6", "num_classes": 43, "levels": "patch", "trust_pickle": True, "steps": 7,
+             "second_look": "3:0.005:0.5"}]
     cli = {"budget": "smoke", "seed": 5, "data": Path("cli.npz"), "num_classes": 10, "activations": False}
     plans = {suffix: plan_batch([], m, cli) for suffix, m in _manifests(d, rows).items()}
     first = plans[".json"].jobs
@@ -91,6 +92,7 @@ def test_every_manifest_format_gives_the_same_jobs_with_rows_over_the_command_li
     assert a.request.settings.budget == "quick" and a.request.settings.seed == 5 and a.request.activations is False
     assert b.request.data == Path("cli.npz") and b.request.load.num_classes == 43 and b.request.load.trust_pickle
     assert b.request.settings.levels == ("patch",) and b.request.settings.steps == 7 and b.request.settings.budget == "smoke"
+    assert b.request.settings.second_look == (3, 0.005, 0.5) and a.request.settings.second_look is None
     assert a.path.endswith("v/a.onnx") and a.slug != b.slug
     assert plans[".csv"].jobs[0].where == "a.csv line 2" and plans[".jsonl"].jobs[1].where == "a.jsonl line 3"
 
@@ -108,6 +110,8 @@ def test_every_manifest_format_gives_the_same_jobs_with_rows_over_the_command_li
     ("m.json", '[{"model": "a.pt", "threshold": -1}]', ["m.json row 1", "threshold"]),
     ("m.txt", "a.pt\n", ["unknown manifest format '.txt'"]),
     ("m.json", '[{"model": "a.pt", "levels": "pixel,voxel"}]', ["m.json row 1", "levels", "blend"]),
+    ("m.json", '[{"model": "a.pt", "second_look": "30:0.005"}]', ["m.json row 1", "second_look", "not three values"]),
+    ("m.json", '[{"model": "a.pt", "second_look": "30:0.005:0.5"}]', ["m.json row 1", "does not fit 30 steps"]),
 ])
 def test_a_malformed_manifest_row_is_one_usage_error_naming_the_row(tmp_path: Path, name: str, text: str, needles: list[str]) -> None:
     m = tmp_path / name

@@ -246,3 +246,18 @@ def test_scan_says_what_it_wrote(tiny_bd, tmp_path: Path) -> None:
     code, output = run("scan", tiny_bd.model, "--data", tiny_bd.data, *SMOKE, "--steps", "2", "--out", out, "--json", js)
     assert code in (0, 1), output
     assert f"wrote {out}" in output and f"wrote {js}" in output
+
+
+def test_second_look_reaches_the_scan_and_a_bad_one_is_a_one_line_usage_error(tiny_bd, tmp_path: Path) -> None:
+    js = tmp_path / "scan.json"
+    code, output = run("scan", tiny_bd.model, "--data", tiny_bd.data, *SMOKE, "--second-look", "12:0.005:0.5", "--json", js)
+    assert code in (0, 1), output
+    doc = json.loads(js.read_text())
+    assert doc["config"]["second_look"] == {"first_steps": 12, "alpha_first": 0.005, "clean_above": 0.5}
+    assert "look after" in doc["verdict"]["reason"]
+    for bad, says in (("30:0.005:0.5", "does not fit 20 steps"), ("12:0.06:0.5", "does not fit"), ("12:0.005", "not three"),
+                      ("a:b:c", "not a step count")):
+        code, output = run("scan", tiny_bd.model, "--data", tiny_bd.data, *SMOKE, "--second-look", bad)
+        assert code == 2, (bad, output)
+        assert_one_line_error(output)
+        assert says in output, output

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bdscan.detect.config import BUDGETS
+from bdscan.detect.config import BUDGETS, parse_second_look
 from bdscan.detect.scan import ScanConfig, SecondLook, scan
 from bdscan.errors import UsageError
 from tests.conftest import TARGET
@@ -49,3 +49,10 @@ def test_a_clear_first_look_stops_the_scan_with_its_own_correction(tiny_bd) -> N
 def test_a_second_look_that_does_not_fit_is_a_usage_error(tiny_bd, look: SecondLook) -> None:
     with pytest.raises(UsageError, match="second look"):
         _scan(tiny_bd.tiny, look=look)
+
+
+def test_second_look_values_parse_from_text_or_a_sequence() -> None:
+    assert parse_second_look("30:0.005:0.5") == parse_second_look([30, 0.005, 0.5]) == (30, 0.005, 0.5)
+    for bad in ("30:0.005", "x:0.005:0.5", "", [1, 2]):
+        with pytest.raises(UsageError, match="second look"):
+            parse_second_look(bad)
