@@ -45,16 +45,76 @@ from bdscan.repair import RepairConfig, repair, reversed_trigger_from_findings
 from bdscan.trigger import Trigger
 
 __all__ = [
-    "BDSCAN_ARCHS", "DEFAULT_LEVELS", "EVAL_ZOO", "LAB_ZOO", "LEVELS", "PATCH_MAD_FLOOR", "RESULTS", "ROOT", "SAMPLE_MODELS", "THRESHOLD",
+    "BDSCAN_ARCHS",
+    "DEFAULT_LEVELS",
+    "EVAL_ZOO",
+    "LAB_ZOO",
+    "LEVELS",
+    "PATCH_MAD_FLOOR",
+    "RESULTS",
+    "ROOT",
+    "SAMPLE_MODELS",
+    "THRESHOLD",
     "ZOO_MANIFEST",
-    "AttackConfig", "AugmentConfig", "GuardConfig", "ModelFolderWriter", "RepairConfig", "Stopwatch", "Trigger", "add_budget", "add_manifest",
-    "add_out", "add_overrides", "add_threads", "anomaly", "at", "atomic_path", "augment_batch", "best_seconds", "budget_config",
-    "build_guard", "combined_verdict", "find_data_dir", "finetune", "finetune_recipe", "invert",
-    "is_right", "judge", "load_dataset", "load_lab_data", "load_model",
-    "load_rows", "load_with_samples", "machine_line", "make_hf_swin", "make_trigger", "measure", "nc_evidence", "new_parser",
-    "parse_overrides", "print_row", "read_json", "recordings", "repair", "reversed_trigger_from_findings", "round_to_half_", "run_benchmark",
-    "scan", "scan_cli", "scan_config", "set_threads", "sha16", "smin", "split_guard_data", "table_header", "trigger_param",
-    "true_target", "utc_now", "versions", "write_json",
+    "AttackConfig",
+    "AugmentConfig",
+    "GuardConfig",
+    "ModelFolderWriter",
+    "RepairConfig",
+    "Stopwatch",
+    "Trigger",
+    "add_budget",
+    "add_manifest",
+    "add_out",
+    "add_overrides",
+    "add_threads",
+    "anomaly",
+    "at",
+    "atomic_path",
+    "augment_batch",
+    "best_seconds",
+    "budget_config",
+    "build_guard",
+    "cached_reversed_trigger",
+    "combined_verdict",
+    "find_data_dir",
+    "finetune",
+    "finetune_recipe",
+    "invert",
+    "is_right",
+    "judge",
+    "load_dataset",
+    "load_lab_data",
+    "load_model",
+    "load_rows",
+    "load_with_samples",
+    "machine_line",
+    "make_hf_swin",
+    "make_trigger",
+    "measure",
+    "nc_evidence",
+    "new_parser",
+    "parse_overrides",
+    "print_row",
+    "read_json",
+    "recordings",
+    "repair",
+    "reversed_trigger_from_findings",
+    "round_to_half_",
+    "run_benchmark",
+    "scan",
+    "scan_cli",
+    "scan_config",
+    "set_threads",
+    "sha16",
+    "smin",
+    "split_guard_data",
+    "table_header",
+    "trigger_param",
+    "true_target",
+    "utc_now",
+    "versions",
+    "write_json",
 ]
 
 #: the repository root: default paths hang off it, so the suite runs the same from any directory
@@ -343,3 +403,26 @@ def table_header(*cols: str) -> None:
     """A Markdown table's header and rule (results tables are pasted into benchmarks/README.md)."""
     print("| " + " | ".join(cols) + " |")
     print("| " + " | ".join("---" for _ in cols) + " |")
+
+
+def cached_reversed_trigger(cache: Path, wrapper: Any, data: Any, budget_name: str, seed: int = 0) -> tuple[Trigger, dict]:
+    """The trigger a default-rule scan reverses (``budget_name``, ``seed``): the verdict's level and class, or the
+    pixel level's smallest class when the scan flags nothing (what ``--label K`` does), with ``verdict``, ``level``,
+    ``label`` and ``scan_seconds``; kept in ``cache`` (an .npz) so that a rerun does not scan again."""
+    import numpy as np
+    import torch
+
+    if cache.exists():
+        with np.load(cache, allow_pickle=False) as d:
+            info = {k: d[k].item() for k in ("verdict", "level", "label", "scan_seconds")}
+            return Trigger(torch.from_numpy(d["mask"]), torch.from_numpy(d["pattern"]), int(info["label"]), f"reversed-{info['level']}"), info
+    with Stopwatch() as sw:
+        fd = scan(wrapper, data, scan_config(budget_name, budget_config(budget_name, "", seed=seed)))
+    if fd.verdict.status == "backdoor":
+        trig = reversed_trigger_from_findings(fd)
+    else:
+        trig = reversed_trigger_from_findings(fd, "pixel", label=fd.modes["pixel"].anomaly.min_label)
+    info = {"verdict": fd.verdict.status, "level": trig.params["mode"], "label": int(trig.target), "scan_seconds": round(sw.seconds, 1)}
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(cache, mask=trig.mask.numpy(), pattern=trig.pattern.numpy(), **{k: np.asarray(v) for k, v in info.items()})
+    return trig, info

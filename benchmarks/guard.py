@@ -18,7 +18,6 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from benchmarks.common import (
@@ -31,16 +30,13 @@ from benchmarks.common import (
     add_manifest,
     add_out,
     add_threads,
-    budget_config,
     build_guard,
+    cached_reversed_trigger,
     load_with_samples,
     machine_line,
     new_parser,
     print_row,
     read_json,
-    reversed_trigger_from_findings,
-    scan,
-    scan_config,
     set_threads,
     split_guard_data,
     table_header,
@@ -65,24 +61,9 @@ def parser() -> argparse.ArgumentParser:
 
 def _reversed(e: dict, lm: object, scan_part: object, args: argparse.Namespace) -> tuple[Trigger, dict, float]:
     """The reversed trigger of a scan on ``scan_part`` (cached), how it was chosen, and the scan's seconds."""
-    cache = args.triggers / f"{e['name']}_{args.budget}_seed{args.seed}.npz"
-    if cache.exists():
-        with np.load(cache, allow_pickle=False) as d:
-            info = {k: d[k].item() for k in ("verdict", "level", "label", "scan_seconds")}
-            trig = Trigger(torch.from_numpy(d["mask"]), torch.from_numpy(d["pattern"]), int(info["label"]), f"reversed-{info['level']}")
-        return trig, info, float(info["scan_seconds"])
-    cfg = scan_config(args.budget, budget_config(args.budget, "", seed=args.seed))
-    with Stopwatch() as sw:
-        fd = scan(lm.wrapper, scan_part, cfg)  # type: ignore[attr-defined]
-    v = fd.verdict
-    if v.status == "backdoor":
-        trig = reversed_trigger_from_findings(fd)
-    else:
-        trig = reversed_trigger_from_findings(fd, "pixel", label=fd.modes["pixel"].anomaly.min_label)
-    info = {"verdict": v.status, "level": trig.params["mode"], "label": int(trig.target), "scan_seconds": round(sw.seconds, 1)}
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(cache, mask=trig.mask.numpy(), pattern=trig.pattern.numpy(), **{k: np.asarray(v) for k, v in info.items()})
-    return trig, info, sw.seconds
+    trig, info = cached_reversed_trigger(args.triggers / f"{e['name']}_{args.budget}_seed{args.seed}.npz", lm.wrapper,  # type: ignore[attr-defined]
+                                         scan_part, args.budget, args.seed)
+    return trig, info, float(info["scan_seconds"])
 
 
 def run(args: argparse.Namespace) -> None:

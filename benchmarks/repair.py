@@ -16,19 +16,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
-import torch
-
 from benchmarks.common import (
     RESULTS,
     SAMPLE_MODELS,
     RepairConfig,
     Stopwatch,
-    Trigger,
     add_budget,
     add_out,
     add_threads,
-    budget_config,
+    cached_reversed_trigger,
     find_data_dir,
     load_dataset,
     load_with_samples,
@@ -38,9 +34,6 @@ from benchmarks.common import (
     print_row,
     read_json,
     repair,
-    reversed_trigger_from_findings,
-    scan,
-    scan_config,
     set_threads,
     table_header,
     write_json,
@@ -59,26 +52,6 @@ def parser() -> argparse.ArgumentParser:
     add_out(ap, "repair.json")
     add_threads(ap, 1)
     return ap
-
-
-def _reversed(path: Path, lm: object, data: object, args: argparse.Namespace) -> tuple[Trigger, dict]:
-    """The trigger the default scan reverses (what ``bdscan repair --scan`` uses: the verdict's level and class; the
-    pixel level's smallest class when the scan flags nothing), cached by model and budget."""
-    cache = args.triggers / f"{path.stem}_{args.budget}.npz"
-    if cache.exists():
-        with np.load(cache, allow_pickle=False) as d:
-            info = {k: d[k].item() for k in ("verdict", "level", "label", "scan_seconds")}
-            return Trigger(torch.from_numpy(d["mask"]), torch.from_numpy(d["pattern"]), int(info["label"]), f"reversed-{info['level']}"), info
-    with Stopwatch() as sw:
-        fd = scan(lm.wrapper, data, scan_config(args.budget, budget_config(args.budget)))  # type: ignore[attr-defined]
-    if fd.verdict.status == "backdoor":
-        trig = reversed_trigger_from_findings(fd)
-    else:
-        trig = reversed_trigger_from_findings(fd, "pixel", label=fd.modes["pixel"].anomaly.min_label)
-    info = {"verdict": fd.verdict.status, "level": trig.params["mode"], "label": int(trig.target), "scan_seconds": round(sw.seconds, 1)}
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(cache, mask=trig.mask.numpy(), pattern=trig.pattern.numpy(), **{k: np.asarray(v) for k, v in info.items()})
-    return trig, info
 
 
 def _models(args: argparse.Namespace) -> list[Path]:
@@ -106,7 +79,8 @@ def run(args: argparse.Namespace) -> None:
             print(f"skipped {path.name}: no original trigger in its metadata (not a backdoored lab model)")
             continue
         test = load_dataset(lm.wrapper.info.metadata["dataset"], data_dir)
-        trig, info = _reversed(path, lm, data, args)
+        # what `bdscan repair --scan` uses: the verdict's level and class (the pixel level's smallest when nothing is flagged)
+        trig, info = cached_reversed_trigger(args.triggers / f"{path.stem}_{args.budget}.npz", lm.wrapper, data, args.budget)
         acc0, asr0 = measure(lm.wrapper, test, orig)
         for lr, seed in todo:
             with Stopwatch() as sw:

@@ -290,13 +290,18 @@ def print_summary(rows: Sequence[dict]) -> None:
               f"| {_pct(s['fpr'])} | {auc_s} | {s['same_verdict']}/{s['models_multi_seed']} | {sec_s} |")
 
 
-def run_replay(args: argparse.Namespace) -> None:
-    """``--replay``: the recorded rows re-judged under each combination of levels and detectors."""
+def recorded_rows(args: argparse.Namespace, option: str) -> tuple[dict, list[dict]]:
+    """The recorded scan document (``--out``) and its rows of ``--seeds`` (and ``--only``), for an offline replay."""
     doc = read_json(args.out)
     if not doc or not doc.get("rows"):
-        raise SystemExit(f"zoo-detect --replay: no recorded scans in {args.out} (run the benchmark first, or give --out)")
+        raise SystemExit(f"zoo-detect {option}: no recorded scans in {args.out} (run the benchmark first, or give --out)")
     seeds = {int(s) for s in str(args.seeds).split(",") if s.strip()}
-    rows = [r for r in doc["rows"] if r["seed"] in seeds and (not args.only or r["model"] in args.only)]
+    return doc, [r for r in doc["rows"] if r["seed"] in seeds and (not args.only or r["model"] in args.only)]
+
+
+def run_replay(args: argparse.Namespace) -> None:
+    """``--replay``: the recorded rows re-judged under each combination of levels and detectors."""
+    doc, rows = recorded_rows(args, "--replay")
     print(f"Replayed from {args.out} ({len(rows)} scans; recorded with {doc['key']}), alpha {args.alpha:g}\n")
     for combo in args.replay:
         levels, dets = parse_combo(combo)
@@ -362,11 +367,7 @@ def run(args: argparse.Namespace) -> None:
 
 def run_replay_steps(args: argparse.Namespace) -> None:
     """``--replay-steps``: the recorded rows re-judged as if each scan had stopped after S steps."""
-    doc = read_json(args.out)
-    if not doc or not doc.get("rows"):
-        raise SystemExit(f"zoo-detect --replay-steps: no recorded scans in {args.out} (run the benchmark first, or give --out)")
-    seeds = {int(s) for s in str(args.seeds).split(",") if s.strip()}
-    rows = [r for r in doc["rows"] if r["seed"] in seeds and (not args.only or r["model"] in args.only)]
+    doc, rows = recorded_rows(args, "--replay-steps")
     levels, dets = parse_combo(args.replay[0] if args.replay else ",".join(DEFAULT_LEVELS))
     print(f"Replayed from {args.out} ({len(rows)} scans; recorded with {doc['key']}), levels {', '.join(levels)}, "
           f"detectors {', '.join(('neural-cleanse', *dets))}, alpha {args.alpha:g}\n")
@@ -417,12 +418,8 @@ def two_look(row: dict, s1: int, s2: int, a1: float, c: float, alpha: float, lev
 
 def run_replay_two_look(args: argparse.Namespace) -> None:
     """``--replay-two-look``: the recorded rows re-judged by a two-look schedule, beside one look at S1 and at S2."""
-    doc = read_json(args.out)
-    if not doc or not doc.get("rows"):
-        raise SystemExit(f"zoo-detect --replay-two-look: no recorded scans in {args.out} (run the benchmark first, or give --out)")
+    _, rows = recorded_rows(args, "--replay-two-look")
     s1, s2, a1, c = (t(v) for t, v in zip((int, int, float, float), args.replay_two_look.split(":"), strict=True))
-    seeds = {int(s) for s in str(args.seeds).split(",") if s.strip()}
-    rows = [r for r in doc["rows"] if r["seed"] in seeds and (not args.only or r["model"] in args.only)]
     levels, dets = parse_combo(args.replay[0] if args.replay else ",".join(DEFAULT_LEVELS))
     judged = [j for j in (two_look(r, s1, s2, a1, c, args.alpha, levels, dets) for r in rows) if j is not None]
     print(f"Replayed from {args.out}: {len(judged)} of {len(rows)} scans recorded for {s2} steps; two looks: {s1} steps "

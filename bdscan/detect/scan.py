@@ -318,14 +318,7 @@ def scan(model: ModelWrapper, data: CleanData, cfg: ScanConfig, progress: ScanPr
 
     def run(job: tuple[str, str, TriggerParam]) -> InversionResult:
         _, name, param = job
-
-        def cb(done: int, total: int, stats: dict[str, float]) -> None:
-            if stop.is_set():
-                raise _Stopped
-            if progress:
-                progress(name, done, total, stats)
-
-        return invert_prepared(model, data, param, labels, cfg.inversion, cb, cfg.device)
+        return invert_prepared(model, data, param, labels, cfg.inversion, _job_progress(name, stop, progress), cfg.device)
 
     # one path for any number of workers: with one, the pool runs the inversions one after the other
     with prepared(model, cfg.inversion.precision, cfg.device), _torch_threads(per_worker), \
@@ -338,6 +331,19 @@ def scan(model: ModelWrapper, data: CleanData, cfg: ScanConfig, progress: ScanPr
             results, samples_used, verdict = _two_looks(model, data, cfg, jobs, labels, pool, stop, progress)
     flag_levels(results, verdict)
     return ScanFindings(cfg, results, verdict, samples_used, time.perf_counter() - t0)
+
+
+def _job_progress(name: str, stop: threading.Event, progress: ScanProgress | None) -> Callable[[int, int, dict[str, float]], None]:
+    """One inversion's progress callback: ends it at its next step once ``stop`` is set (another inversion failed, or
+    Ctrl-C), and passes its progress on under ``name``."""
+
+    def cb(done: int, total: int, stats: dict[str, float]) -> None:
+        if stop.is_set():
+            raise _Stopped
+        if progress:
+            progress(name, done, total, stats)
+
+    return cb
 
 
 def _run_all(pool: ThreadPoolExecutor, stop: threading.Event, fn: Callable[[Any], Any], items: list[Any]) -> list[Any]:
@@ -366,14 +372,7 @@ def _two_looks(model: ModelWrapper, data: CleanData, cfg: ScanConfig, jobs: list
 
     def advance(item: tuple[Inversion, str], until: int | None) -> None:
         run, name = item
-
-        def cb(done: int, total: int, stats: dict[str, float]) -> None:
-            if stop.is_set():
-                raise _Stopped
-            if progress:
-                progress(name, done, total, stats)
-
-        run.advance(until, cb)
+        run.advance(until, _job_progress(name, stop, progress))
 
     runs = [(Inversion(model, data, param, labels, cfg.inversion, cfg.device), name) for _, name, param in jobs]
     _run_all(pool, stop, lambda it: advance(it, sl.first_steps), runs)
