@@ -193,10 +193,11 @@ def scan_cmd(
     workers: Annotated[int | None, typer.Option("--workers", min=1, help=(
         "Inversions run at once on a CPU, each on its share of the cores (default: one per torch thread, up to "
         "the scan's inversions: 2 for --levels both). Results do not depend on it."))] = None,
-    second_look: Annotated[str | None, typer.Option("--second-look", metavar="STEPS:ALPHA:CLEAN", help=(
-        "Experimental, not yet calibrated (docs/verdict.md): judge after STEPS steps, flag when p <= ALPHA, stop as "
-        "clean when p > CLEAN, else run every class on to the budget's steps (--steps) and judge at --alpha minus "
-        "ALPHA; e.g. 30:0.005:0.5 with --steps 90."))] = None,
+    second_look: Annotated[str, typer.Option("--second-look", metavar="auto|off|STEPS:ALPHA:CLEAN", help=(
+        "auto (default): the budget's two-look schedule (fast: judge after 30 steps, run every class on to 90 only "
+        "when that verdict is in doubt; docs/verdict.md); off: one look at the budget's steps; STEPS:ALPHA:CLEAN: "
+        "judge after STEPS, flag when p <= ALPHA, stop as clean when p > CLEAN, else run on to --steps and judge at "
+        "--alpha minus ALPHA."))] = "auto",
     out_dir: Annotated[Path | None, typer.Option("--out", help="Write scan.json, triggers.npz and PNGs here.")] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the scan document (JSON) here.")] = None,
     sarif_path: Annotated[Path | None, typer.Option("--sarif", help="Write SARIF 2.1.0 here.")] = None,
@@ -233,7 +234,7 @@ def scan_cmd(
         settings = ScanSettings(budget=budget_name, levels=levels_of(levels, mode), threshold=threshold, alpha=alpha,
                                 seed=seed, device=device, workers=workers, steps=steps, samples=samples,
                                 precision=precision.value if precision else None,
-                                second_look=parse_second_look(second_look) if second_look is not None else None)
+                                second_look=parse_second_look(second_look))
         req = ScanRequest(model=model[0], data=data,
                           load=load_options(arch, num_classes, input_size, mean, std, scale, patch_size, trust_pickle),
                           fmt=fmt, settings=settings, detectors=parse_detectors(detectors), samples_per_class=samples_per_class,

@@ -86,11 +86,13 @@ class ConsoleEvents(ScanEvents):
             if self.task is None:
                 self.task = self.bar.add_task("scanning", total=total_all, info="")
             finished = done_all >= total_all
+            look = max((int(st.get("look", 0)) for _, _, st in self.parts.values()), default=0)
+            doing = {0: "scanning", 1: "first look", 2: "second look (first in doubt)"}[look]
             info = " · ".join(f"{name} step {int(st.get('step', 0))}/{int(st.get('steps', 0))}"
                               + (f", {int(st.get('labels_done', 0))}/{int(st.get('labels', 0))} classes done" if st.get("labels") else "")
                               for name, (_, _, st) in self.parts.items())
             self.bar.update(self.task, completed=done_all, total=total_all,
-                            description="finishing (activation statistics, report)" if finished else "scanning",
+                            description="finishing (activation statistics, report)" if finished else doing,
                             info="" if finished else info)
 
     def warning(self, message: str) -> None:
@@ -113,7 +115,9 @@ def planned_steps(plan: ScanPlan) -> int:
         inversions = sum(len(params_for(plan.model.wrapper, m, nc.cnn_patch_sizes, nc.cnn_patch_offsets)) for m in nc.modes)
     except Exception:  # the scan itself reports a bad configuration; the bar then sizes itself from the reports
         return 0
-    return inversions * labels * int(nc.inversion.steps)
+    # a two-look scan plans its first look; the bar grows if the scan looks again
+    steps = nc.second_look.first_steps if nc.second_look is not None else nc.inversion.steps
+    return inversions * labels * int(steps)
 
 
 def plan_lines(plan: ScanPlan) -> list[str]:
@@ -157,6 +161,10 @@ def verdict_line(doc: dict[str, Any]) -> str:
     v = doc["verdict"]
     p = v.get("p_value")
     by = f"{v['basis']} level" if v.get("basis") else str(v.get("detector") or dig_detector(v))
+    look = (doc.get("config") or {}).get("second_look")
+    if look and v.get("looks") in (1, 2):  # a two-look schedule: which look decided
+        steps = (doc["config"].get("inversion") or {}).get("steps")
+        by += f", first look after {look['first_steps']} steps" if v["looks"] == 1 else f", second look after {steps} steps"
     if v["status"] == "backdoor":
         if p is not None:
             index = f", anomaly index {v['anomaly_index']:.2f}" if "anomaly_index" in v else ""

@@ -28,7 +28,7 @@ from bdscan.detect.base import combine as combine_detectors
 from bdscan.detect.config import LEVELS, budget
 from bdscan.detect.config import MODES as DEFAULT_LEVELS
 from bdscan.detect.inversion import invert
-from bdscan.detect.scan import ScanConfig, combine, params_for, scan
+from bdscan.detect.scan import ScanConfig, combine, params_for, resolve_second_look, scan
 from bdscan.guard import GuardConfig, build_guard, split_guard_data
 from bdscan.io import load_model
 from bdscan.io.base import sha256_file
@@ -197,9 +197,13 @@ def budget_config(name: str = "fast", overrides: str | dict[str, Any] = "", **ch
 
 
 def scan_config(budget_name: str = "fast", inversion: Any = None, **fields: Any) -> ScanConfig:
-    """A scan configuration for the named budget (its inversion unless ``inversion`` is given); ``fields``: the
-    other fields of bdscan's ``ScanConfig`` (``modes``, ``labels``, ``device``...)."""
-    return ScanConfig(budget=budget_name, inversion=budget(budget_name) if inversion is None else inversion, **fields)
+    """A scan configuration for the named budget (its inversion unless ``inversion`` is given), with the budget's own
+    two-look schedule unless ``fields`` set ``second_look`` (as ``bdscan scan`` resolves ``--second-look auto``);
+    ``fields``: the other fields of bdscan's ``ScanConfig`` (``modes``, ``labels``, ``device``...)."""
+    inv = budget(budget_name) if inversion is None else inversion
+    if "second_look" not in fields:
+        fields["second_look"] = resolve_second_look("auto", budget_name, inv.steps, fields.get("alpha", ScanConfig().alpha))
+    return ScanConfig(budget=budget_name, inversion=inv, **fields)
 
 
 def trigger_param(wrapper: Any, mode: str) -> Any:

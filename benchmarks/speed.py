@@ -54,14 +54,15 @@ from benchmarks.common import (
 
 
 def child(model: str, which: str, labels: list[int] | None, threads: int, device: str, budget_name: str = "fast",
-          precision: str = "-") -> dict:
+          precision: str = "-", second_look: str = "auto") -> dict:
     """Runs one measurement in this process (called through a subprocess)."""
     set_threads(threads)
     lm, data = load_with_samples(model)
     info = lm.wrapper.info
     if which == "default":
         inv = budget_config(budget_name, precision=precision) if precision != "-" else budget_config(budget_name)
-        cfg = scan_config(budget_name, inv, device=device)
+        # "off": one look at the budget's steps, what a two-look scan in doubt costs at most
+        cfg = scan_config(budget_name, inv, device=device, **({"second_look": None} if second_look == "off" else {}))
     else:
         cfg = scan_config("original", budget_config("original", batched=False), modes=("pixel",),
                           labels=tuple(labels) if labels else None, device=device)
@@ -74,7 +75,8 @@ def child(model: str, which: str, labels: list[int] | None, threads: int, device
             "loadavg_before": round(load_before, 2), "loadavg_after": round(os.getloadavg()[0], 2), "per_label": per_label,
             "labels": len(cfg.labels) if cfg.labels else info.num_classes,
             "num_classes": info.num_classes, "peak_rss_mb": round(rss_mb), "verdict": f.verdict.status,
-            "target": f.verdict.target, "true_target": true_target(lm),
+            "target": f.verdict.target, "true_target": true_target(lm), "looks": f.verdict.looks,
+            "second_look": None if f.config.second_look is None else list(vars(f.config.second_look).values()),
             "ai": {m: round(r.anomaly.anomaly_index, 2) for m, r in f.modes.items()}, "precision": f.config.inversion.precision,
             "min_label": {m: r.anomaly.min_label for m, r in f.modes.items()}}
 
@@ -99,15 +101,18 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--original-only", action="store_true", help="only measure (and cache) the original schedule")
     add_budget(ap, help="budget of the bdscan scan measured against the original")
     ap.add_argument("--precision", default="-", help="precision of the bdscan scan (default: the budget's)")
-    ap.add_argument("--child", nargs=7, help=argparse.SUPPRESS)
+    ap.add_argument("--second-look", choices=("auto", "off"), default="auto",
+                    help="the bdscan scan's two-look schedule: auto (the budget's) or off (one look at its steps: the "
+                         "cost of a scan whose first look was in doubt)")
+    ap.add_argument("--child", nargs=8, help=argparse.SUPPRESS)
     return ap
 
 
 def run(args: argparse.Namespace) -> None:
     if args.child:
-        model, which, labels, threads, device, budget_name, precision = args.child
+        model, which, labels, threads, device, budget_name, precision, look = args.child
         lab = [int(v) for v in labels.split(",")] if labels != "-" else None
-        print(json.dumps(child(model, which, lab, int(threads), device, budget_name, precision)))
+        print(json.dumps(child(model, which, lab, int(threads), device, budget_name, precision, look)))
         return
     set_threads(args.threads)  # as the measurements run, so that the machine line says their thread count
     # the host's vector instructions and bf16, as every scan report records them
@@ -132,13 +137,13 @@ def run(args: argparse.Namespace) -> None:
         if key in cache:
             o = cache[key] | {"cached": True}
         else:
-            o = run_child(m, "original", labels, str(args.threads), args.device, "original", "-")
+            o = run_child(m, "original", labels, str(args.threads), args.device, "original", "-", "off")
             cache[key] = o
             write_json(args.original_cache, cache)
         print_row({"model": m, "original": {k: v for k, v in o.items() if k != "per_label"}})
         if args.original_only:
             continue
-        d = run_child(m, "default", "-", str(args.threads), args.device, args.budget, args.precision)
+        d = run_child(m, "default", "-", str(args.threads), args.device, args.budget, args.precision, args.second_look)
         per_label = o["seconds"] / o["labels"]
         orig_full = per_label * k
         row = {"model": Path(m).name, "classes": k, "default": d, "original": o,
@@ -149,15 +154,16 @@ def run(args: argparse.Namespace) -> None:
     if args.original_only:
         return
     precision = args.precision if args.precision != "-" else "the budget's"
-    machine = machine_line(device=args.device, budget=args.budget, precision=precision)
+    machine = machine_line(device=args.device, budget=args.budget, precision=precision, second_look=args.second_look)
     write_json(args.out, {"machine": machine, "rows": rows})
     print(f"\nmachine: {machine}\n")
-    table_header("model", "classes", "default scan s", "precision", "default verdict (target)", "default peak MB",
+    table_header("model", "classes", "default scan s", "precision", "looks", "default verdict (target)", "default peak MB",
                  "original s (all labels)", "original verdict (target)", "speed-up")
     for r in rows:
         d, o = r["default"], r["original"]
         ext = f" (extrapolated from {o['labels']} labels)" if r["original_extrapolated"] else ""
         ov = "n/a (label sample)" if r["original_extrapolated"] else f"{o['verdict']} ({o['target']})"
-        print(f"| {r['model']} | {r['classes']} | {d['seconds']:.0f} | {d.get('precision', 'fp32')} | {d['verdict']} ({d['target']}) | "
+        print(f"| {r['model']} | {r['classes']} | {d['seconds']:.0f} | {d.get('precision', 'fp32')} | {d.get('looks', 1)} | "
+              f"{d['verdict']} ({d['target']}) | "
               f"{d['peak_rss_mb']} | "
               f"{r['original_seconds_all_labels']:.0f}{ext} | {ov} | {r['speedup']}× |")

@@ -93,7 +93,8 @@ def scan_one(model: Path, data: Path, detectors: str, budget: str, steps: int | 
     """One ``bdscan scan`` in a fresh process: its scan document and the process's wall time."""
     args = [str(model), "--data", str(data), "--detectors", detectors, "--budget", budget, "--seed", str(seed),
             "--alpha", str(alpha), "--no-activations", "-q", "--fail-on", "never"]
-    args += ["--steps", str(steps)] if steps is not None else []
+    # a run with --steps records every class's sizes up to those steps for the replays: one look, never stopped early
+    args += ["--steps", str(steps), "--second-look", "off"] if steps is not None else []
     args += ["--levels", levels] if levels is not None else []
     return scan_cli(args, threads)
 
@@ -109,6 +110,7 @@ def row_of(entry: dict, doc: dict, seed: int, wall: float) -> dict[str, Any]:
     return {"model": entry["name"], "arch": entry["arch"], "dataset": entry["dataset"], "attack": entry.get("attack"),
             "split": entry.get("split"), "true_target": target, "seed": seed, "status": status, "suspect": suspect,
             "p": v.get("p_value"), "decided_by": (v.get("decided_by") or {}).get("detector"), "flagged": flagged, "right": right,
+            "looks": v.get("looks"),  # Neural Cleanse's two-look schedule: 2 when its first look was in doubt
             "evidence": evidence,
             # Neural Cleanse's levels, flagged or not: each level's p-value (before the correction) and smallest class
             "levels": {m: {"p": (sec.get("anomaly") or {}).get("p_value"), "min_label": (sec.get("anomaly") or {}).get("min_label")}
@@ -176,7 +178,9 @@ def summary(rows: Sequence[dict]) -> dict[str, Any]:
             "flagged_any_class": sum(r["flagged"] for r in bd) / len(bd) if bd else None,
             "fpr": sum(r["flagged"] for r in cl) / len(cl) if cl else None, "auc": auc(rows),
             "same_verdict": agree, "models_multi_seed": multi,
-            "median_seconds": statistics.median(r["seconds"] for r in rows) if rows else None}
+            "median_seconds": statistics.median(r["seconds"] for r in rows) if rows else None,
+            # scans whose two-look schedule looked twice (rows recorded before the schedule, or replays, say None)
+            "second_looks": sum(r.get("looks") == 2 for r in rows), "looks_known": sum(r.get("looks") is not None for r in rows)}
 
 
 #: family labels of the zoo's architectures (its folder rows' too)
@@ -281,13 +285,14 @@ def log_skip(e: dict) -> None:
 def print_summary(rows: Sequence[dict]) -> None:
     """The per-group table: TPR, flagged, FPR, AUC, seed agreement, median seconds."""
     table_header("group", "backdoored scans", "clean scans", "TPR (right class)", "flagged (any class)", "FPR", "AUC",
-                 "same verdict, all seeds", "median s")
+                 "same verdict, all seeds", "median s", "looked twice")
     for name, rs in groups(rows).items():
         s = summary(rs)
         auc_s = "—" if s["auc"] is None else f"{s['auc']:.2f}"
         sec_s = "—" if s["median_seconds"] is None else f"{s['median_seconds']:.0f}"
+        twice = f"{s['second_looks']}/{s['looks_known']}" if s["looks_known"] else "—"
         print(f"| {name} | {s['scans_backdoored']} | {s['scans_clean']} | {_pct(s['tpr'])} | {_pct(s['flagged_any_class'])} "
-              f"| {_pct(s['fpr'])} | {auc_s} | {s['same_verdict']}/{s['models_multi_seed']} | {sec_s} |")
+              f"| {_pct(s['fpr'])} | {auc_s} | {s['same_verdict']}/{s['models_multi_seed']} | {sec_s} | {twice} |")
 
 
 def recorded_rows(args: argparse.Namespace, option: str) -> tuple[dict, list[dict]]:

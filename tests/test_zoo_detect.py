@@ -3,6 +3,8 @@ alarm, the AUC and seed agreement. The scans themselves are measurements and nev
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from benchmarks.common import anomaly
@@ -202,3 +204,21 @@ def test_two_look_flags_early_stops_clean_or_looks_again_within_alpha() -> None:
     early = two_look(row, 4, 4, 0.005, 0.9, 0.05, ("pixel",), ())  # flagged at the first look already (p <= A1)
     assert early["looks"] == 1 and early["flagged"]
     assert two_look(row, 1, 5, 0.005, 0.9, 0.05, ("pixel",), ()) is None  # not recorded for 5 steps
+
+
+def test_a_recording_run_looks_once_and_the_table_counts_second_looks(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import benchmarks.zoo_detect as zd
+
+    seen: list[list[str]] = []
+    monkeypatch.setattr(zd, "scan_cli", lambda args, threads: seen.append(list(args)) or ({}, 0.0))
+    zd.scan_one(Path("m.safetensors"), Path("d.npz"), "neural-cleanse", "fast", 90, 0, 0.05, 1)
+    zd.scan_one(Path("m.safetensors"), Path("d.npz"), "neural-cleanse", "fast", None, 0, 0.05, 1)
+    # --steps records every class's sizes up to those steps: a second look that stopped early would cut them short
+    assert seen[0][seen[0].index("--steps"):][:4] == ["--steps", "90", "--second-look", "off"]
+    assert "--second-look" not in seen[1] and "--steps" not in seen[1]  # as users scan: the budget's own schedule
+    doc = _doc("backdoor", 3, 0.01)
+    doc["verdict"]["looks"] = 2
+    rows = [row_of({"name": "a", "arch": "x", "dataset": "d", "target": 3}, doc, 0, 1.0),
+            row_of({"name": "b", "arch": "x", "dataset": "d", "target": None}, _doc("clean", None, 0.6), 0, 1.0)]
+    s = summary(rows)
+    assert rows[0]["looks"] == 2 and rows[1]["looks"] is None and (s["second_looks"], s["looks_known"]) == (1, 1)

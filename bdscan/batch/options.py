@@ -117,7 +117,7 @@ def _detectors(v: Any) -> tuple[str, ...]:
         raise _Bad(e.message + (f" ({e.hint})" if e.hint else "")) from None
 
 
-def _second_look(v: Any) -> tuple[int, float, float]:
+def _second_look(v: Any) -> tuple[int, float, float] | str:
     try:
         return parse_second_look(v)
     except UsageError as e:
@@ -208,7 +208,8 @@ def request_of(values: Mapping[str, Any], where: str) -> ScanRequest:
                             threshold=v.get("threshold", defaults.threshold), alpha=v.get("alpha", defaults.alpha),
                             seed=v.get("seed", defaults.seed),
                             device=v.get("device", defaults.device), workers=v.get("workers"), steps=v.get("steps"),
-                            samples=v.get("samples"), precision=v.get("precision"), second_look=v.get("second_look"))
+                            samples=v.get("samples"), precision=v.get("precision"),
+                            second_look=v.get("second_look", defaults.second_look))
     load = LoadOptions(arch=v.get("arch"), num_classes=v.get("num_classes"), input_size=v.get("input_size"), mean=v.get("mean"),
                        std=v.get("std"), scale=v.get("scale"), patch_size=v.get("patch_size"), trust_pickle=v.get("trust_pickle", False))
     req = ScanRequest(model=Path(v["model"]), data=v.get("data"), load=load, fmt=v.get("format"), settings=settings,

@@ -63,8 +63,9 @@ class ScanSettings:
         steps: override of the budget's optimisation steps.
         samples: override of the budget's clean samples.
         precision: override of the budget's arithmetic ("auto", "fp32", "bf16").
-        second_look: Neural Cleanse's two-look schedule as (first_steps, alpha_first, clean_above)
-            (:class:`bdscan.detect.scan.SecondLook`; the budget's steps are the second look's); None: one look.
+        second_look: Neural Cleanse's two-look schedule (:class:`bdscan.detect.scan.SecondLook`; the budget's steps
+            are the second look's): "auto" (the budget's own, ``bdscan.detect.config.BUDGET_SECOND_LOOK``), "off"
+            (one look), or (first_steps, alpha_first, clean_above).
     """
 
     budget: str = "fast"
@@ -77,7 +78,7 @@ class ScanSettings:
     steps: int | None = None
     samples: int | None = None
     precision: str | None = None
-    second_look: tuple[int, float, float] | None = None
+    second_look: tuple[int, float, float] | str = "auto"
 
     def overrides(self) -> dict[str, Any]:
         """The inversion overrides the user set (seed always), as ``InversionConfig.with_`` takes them."""

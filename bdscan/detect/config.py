@@ -39,11 +39,18 @@ def parse_levels(text: str) -> tuple[str, ...]:
     return tuple(m for m in LEVELS if m in chosen)
 
 
-def parse_second_look(value: object) -> tuple[int, float, float]:
-    """``--second-look``'s value, "FIRST_STEPS:ALPHA_FIRST:CLEAN_ABOVE" (e.g. "30:0.005:0.5"), or such a sequence;
-    whether it fits the budget and alpha is checked when the scan is configured. Raises :class:`UsageError`."""
+#: ``--second-look``'s named values: the budget's own schedule (:data:`BUDGET_SECOND_LOOK`), or one look
+SECOND_LOOK_NAMES = ("auto", "off")
+
+
+def parse_second_look(value: object) -> tuple[int, float, float] | str:
+    """``--second-look``'s value: "auto" (the budget's own schedule), "off" (one look at the budget's steps), or
+    "FIRST_STEPS:ALPHA_FIRST:CLEAN_ABOVE" (e.g. "30:0.02:0.5"), or such a sequence; whether it fits the budget and
+    alpha is checked when the scan is configured. Raises :class:`UsageError`."""
+    if isinstance(value, str) and value.strip().lower() in SECOND_LOOK_NAMES:
+        return value.strip().lower()
     items = [str(x).strip() for x in value] if isinstance(value, (list, tuple)) else str(value).split(":")
-    hint = "give FIRST_STEPS:ALPHA_FIRST:CLEAN_ABOVE, e.g. 30:0.005:0.5 (with --steps 90)"
+    hint = "give auto, off or FIRST_STEPS:ALPHA_FIRST:CLEAN_ABOVE, e.g. 30:0.02:0.5 (with --steps 90)"
     if len(items) != 3:
         raise UsageError(f"second look {value!r} is not three values", hint)
     try:
@@ -141,11 +148,11 @@ class InversionConfig:
 BUDGETS: dict[str, InversionConfig] = {
     "original": InversionConfig(),
     "thorough": InversionConfig(steps=300, samples=1000, batch_size=32, early_stop_patience=20, precision="auto"),
-    # The default: measured on the lab zoo (benchmarks/README.md); a step is 2 mini-batches, not an epoch. No early
-    # stop: with a 6-step patience it froze some labels before their mask had shrunk (one at 2.7x the size it reached
-    # by step 30), and such labels carried most of the seed-to-seed noise of the sizes; a label that is not stopped runs
-    # exactly as before, and letting every label run its 30 steps costs about 3 % more label-steps (docs/verdict.md).
-    "fast": InversionConfig(steps=30, samples=160, batch_size=16, batches_per_step=2, patience=2, early_stop=False,
+    # The default: a step is 2 mini-batches, not an epoch, and its steps are those of the second look (below). No
+    # early stop: with a 6-step patience it froze some labels before their mask had shrunk (one at 2.7x the size it
+    # reached by step 30), and such labels carried most of the seed-to-seed noise of the sizes; letting every label
+    # run costs about 3 % more label-steps (docs/verdict.md).
+    "fast": InversionConfig(steps=90, samples=160, batch_size=16, batches_per_step=2, patience=2, early_stop=False,
                             early_stop_patience=6, precision="auto"),
     # For a CI gate that must finish in half the time: half the images of "fast" (4 mini-batches of 4 per step)
     # but twice its Adam updates, so its masks end closer to the sizes Neural Cleanse's own schedule converges to;
@@ -157,6 +164,14 @@ BUDGETS: dict[str, InversionConfig] = {
                              precision="auto"),
 }
 DEFAULT_BUDGET = "fast"
+
+#: the two-look schedule a budget runs by default (``--second-look auto``): (first_steps, the share of alpha spent on
+#: the first look, clean_above), as :class:`bdscan.detect.scan.SecondLook` takes them once alpha is known. "fast":
+#: judge after 30 steps, run every class on to the budget's 90 only when that first verdict is in doubt: at 30 steps
+#: the masks of accurate models are often still shrinking, and where they stand depends on the seed; 90 steps on
+#: every scan would cost every scan three times as much. Chosen on the evaluation zoo's calibration half
+#: (benchmarks/README.md, "The second look"). A budget not named here looks once.
+BUDGET_SECOND_LOOK: dict[str, tuple[int, float, float]] = {"fast": (30, 0.4, 0.5)}
 
 
 def budget(name: str) -> InversionConfig:

@@ -23,7 +23,7 @@ from bdscan.detect.anomaly import AnomalyResult, SizeTest
 from bdscan.detect.base import DEFAULT_ALPHA, Detector, DetectorProgress, Evidence, ScanSettings, p_number, register_detector
 from bdscan.detect.config import MODES, budget
 from bdscan.detect.inversion import LabelResult
-from bdscan.detect.scan import ModeResult, ScanConfig, ScanFindings, SecondLook, Verdict, check_second_look, combine, scan
+from bdscan.detect.scan import ModeResult, ScanConfig, ScanFindings, Verdict, combine, resolve_second_look, scan
 from bdscan.errors import UsageError
 from bdscan.jsonnum import json_number
 from bdscan.models.wrapper import ModelWrapper
@@ -140,7 +140,8 @@ def verdict_evidence(v: Verdict, threshold: float) -> Evidence:
     when clean: the most suspicious class, which the combined verdict names only if it flags)."""
     return Evidence("neural-cleanse", v.status, v.target, v.anomaly_index, threshold, v.reason,
                     {"anomaly_index": json_number(v.anomaly_index), "basis": v.basis, "modes_agree": v.agree,
-                     "threshold": threshold, "level_p_values": {m: p_number(p) for m, p in v.p_values.items()}},
+                     "threshold": threshold, "level_p_values": {m: p_number(p) for m, p in v.p_values.items()},
+                     "looks": v.looks},
                     p_number(v.p_value))
 
 
@@ -189,10 +190,7 @@ class NeuralCleanse(Detector):
             raise UsageError(f"--alpha {settings.alpha:g} is not a probability between 0 and 1",
                              "alpha is the false-alarm rate the verdict allows: e.g. --alpha 0.05")
         inv = budget(settings.budget).with_(**settings.overrides()).validate()
-        look = None
-        if settings.second_look is not None:
-            look = SecondLook(int(settings.second_look[0]), float(settings.second_look[1]), float(settings.second_look[2]))
-            check_second_look(look, inv.steps, settings.alpha)
+        look = resolve_second_look(settings.second_look, settings.budget, inv.steps, settings.alpha)
         return ScanConfig(modes=tuple(settings.levels), budget=settings.budget, inversion=inv, threshold=settings.threshold,
                           alpha=settings.alpha, device=settings.device, workers=settings.workers, second_look=look)
 

@@ -21,7 +21,7 @@ import torch
 from bdscan.data import CleanData
 from bdscan.detect.anomaly import PATCH_MAD_FLOOR, AnomalyResult, anomaly
 from bdscan.detect.base import DEFAULT_ALPHA
-from bdscan.detect.config import BUDGETS, DEFAULT_BUDGET, MODES, InversionConfig
+from bdscan.detect.config import BUDGET_SECOND_LOOK, BUDGETS, DEFAULT_BUDGET, MODES, InversionConfig
 from bdscan.detect.inversion import Inversion, InversionResult, LabelResult, invert_prepared, prepared, resolve_precision
 from bdscan.detect.params import BlendTrigger, PatchTrigger, PixelTrigger, TriggerParam, cnn_patch_sweep
 from bdscan.errors import UsageError
@@ -65,6 +65,35 @@ def check_second_look(look: SecondLook, steps: int, alpha: float) -> None:
                          f"steps and α {alpha:g}", "give FIRST_STEPS:ALPHA_FIRST:CLEAN_ABOVE with FIRST_STEPS below the "
                          "budget's steps (--steps), 0 < ALPHA_FIRST < --alpha and 0 < CLEAN_ABOVE <= 1, e.g. 30:0.005:0.5 "
                          "with --steps 90")
+
+
+def resolve_second_look(value: tuple[int, float, float] | str | None, budget: str, steps: int,
+                        alpha: float) -> SecondLook | None:
+    """The schedule a scan runs: ``value`` as ``--second-look`` gives it, for a budget of ``steps`` steps.
+
+    Args:
+        value: "auto" (the budget's own schedule, :data:`~bdscan.detect.config.BUDGET_SECOND_LOOK`, with its
+            share of ``alpha``; one look when the budget has none or ``steps`` do not go past its first look),
+            "off" or None (one look), or (first_steps, alpha_first, clean_above) as given.
+        budget: the budget's name.
+        steps: the resolved steps of the budget (``--steps`` applied): the second look's.
+        alpha: the verdict's level.
+
+    Raises:
+        UsageError: an explicit schedule that does not fit ``steps`` and ``alpha``.
+    """
+    if value is None or value == "off":
+        return None
+    if value == "auto":
+        own = BUDGET_SECOND_LOOK.get(budget)
+        if own is None or own[0] >= steps:
+            return None
+        return SecondLook(own[0], own[1] * alpha, own[2])
+    if isinstance(value, str):
+        raise UsageError(f"unknown second look {value!r}", "give auto, off or FIRST_STEPS:ALPHA_FIRST:CLEAN_ABOVE")
+    look = SecondLook(int(value[0]), float(value[1]), float(value[2]))
+    check_second_look(look, steps, alpha)
+    return look
 
 
 @dataclass(frozen=True)
@@ -163,6 +192,7 @@ class Verdict:
         p_values: each conclusive level's own p-value.
         alpha: the level the p-value was compared with.
         factor: the further correction in ``p_value`` (a two-look schedule's; 1 for one look).
+        looks: the looks the verdict took (2: a two-look schedule's first look was in doubt; else 1).
     """
 
     status: str
@@ -175,6 +205,7 @@ class Verdict:
     p_values: dict[str, float] = field(default_factory=dict)
     alpha: float = DEFAULT_ALPHA
     factor: float = 1.0
+    looks: int = 1
 
 
 @dataclass
@@ -372,7 +403,7 @@ def _two_looks(model: ModelWrapper, data: CleanData, cfg: ScanConfig, jobs: list
 
     def advance(item: tuple[Inversion, str], until: int | None) -> None:
         run, name = item
-        run.advance(until, _job_progress(name, stop, progress))
+        run.advance(until, _job_progress(name, stop, _look_progress(progress, until, final)))
 
     runs = [(Inversion(model, data, param, labels, cfg.inversion, cfg.device), name) for _, name, param in jobs]
     _run_all(pool, stop, lambda it: advance(it, sl.first_steps), runs)
@@ -389,7 +420,22 @@ def _two_looks(model: ModelWrapper, data: CleanData, cfg: ScanConfig, jobs: list
     gave = "was inconclusive" if p1 is None else f"gave {p1:.2g}"
     second = (f"second look after {final} steps (the first, after {sl.first_steps}, {gave}), "
               f"α {cfg.alpha - sl.alpha_first:g} of {cfg.alpha:g}")
-    return results, samples_used, combine(results, cfg.threshold, cfg.alpha, cfg.alpha / (cfg.alpha - sl.alpha_first), second)
+    verdict = combine(results, cfg.threshold, cfg.alpha, cfg.alpha / (cfg.alpha - sl.alpha_first), second)
+    return results, samples_used, replace(verdict, looks=2)
+
+
+def _look_progress(progress: ScanProgress | None, until: int | None, final: int) -> ScanProgress | None:
+    """Progress of one look: the first counts against its own steps (a scan that stops there ends at 100 %), the
+    second against the budget's; each names its look in the stats (``look``: 1 or 2)."""
+    if progress is None:
+        return None
+    if until is None:
+        return lambda name, done, total, st: progress(name, done, total, st | {"look": 2})
+
+    def first(name: str, done: int, total: int, st: dict[str, float]) -> None:
+        progress(name, min(done, total * until // final), total * until // final, st | {"steps": until, "look": 1})
+
+    return first
 
 
 def _mode_results(cfg: ScanConfig, jobs: list[tuple[str, str, TriggerParam]], outs: list[InversionResult],

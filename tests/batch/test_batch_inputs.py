@@ -92,7 +92,7 @@ def test_every_manifest_format_gives_the_same_jobs_with_rows_over_the_command_li
     assert a.request.settings.budget == "quick" and a.request.settings.seed == 5 and a.request.activations is False
     assert b.request.data == Path("cli.npz") and b.request.load.num_classes == 43 and b.request.load.trust_pickle
     assert b.request.settings.levels == ("patch",) and b.request.settings.steps == 7 and b.request.settings.budget == "smoke"
-    assert b.request.settings.second_look == (3, 0.005, 0.5) and a.request.settings.second_look is None
+    assert b.request.settings.second_look == (3, 0.005, 0.5) and a.request.settings.second_look == "auto"
     assert a.path.endswith("v/a.onnx") and a.slug != b.slug
     assert plans[".csv"].jobs[0].where == "a.csv line 2" and plans[".jsonl"].jobs[1].where == "a.jsonl line 3"
 
@@ -111,7 +111,8 @@ def test_every_manifest_format_gives_the_same_jobs_with_rows_over_the_command_li
     ("m.txt", "a.pt\n", ["unknown manifest format '.txt'"]),
     ("m.json", '[{"model": "a.pt", "levels": "pixel,voxel"}]', ["m.json row 1", "levels", "blend"]),
     ("m.json", '[{"model": "a.pt", "second_look": "30:0.005"}]', ["m.json row 1", "second_look", "not three values"]),
-    ("m.json", '[{"model": "a.pt", "second_look": "30:0.005:0.5"}]', ["m.json row 1", "does not fit 30 steps"]),
+    ("m.json", '[{"model": "a.pt", "second_look": "90:0.005:0.5"}]', ["m.json row 1", "does not fit 90 steps"]),
+    ("m.json", '[{"model": "a.pt", "second_look": "twice"}]', ["m.json row 1", "second_look", "auto, off or"]),
 ])
 def test_a_malformed_manifest_row_is_one_usage_error_naming_the_row(tmp_path: Path, name: str, text: str, needles: list[str]) -> None:
     m = tmp_path / name

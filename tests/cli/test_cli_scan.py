@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from bdscan.cli import app
-from bdscan.detect.config import BUDGETS
+from bdscan.detect.config import BUDGET_SECOND_LOOK, BUDGETS
 from tests.conftest import TARGET
 
 runner = CliRunner()
@@ -91,6 +91,9 @@ def test_ci_budgets_flag_the_planted_backdoor(name: str, tiny_bd, tmp_path: Path
     got = doc["config"]["inversion"]
     assert (got["steps"], got["samples"], got["batch_size"], got["batches_per_step"], got["lr"]) == (
         want.steps, want.samples, want.batch_size, want.batches_per_step, want.lr)
+    own = BUDGET_SECOND_LOOK.get(name)  # the budget's two-look schedule, resolved against alpha, is in the document
+    assert doc["config"]["second_look"] == (None if own is None else {
+        "first_steps": own[0], "alpha_first": pytest.approx(own[1] * doc["config"]["alpha"]), "clean_above": own[2]})
 
 
 def test_clean_model_exit_0(tiny_clean) -> None:
@@ -255,6 +258,12 @@ def test_second_look_reaches_the_scan_and_a_bad_one_is_a_one_line_usage_error(ti
     doc = json.loads(js.read_text())
     assert doc["config"]["second_look"] == {"first_steps": 12, "alpha_first": 0.005, "clean_above": 0.5}
     assert "look after" in doc["verdict"]["reason"]
+    # the smoke budget has no schedule of its own: "auto" (the default) looks once, as "off" does
+    for value in ("auto", "off"):
+        code, output = run("scan", tiny_bd.model, "--data", tiny_bd.data, *SMOKE, "--second-look", value, "--json", js)
+        assert code in (0, 1), output
+        doc = json.loads(js.read_text())
+        assert doc["config"]["second_look"] is None and "look after" not in doc["verdict"]["reason"]
     for bad, says in (("30:0.005:0.5", "does not fit 20 steps"), ("12:0.06:0.5", "does not fit"), ("12:0.005", "not three"),
                       ("a:b:c", "not a step count")):
         code, output = run("scan", tiny_bd.model, "--data", tiny_bd.data, *SMOKE, "--second-look", bad)

@@ -86,3 +86,29 @@ def test_planned_steps_is_zero_without_neural_cleanse(tiny_bd) -> None:  # type:
     configs = configure(settings, ("neural-cleanse",))
     plan = ScanPlan(lm, tiny_bd.tiny.data, Path("d"), settings, ("neural-cleanse",), configs, "fp32")
     assert planned_steps(plan) == 2 * 10 * 3
+
+
+class _Looks(_Recorder):
+    def progress(self, task: str, done: int, total: int, stats: dict[str, float]) -> None:
+        self.calls.append((task, done, total, stats.get("look"), stats.get("steps")))  # type: ignore[arg-type]
+
+
+def test_a_two_look_scan_plans_its_first_look_and_the_bar_names_each_look(tiny_bd) -> None:  # type: ignore[no-untyped-def]
+    lm = load_model(tiny_bd.model)
+    # alpha_first tiny, clean_above 1: the first look can neither flag nor stop, so the scan looks twice
+    settings = ScanSettings(budget="smoke", steps=6, samples=48, levels=("pixel",), second_look=(2, 1e-300, 1.0))
+    rec = _Looks()
+    scan_loaded(lm, tiny_bd.tiny.data, Path("data"), settings, activations=False, events=rec)
+    assert rec.plan is not None and planned_steps(rec.plan) == 10 * 2  # the first look's label-steps
+    first = [c for c in rec.calls if c[3] == 1]
+    second = [c for c in rec.calls if c[3] == 2]
+    assert first and second and rec.calls == first + second
+    assert {(t, s) for _, _, t, _, s in first} == {(20, 2)} and first[-1][1] == 20  # the first look fills its own total
+    assert {t for _, _, t, _, _ in second} == {60} and second[-1][1] == 60
+    bar = Progress(console=Console(file=io.StringIO()), auto_refresh=False)
+    ev = ConsoleEvents(bar, quiet=True)
+    ev.expected = planned_steps(rec.plan)
+    ev.progress("pixel", first[0][1], first[0][2], {"look": 1})
+    assert bar.tasks[0].description == "first look" and bar.tasks[0].total == 20
+    ev.progress("pixel", second[0][1], second[0][2], {"look": 2})
+    assert bar.tasks[0].description.startswith("second look") and bar.tasks[0].total == 60

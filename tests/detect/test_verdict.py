@@ -83,3 +83,13 @@ def test_bdscan_report_still_reads_schema_1(tmp_path: Path) -> None:
     ev = DETECTORS["neural-cleanse"].evidence_from_doc(doc)
     assert ev is not None and ev.p_value is None and (ev.status, ev.target) == (doc["verdict"]["status"], doc["verdict"]["target"])
     assert "anomaly index" in verdict_line(doc)
+
+
+def test_the_verdict_line_names_the_look_that_decided() -> None:
+    v = {"status": "backdoor", "target": 9, "target_name": "truck", "p_value": 0.029, "alpha": 0.05, "basis": "pixel",
+         "anomaly_index": 2.59, "looks": 1}
+    cfg = {"second_look": {"first_steps": 30, "alpha_first": 0.02, "clean_above": 0.5}, "inversion": {"steps": 90}}
+    assert "(pixel level, first look after 30 steps, anomaly index 2.59)" in verdict_line({"verdict": v, "config": cfg})
+    clean = v | {"status": "clean", "p_value": 0.4, "looks": 2}
+    assert "second look after 90 steps" in verdict_line({"verdict": clean, "config": cfg})
+    assert "look" not in verdict_line({"verdict": v, "config": {"second_look": None}})  # one look: nothing to say
