@@ -381,7 +381,7 @@ def run_replay_steps(args: argparse.Namespace) -> None:
         for r in rows:
             lv = levels_at(r, steps)
             if lv is not None:
-                judged.append(replay(r | {"levels": lv}, levels, dets, args.alpha))
+                judged.append(replay(r | {"levels": lv}, levels, dets, args.alpha) | {"looks": None})  # one look at S steps
         print(f"### {steps} steps ({len(judged)} of {len(rows)} scans recorded that long)\n")
         print_summary(judged)
         print()
@@ -429,10 +429,11 @@ def run_replay_two_look(args: argparse.Namespace) -> None:
     judged = [j for j in (two_look(r, s1, s2, a1, c, args.alpha, levels, dets) for r in rows) if j is not None]
     print(f"Replayed from {args.out}: {len(judged)} of {len(rows)} scans recorded for {s2} steps; two looks: {s1} steps "
           f"(flag at p <= {a1:g}, clean at p > {c:g}), else {s2} steps at alpha {args.alpha - a1:g}\n")
-    for name, rs in (("one look, " + str(s1) + " steps", [replay(r | {"levels": levels_at(r, s1)}, levels, dets, args.alpha)
-                                                          for r in rows if levels_at(r, s2) is not None]),
-                     ("one look, " + str(s2) + " steps", [replay(r | {"levels": levels_at(r, s2)}, levels, dets, args.alpha)
-                                                          for r in rows if levels_at(r, s2) is not None]),
+    def once(steps: int) -> list[dict]:  # one look at ``steps``, over the scans recorded for s2 steps
+        return [replay(r | {"levels": levels_at(r, steps)}, levels, dets, args.alpha) | {"looks": None}
+                for r in rows if levels_at(r, s2) is not None]
+
+    for name, rs in ((f"one look, {s1} steps", once(s1)), (f"one look, {s2} steps", once(s2)),
                      ("two looks", judged)):
         print(f"### {name}\n")
         print_summary(rs)
