@@ -130,6 +130,9 @@ def plan_lines(plan: ScanPlan) -> list[str]:
     if plan.detectors != ("neural-cleanse",):
         lines.append(f"detectors: {', '.join(plan.detectors)}")
     nc = plan.configs.get("neural-cleanse")
+    if nc is not None and nc.second_look is not None:
+        lines.append(f"two looks: a verdict after {nc.second_look.first_steps} steps, and after {nc.inversion.steps} only "
+                     f"if that one is in doubt (p between {nc.second_look.alpha_first:g} and {nc.second_look.clean_above:g})")
     if nc is not None and "patch" in nc.modes:
         grid = info.token_grid
         sweep = "/".join(map(str, nc.cnn_patch_sizes))

@@ -257,6 +257,7 @@ def test_second_look_reaches_the_scan_and_a_bad_one_is_a_one_line_usage_error(ti
     assert code in (0, 1), output
     doc = json.loads(js.read_text())
     assert doc["config"]["second_look"] == {"first_steps": 12, "alpha_first": 0.005, "clean_above": 0.5}
+    assert "two looks: a verdict after 12 steps, and after 20 only if that one is in doubt" in output  # the plan says so
     assert "look after" in doc["verdict"]["reason"]
     # the smoke budget has no schedule of its own: "auto" (the default) looks once, as "off" does
     for value in ("auto", "off"):
