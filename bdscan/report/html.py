@@ -113,7 +113,7 @@ def _verdict(doc: dict[str, Any], names: list[str]) -> dict[str, Any]:
         else:
             truth = ("bad", f"This lab model was poisoned towards {class_label(names, true_t)}, but the scan did not flag it.")
     pickle = dig(doc, "model", "pickle_scan")
-    return {"status": status, "title": title, "tone": tone, "target": target,
+    return {"status": status, "title": title, "tone": tone, "target": target, "look": _look_words(doc),
             "target_name": v.get("target_name") or (names[target] if isinstance(target, int) and target < len(names) else None),
             "anomaly_index": v.get("anomaly_index"), "basis": v.get("basis"), "agree": v.get("modes_agree"),
             "threshold": thr, "reason": v.get("reason") or "", "meaning": meaning, "todo": todo, "modes": per_mode,
@@ -123,6 +123,20 @@ def _verdict(doc: dict[str, Any], names: list[str]) -> dict[str, Any]:
             "levels": sum(1 for md in per_mode if md["p"] is not None), "detector": dig(v, "decided_by", "detector"),
             "disagree": [f"{d.get('detector')} names {class_label(names, d.get('target'))}" for d in v.get("disagree") or []
                          if isinstance(d, dict)]}
+
+
+def _look_words(doc: dict[str, Any]) -> str | None:
+    """How a two-look schedule enters the corrected p-value (docs/verdict.md), or None for one look."""
+    look, looks = dig(doc, "config", "second_look"), dig(doc, "verdict", "looks")
+    alpha, steps = dig(doc, "config", "alpha"), dig(doc, "config", "inversion", "steps")
+    if not look or looks not in (1, 2) or not alpha:
+        return None
+    a1, first = float(look["alpha_first"]), look["first_steps"]
+    if looks == 1:
+        return (f", then by {alpha / a1:.3g} for the two-look schedule: this verdict is its first look's, after {first} of "
+                f"{steps} steps, which may spend {a1:.3g} of α")
+    return (f", then by {alpha / (alpha - a1):.3g} for the two-look schedule: the first look, after {first} steps, was in "
+            f"doubt, so every class ran on to {steps} steps, and this second look spends the remaining {alpha - a1:.3g} of α")
 
 
 def _repair_todo(doc: dict[str, Any]) -> list[tuple[str, str | None]]:

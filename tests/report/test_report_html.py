@@ -276,3 +276,17 @@ def test_deterministic_and_from_dir(flagged_doc: dict[str, Any], tmp_path) -> No
 def test_safe_image(uri: Any, ok: bool) -> None:
     assert (safe_image(uri) is not None) is ok
 
+
+
+def test_the_verdict_explains_a_two_look_correction(flagged_doc: dict[str, Any]) -> None:
+    doc = copy.deepcopy(flagged_doc)
+    assert "two-look" not in render_html(doc)  # one look: nothing to explain
+    doc["config"]["second_look"] = {"first_steps": 30, "alpha_first": 0.02, "clean_above": 0.5}
+    doc["config"]["alpha"] = 0.05
+    doc["config"]["inversion"]["steps"] = 90
+    doc["verdict"]["looks"] = 1
+    text = html_lib.unescape(render_html(doc))
+    assert "then by 2.5 for the two-look schedule: this verdict is its first look's, after 30 of 90 steps" in text
+    doc["verdict"]["looks"] = 2
+    text = html_lib.unescape(render_html(doc))
+    assert "then by 1.67 for the two-look schedule: the first look, after 30 steps, was in doubt" in text
