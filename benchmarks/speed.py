@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import resource
+from dataclasses import astuple
 from pathlib import Path
 
 from benchmarks.common import (
@@ -76,7 +77,7 @@ def child(model: str, which: str, labels: list[int] | None, threads: int, device
             "labels": len(cfg.labels) if cfg.labels else info.num_classes,
             "num_classes": info.num_classes, "peak_rss_mb": round(rss_mb), "verdict": f.verdict.status,
             "target": f.verdict.target, "true_target": true_target(lm), "looks": f.verdict.looks,
-            "second_look": None if f.config.second_look is None else list(vars(f.config.second_look).values()),
+            "second_look": None if f.config.second_look is None else list(astuple(f.config.second_look)),
             "ai": {m: round(r.anomaly.anomaly_index, 2) for m, r in f.modes.items()}, "precision": f.config.inversion.precision,
             "min_label": {m: r.anomaly.min_label for m, r in f.modes.items()}}
 
