@@ -18,7 +18,6 @@ import typer
 from rich.table import Table
 
 from bdscan import __version__
-from bdscan.commands import batch as batch_commands
 from bdscan.commands import guard as guard_commands
 from bdscan.commands import lab as lab_commands
 from bdscan.commands import repair as repair_commands
@@ -46,9 +45,7 @@ from bdscan.commands.common import (
     run_guarded,
 )
 from bdscan.console import ConsoleEvents, out, print_inspection, print_scan, progress_bar
-from bdscan.detect import DETECTORS, ScanSettings, parse_detectors
-from bdscan.detect.base import DEFAULT_ALPHA
-from bdscan.detect.config import BUDGETS, DEFAULT_BUDGET, parse_second_look
+from bdscan.detect.config import BUDGETS, DEFAULT_ALPHA, DEFAULT_BUDGET, parse_second_look
 
 _BUDGET_HELP = f"{', '.join(BUDGETS)} (default {DEFAULT_BUDGET}; original = Neural Cleanse's own schedule)."
 
@@ -126,6 +123,8 @@ def detectors_cmd(as_json: Annotated[bool, typer.Option("--json", help="Print JS
     """List the registered detectors (one line each); choose with `bdscan scan --detectors NAME[,NAME]`."""
 
     def body() -> int:
+        from bdscan.detect import DETECTORS
+
         rows = [{"name": d.name, "title": d.title, "summary": d.summary, "reference": d.reference,
                  "sarif_rule": d.sarif_rule.get("id")} for d in DETECTORS.values()]
         if as_json:
@@ -225,10 +224,13 @@ def scan_cmd(
     Several models: 1 if any is a finding, else 3 if any could not be scanned, else 0.
     """
     opts = dict(locals())  # every option by name: a batch's defaults
+    from bdscan.commands import batch as batch_commands  # here, not at the top: it imports torch (and Ray's glue)
+
     if batch_commands.wanted(model, manifest):
         run_guarded(lambda: batch_commands.scan_batch(opts))
 
     def body() -> int:
+        from bdscan.detect import ScanSettings, parse_detectors
         from bdscan.pipeline import Outputs, ScanRequest, run_scan
 
         settings = ScanSettings(budget=budget_name, levels=levels_of(levels, mode), threshold=threshold, alpha=alpha,

@@ -1,6 +1,7 @@
 """What the command line shows: rich consoles, progress bars and the tables of a scan, an inspection and a repair.
 
 Only the CLI imports this module; the library reports through :class:`bdscan.pipeline.ScanEvents` and logging.
+It imports no torch, so that ``bdscan --help`` is quick: what needs the report modules imports them where it is used.
 """
 
 from __future__ import annotations
@@ -15,9 +16,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from bdscan.pipeline import ScanEvents, ScanPlan
-from bdscan.report.charts import size_words
-from bdscan.report.suggest import repair_command
+from bdscan.events import ScanEvents, ScanPlan
 
 # soft_wrap: a verdict or error line is never broken, so pipelines can grep it
 out = Console(highlight=False, soft_wrap=True)
@@ -197,6 +196,9 @@ def _p(p: float) -> str:
 
 def print_scan(doc: dict[str, Any], quiet: bool) -> None:
     """The console verdict and, unless quiet, the per-class tables of each Neural Cleanse level."""
+    from bdscan.report.charts import size_words
+    from bdscan.report.suggest import repair_command
+
     line = verdict_line(doc)
     if quiet:
         out.print(line)

@@ -23,6 +23,8 @@ from bdscan.data import CleanData, load_clean_data
 from bdscan.detect import DEFAULT_DETECTORS, CombinedVerdict, DetectorResult, ScanSettings, combine, get_detector
 from bdscan.detect.inversion import bf16_emulated, resolve_precision
 from bdscan.errors import UnsafeModelError, UsageError
+from bdscan.events import ScanEvents as ScanEvents  # re-exported: callers subclass it from here
+from bdscan.events import ScanPlan as ScanPlan
 from bdscan.io import LoadedModel, LoadOptions, load_model
 from bdscan.io.base import sha256_file
 from bdscan.models.cost import estimate_seconds
@@ -81,37 +83,6 @@ class ScanRequest:
     samples_per_class: int | None = None
     activations: bool = True
     outputs: Outputs = field(default_factory=Outputs)
-
-
-@dataclass(frozen=True)
-class ScanPlan:
-    """What a scan is about to do, for a caller to show before the long part starts."""
-
-    model: LoadedModel
-    data: CleanData
-    data_path: Path
-    settings: ScanSettings
-    detectors: tuple[str, ...]
-    configs: Mapping[str, Any]
-    precision: str
-    #: at most this many seconds of detection, from the model's FLOPs and a measured rate (None: short, or unknown)
-    estimate_s: float | None = None
-
-
-class ScanEvents:
-    """Callbacks of a running scan; the default ignores them all. Callers override what they show.
-
-    ``progress`` is called from the detectors' worker threads.
-    """
-
-    def planned(self, plan: ScanPlan) -> None:
-        """The model and data are loaded and the detectors configured; detection starts next."""
-
-    def progress(self, task: str, done: int, total: int, stats: dict[str, float]) -> None:
-        """``task`` (e.g. a Neural Cleanse level) has done ``done`` of ``total`` units."""
-
-    def warning(self, message: str) -> None:
-        """Something the user should know (shown even in quiet mode)."""
 
 
 @dataclass

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from enum import Enum
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.markup import escape
@@ -24,7 +24,9 @@ from rich.markup import escape
 from bdscan.console import err
 from bdscan.detect.config import PRECISIONS, parse_levels
 from bdscan.errors import BdscanError, LoadError, NumericalError, UnsafeModelError, UsageError, first_line
-from bdscan.io import LoadOptions
+
+if TYPE_CHECKING:
+    from bdscan.io import LoadOptions
 
 EXIT_CLEAN, EXIT_FINDING, EXIT_USAGE, EXIT_LOAD, EXIT_INTERNAL = 0, 1, 2, 3, 4
 #: domain error class -> exit code (first match in MRO order wins)
@@ -130,6 +132,8 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="cpu or cuda.")]
 def load_options(arch: str | None, num_classes: int | None, input_size: str | None, mean: str | None, std: str | None,
                  scale: float | None, patch_size: int | None, trust_pickle: bool) -> LoadOptions:
     """The model-loading options, validated."""
+    from bdscan.io import LoadOptions
+
     if num_classes is not None and num_classes < 2:
         raise UsageError(f"--num-classes {num_classes} is too small", "a classifier has at least 2 classes")
     if patch_size is not None and patch_size < 1:

@@ -29,7 +29,7 @@ from bdscan.commands.common import (
 from bdscan.console import ConsoleEvents, out, print_repair, progress_bar, progress_callback, warn
 from bdscan.detect.config import DEFAULT_BUDGET
 from bdscan.errors import UsageError
-from bdscan.repair.core import RepairConfig
+from bdscan.repair.config import RepairConfig
 
 _DEFAULTS = RepairConfig()
 

@@ -5,7 +5,8 @@ A detector (captum's "one verb per algorithm family") is an object with a name a
 and returns a :class:`DetectorResult`. It knows nothing of files, the CLI or report formats.
 
 Adding a detector is one new module that defines the class and registers it with :func:`register_detector`
-(timm's ``@register_model`` pattern), plus its import in :mod:`bdscan.detect` so that the registration runs.
+(timm's ``@register_model`` pattern); a built-in one is also named in :data:`BUILTIN_DETECTORS`, so that the
+registry imports it (and so registers it) the first time it is read.
 Everything the reports show of it comes from what its result returns:
 
 * :meth:`DetectorResult.section`: its section of the scan document, stored under :attr:`Detector.json_key`;
@@ -17,8 +18,9 @@ Everything the reports show of it comes from what its result returns:
 
 from __future__ import annotations
 
+import importlib
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -26,7 +28,7 @@ import numpy as np
 import torch
 
 from bdscan.data import CleanData
-from bdscan.detect.config import MODES
+from bdscan.detect.config import ALPHA_PROVISIONAL, DEFAULT_ALPHA, MODES
 from bdscan.errors import UsageError
 from bdscan.jsonnum import json_number
 from bdscan.models.wrapper import ModelWrapper
@@ -34,11 +36,10 @@ from bdscan.models.wrapper import ModelWrapper
 #: the verdicts a detector (and the combined scan) can reach
 STATUSES = ("backdoor", "clean", "inconclusive")
 
-#: the default level of the combined verdict: provisional, until it is chosen on the calibration half of an
-#: evaluation zoo (issue 24); every scan document says so (``verdict.alpha_provisional``)
-DEFAULT_ALPHA = 0.05
-#: whether :data:`DEFAULT_ALPHA` was chosen on calibration data
-ALPHA_PROVISIONAL = True
+__all__ = ["ALPHA_PROVISIONAL", "BUILTIN_DETECTORS", "COMBINE_RULE", "DEFAULT_ALPHA", "DEFAULT_DETECTORS", "DETECTORS",
+           "STATUSES", "CombinedVerdict", "Detector", "DetectorProgress", "DetectorRegistry", "DetectorResult", "Evidence",
+           "ScanSettings", "combine", "detectors_in", "get_detector", "p_number", "parse_detectors", "register_detector"]
+
 #: the name of the rule :func:`combine` applies, as the scan document records it (docs/verdict.md)
 COMBINE_RULE = "bonferroni-min-p"
 
@@ -210,7 +211,67 @@ class Detector:
                         None if ev.get("p_value") is None else float(ev["p_value"]))
 
 
-DETECTORS: dict[str, Detector] = {}
+#: the built-in detectors' modules, in registry order (Neural Cleanse first, so that its SARIF rule BDS001 stays first).
+#: They are imported by the registry rather than by this package's ``__init__`` (modelscan names its scanners by
+#: module path the same way), so that reading a budget or the command line's help does not import torch's models.
+BUILTIN_DETECTORS: tuple[str, ...] = ("bdscan.detect.neural_cleanse", "bdscan.detect.mmbd")
+
+
+class DetectorRegistry(MutableMapping[str, "Detector"]):
+    """Name -> detector: the built-in detectors first (in :data:`BUILTIN_DETECTORS` order), then plug-ins in the
+    order they registered; the built-in modules are imported on the first read.
+
+    A plug-in registers with :func:`register_detector` (which calls :meth:`add`). Reading the registry in any way
+    (``DETECTORS[name]``, ``in``, iteration, ``len``) first imports :data:`BUILTIN_DETECTORS`, so that the
+    built-ins are there whichever module was imported first; their place in the order does not depend on which
+    was imported first either.
+    """
+
+    def __init__(self, builtins: tuple[str, ...]) -> None:
+        self._items: dict[str, Detector] = {}
+        self._builtins = builtins
+        self._loaded = False
+
+    def _load(self) -> None:
+        if not self._loaded:
+            self._loaded = True  # first: each built-in's registration reads the registry again
+            for module in self._builtins:
+                importlib.import_module(module)
+
+    def _rank(self, name: str) -> int:
+        module = type(self._items[name]).__module__
+        return self._builtins.index(module) if module in self._builtins else len(self._builtins)
+
+    def add(self, detector: Detector) -> None:
+        """Registers ``detector`` under its name (without importing the built-ins: a built-in calls this)."""
+        self._items[detector.name] = detector
+
+    def __getitem__(self, name: str) -> Detector:
+        self._load()
+        return self._items[name]
+
+    def __setitem__(self, name: str, detector: Detector) -> None:
+        self._load()
+        self._items[name] = detector
+
+    def __delitem__(self, name: str) -> None:
+        self._load()
+        del self._items[name]
+
+    def __iter__(self) -> Iterator[str]:
+        self._load()
+        return iter(sorted(self._items, key=self._rank))  # sorted() is stable: plug-ins keep their order
+
+    def __len__(self) -> int:
+        self._load()
+        return len(self._items)
+
+    def __repr__(self) -> str:
+        return f"DetectorRegistry({list(self)!r})"
+
+
+#: every registered detector, by name
+DETECTORS = DetectorRegistry(BUILTIN_DETECTORS)
 #: the detectors a scan runs when none are named
 DEFAULT_DETECTORS: tuple[str, ...] = ("neural-cleanse",)
 
@@ -222,7 +283,7 @@ def register_detector(cls: type[Detector]) -> type[Detector]:
     clash = [d.name for d in DETECTORS.values() if d.json_key == cls.json_key and d.name != cls.name]
     if clash:
         raise ValueError(f"{cls.__name__}: json_key {cls.json_key!r} is already used by {clash[0]}")
-    DETECTORS[cls.name] = cls()
+    DETECTORS.add(cls())
     return cls
 
 

@@ -7,6 +7,12 @@ from typing import Any
 
 from bdscan.errors import UsageError
 
+#: the default level of the combined verdict: provisional, until it is chosen on the calibration half of an
+#: evaluation zoo (issue 24); every scan document says so (``verdict.alpha_provisional``)
+DEFAULT_ALPHA = 0.05
+#: whether :data:`DEFAULT_ALPHA` was chosen on calibration data
+ALPHA_PROVISIONAL = True
+
 #: images per batched forward and per torch thread on a CPU: past it a chunk's activations outgrow the core's
 #: caches and throughput falls (measured: benchmarks/README.md, "Label chunks (adopted)")
 CPU_CHUNK_IMAGES_PER_THREAD = 32

@@ -3,8 +3,9 @@ or pruning (zeroing the penultimate neurons the trigger excites), as in Neural C
 section VI), then exporting the repaired model with a provenance record.
 
 :mod:`bdscan.repair.core` holds what every method shares and the method table; each method is one module that
-registers itself (:mod:`~bdscan.repair.unlearn`, :mod:`~bdscan.repair.prune`); a new method is one new module
-plus its import below.
+registers itself (:mod:`~bdscan.repair.unlearn`, :mod:`~bdscan.repair.prune`) and is named in
+:data:`bdscan.repair.config.BUILTIN_METHODS`. The package's names are imported on first use (PEP 562), so that
+:mod:`bdscan.repair.config` can be read without importing torch.
 
 Typical use (what ``bdscan repair`` does)::
 
@@ -15,30 +16,33 @@ Typical use (what ``bdscan repair`` does)::
     doc["repair"] = result.to_dict()
 """
 
-# isort: off
-# Importing a method module registers it; registration order = the order the methods are listed in.
-from bdscan.repair.unlearn import unlearn
-from bdscan.repair.prune import find_classifier, prune_neurons
+from __future__ import annotations
 
-# isort: on
-from bdscan.repair.checks import Check, measure
-from bdscan.repair.core import (
-    RepairConfig,
-    RepairMethod,
-    RepairProgress,
-    RepairResult,
-    get_method,
-    register_method,
-    repair,
-    repair_methods,
-    split_data,
-    trigger_summary,
-)
-from bdscan.repair.export import SUFFIXES, ExportError, OutOfToleranceError, export_repaired, provenance
-from bdscan.repair.triggers import reversed_trigger_from_findings, reversed_trigger_from_scan, trigger_from_file
+import importlib
+from typing import TYPE_CHECKING, Any
 
-#: the registered repair methods' names
-METHODS = tuple(repair_methods())
+if TYPE_CHECKING:
+    from bdscan.repair.checks import Check, measure
+    from bdscan.repair.config import RepairConfig, RepairMethod, RepairProgress, get_method, register_method, repair_methods
+    from bdscan.repair.core import RepairResult, repair, split_data, trigger_summary
+    from bdscan.repair.export import SUFFIXES, ExportError, OutOfToleranceError, export_repaired, provenance
+    from bdscan.repair.prune import find_classifier, prune_neurons
+    from bdscan.repair.triggers import reversed_trigger_from_findings, reversed_trigger_from_scan, trigger_from_file
+    from bdscan.repair.unlearn import unlearn
+
+#: where each public name lives
+_WHERE = {
+    "Check": "checks", "measure": "checks",
+    "RepairConfig": "config", "RepairMethod": "config", "RepairProgress": "config", "get_method": "config",
+    "register_method": "config", "repair_methods": "config",
+    "RepairResult": "core", "repair": "core", "split_data": "core", "trigger_summary": "core",
+    "SUFFIXES": "export", "ExportError": "export", "OutOfToleranceError": "export", "export_repaired": "export",
+    "provenance": "export",
+    "find_classifier": "prune", "prune_neurons": "prune",
+    "reversed_trigger_from_findings": "triggers", "reversed_trigger_from_scan": "triggers",
+    "trigger_from_file": "triggers",
+    "unlearn": "unlearn",
+}
 
 __all__ = [
     "METHODS",
@@ -66,3 +70,17 @@ __all__ = [
     "trigger_summary",
     "unlearn",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "METHODS":  # the registered repair methods' names
+        from bdscan.repair.config import repair_methods
+
+        return tuple(repair_methods())
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"bdscan.repair.{_WHERE[name]}"), name)
+    raise AttributeError(f"module 'bdscan.repair' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

@@ -9,7 +9,7 @@ import pytest
 from bdscan.data import CleanData
 from bdscan.errors import UsageError
 from bdscan.models.wrapper import ModelWrapper
-from bdscan.repair import METHODS, RepairConfig, RepairProgress, core, register_method, repair, repair_methods
+from bdscan.repair import METHODS, RepairConfig, RepairProgress, config, register_method, repair, repair_methods
 from bdscan.repair.core import finish, working_copy
 from bdscan.trigger import Trigger
 
@@ -24,7 +24,7 @@ def test_an_unknown_method_lists_the_registered_ones() -> None:
 
 
 def test_a_new_method_is_one_registered_function(tiny_bd, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
-    monkeypatch.setattr(core, "_METHODS", dict(core._METHODS))
+    monkeypatch.setattr(config, "_METHODS", dict(config._METHODS))
     seen: dict[str, Any] = {}
 
     @register_method("copy")
