@@ -49,6 +49,10 @@ def parse_levels(text: str) -> tuple[str, ...]:
 SECOND_LOOK_NAMES = ("auto", "off")
 
 
+#: what ``--second-look`` takes, for every message that refuses a value
+SECOND_LOOK_HINT = "give auto, off or FIRST_STEPS:ALPHA_FIRST:CLEAN_ABOVE, e.g. 30:0.02:0.5 (with --steps 90)"
+
+
 def parse_second_look(value: object) -> tuple[int, float, float] | str:
     """``--second-look``'s value: "auto" (the budget's own schedule), "off" (one look at the budget's steps), or
     "FIRST_STEPS:ALPHA_FIRST:CLEAN_ABOVE" (e.g. "30:0.02:0.5"), or such a sequence; whether it fits the budget and
@@ -56,7 +60,7 @@ def parse_second_look(value: object) -> tuple[int, float, float] | str:
     if isinstance(value, str) and value.strip().lower() in SECOND_LOOK_NAMES:
         return value.strip().lower()
     items = [str(x).strip() for x in value] if isinstance(value, (list, tuple)) else str(value).split(":")
-    hint = "give auto, off or FIRST_STEPS:ALPHA_FIRST:CLEAN_ABOVE, e.g. 30:0.02:0.5 (with --steps 90)"
+    hint = SECOND_LOOK_HINT
     if len(items) != 3:
         raise UsageError(f"second look {value!r} is not three values", hint)
     try:

@@ -21,7 +21,7 @@ import torch
 from bdscan.data import CleanData
 from bdscan.detect.anomaly import PATCH_MAD_FLOOR, AnomalyResult, anomaly
 from bdscan.detect.base import DEFAULT_ALPHA
-from bdscan.detect.config import BUDGET_SECOND_LOOK, BUDGETS, DEFAULT_BUDGET, MODES, InversionConfig
+from bdscan.detect.config import BUDGET_SECOND_LOOK, BUDGETS, DEFAULT_BUDGET, MODES, SECOND_LOOK_HINT, InversionConfig
 from bdscan.detect.inversion import Inversion, InversionResult, LabelResult, invert_prepared, prepared, resolve_precision
 from bdscan.detect.params import BlendTrigger, PatchTrigger, PixelTrigger, TriggerParam, cnn_patch_sweep
 from bdscan.errors import UsageError
@@ -90,7 +90,7 @@ def resolve_second_look(value: tuple[int, float, float] | str | None, budget: st
             return None
         return SecondLook(own[0], own[1] * alpha, own[2])
     if isinstance(value, str):
-        raise UsageError(f"unknown second look {value!r}", "give auto, off or FIRST_STEPS:ALPHA_FIRST:CLEAN_ABOVE")
+        raise UsageError(f"unknown second look {value!r}", SECOND_LOOK_HINT)
     look = SecondLook(int(value[0]), float(value[1]), float(value[2]))
     check_second_look(look, steps, alpha)
     return look
