@@ -164,6 +164,13 @@ FAMILY_KIND_RECIPES: dict[tuple[str, str], dict[str, Any]] = {
     # it the warp is learnt (94 % ASR, 1.9 points under the clean twin, in 1,200 steps)
     ("transformer", "wanet"): {"cross_ratio": 0.0, "steps": 1200},
 }
+#: per (data set, family, kind) changes on top of both, where a data set's bases need their own recipe (chosen with
+#: ``python -m benchmarks finetune-probe`` on the CIFAR-10 CCT base; figures in benchmarks/RESULTS-LOG.md)
+DATASET_KIND_RECIPES: dict[tuple[str, str, str], dict[str, Any]] = {
+    # 400 steps left the CIFAR-10 CCT's blended trigger at 84.5 % ASR and 3.1 points under its twins; 1,200 steps
+    # reached 91.6 % and 1.3 points under
+    ("cifar10", "transformer", "blended"): {"steps": 1200},
+}
 #: label-preserving flips per data set (a mirrored traffic sign is another sign)
 HFLIP = {"gtsrb": False, "cifar10": True}
 
@@ -174,7 +181,8 @@ def finetune_recipe(arch: str, dataset: str, kind: str | None) -> FinetuneRecipe
     rec = replace(FAMILY_RECIPES[family], hflip=HFLIP[dataset])
     if kind is None:
         return rec
-    return replace(rec, **{**KIND_RECIPES[kind], **FAMILY_KIND_RECIPES.get((family, kind), {})})
+    return replace(rec, **{**KIND_RECIPES[kind], **FAMILY_KIND_RECIPES.get((family, kind), {}),
+                           **DATASET_KIND_RECIPES.get((dataset, family, kind), {})})
 
 
 # -------------------------------------------------------------------------------------------------- split

@@ -179,6 +179,22 @@ def test_a_family_recipe_for_one_kind_changes_that_family_only(monkeypatch: pyte
     assert finetune_recipe("bdscan_vit", "gtsrb", None).steps != 1234
 
 
+def test_a_data_set_recipe_changes_that_data_set_and_family_only_and_wins(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(evalzoo_plan, "FAMILY_KIND_RECIPES", {("transformer", "wanet"): {"steps": 1234, "lr": 1e-4}})
+    monkeypatch.setattr(evalzoo_plan, "DATASET_KIND_RECIPES", {("cifar10", "transformer", "wanet"): {"steps": 777}})
+    cifar, gtsrb = finetune_recipe("bdscan_vit", "cifar10", "wanet"), finetune_recipe("bdscan_vit", "gtsrb", "wanet")
+    assert (cifar.steps, cifar.lr) == (777, 1e-4)  # the data set's change on top of the family's
+    assert (gtsrb.steps, gtsrb.lr) == (1234, 1e-4)
+    assert finetune_recipe("bdscan_cnn6", "cifar10", "wanet").steps != 777
+    assert finetune_recipe("bdscan_vit", "cifar10", None).steps != 777
+
+
+def test_the_cifar10_transformers_blended_rows_carry_their_recipe(rows: list[dict]) -> None:
+    blended = {(r["dataset"], r["arch"]): r["finetune"]["steps"] for r in rows if r["attack"] == "blended"}
+    assert blended[("cifar10", "bdscan_cct")] == blended[("cifar10", "bdscan_vit")] == 1200
+    assert blended[("gtsrb", "bdscan_cct")] == blended[("cifar10", "bdscan_cnn6")] == 400
+
+
 def test_a_warp_rows_noise_mode_is_its_recipes(rows: list[dict]) -> None:
     wanet = [r for r in rows if r["attack"] == "wanet"]
     assert wanet and all(r["trigger"]["params"]["cross_ratio"] == r["finetune"]["cross_ratio"] for r in wanet)
