@@ -189,10 +189,11 @@ def test_a_data_set_recipe_changes_that_data_set_and_family_only_and_wins(monkey
     assert finetune_recipe("bdscan_vit", "cifar10", None).steps != 777
 
 
-def test_the_cifar10_transformers_blended_rows_carry_their_recipe(rows: list[dict]) -> None:
-    blended = {(r["dataset"], r["arch"]): r["finetune"]["steps"] for r in rows if r["attack"] == "blended"}
-    assert blended[("cifar10", "bdscan_cct")] == blended[("cifar10", "bdscan_vit")] == 1200
-    assert blended[("gtsrb", "bdscan_cct")] == blended[("cifar10", "bdscan_cnn6")] == 400
+@pytest.mark.parametrize("kind", ["blended", "issba"])
+def test_the_cifar10_transformers_rows_carry_their_recipe(rows: list[dict], kind: str) -> None:
+    steps = {(r["dataset"], r["arch"]): r["finetune"]["steps"] for r in rows if r["attack"] == kind}
+    assert steps[("cifar10", "bdscan_cct")] == steps[("cifar10", "bdscan_vit")] == 1200
+    assert steps[("gtsrb", "bdscan_cct")] == steps[("cifar10", "bdscan_cnn6")] == 400
 
 
 def test_a_warp_rows_noise_mode_is_its_recipes(rows: list[dict]) -> None:
