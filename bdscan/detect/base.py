@@ -18,9 +18,8 @@ Everything the reports show of it comes from what its result returns:
 
 from __future__ import annotations
 
-import importlib
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -32,12 +31,13 @@ from bdscan.detect.config import ALPHA_PROVISIONAL, DEFAULT_ALPHA, MODES
 from bdscan.errors import UsageError
 from bdscan.jsonnum import json_number
 from bdscan.models.wrapper import ModelWrapper
+from bdscan.registry import LazyRegistry
 
 #: the verdicts a detector (and the combined scan) can reach
 STATUSES = ("backdoor", "clean", "inconclusive")
 
 __all__ = ["ALPHA_PROVISIONAL", "BUILTIN_DETECTORS", "COMBINE_RULE", "DEFAULT_ALPHA", "DEFAULT_DETECTORS", "DETECTORS",
-           "STATUSES", "CombinedVerdict", "Detector", "DetectorProgress", "DetectorRegistry", "DetectorResult", "Evidence",
+           "STATUSES", "CombinedVerdict", "Detector", "DetectorProgress", "DetectorResult", "Evidence",
            "ScanSettings", "combine", "detectors_in", "get_detector", "p_number", "parse_detectors", "register_detector"]
 
 #: the name of the rule :func:`combine` applies, as the scan document records it (docs/verdict.md)
@@ -217,61 +217,8 @@ class Detector:
 BUILTIN_DETECTORS: tuple[str, ...] = ("bdscan.detect.neural_cleanse", "bdscan.detect.mmbd")
 
 
-class DetectorRegistry(MutableMapping[str, "Detector"]):
-    """Name -> detector: the built-in detectors first (in :data:`BUILTIN_DETECTORS` order), then plug-ins in the
-    order they registered; the built-in modules are imported on the first read.
-
-    A plug-in registers with :func:`register_detector` (which calls :meth:`add`). Reading the registry in any way
-    (``DETECTORS[name]``, ``in``, iteration, ``len``) first imports :data:`BUILTIN_DETECTORS`, so that the
-    built-ins are there whichever module was imported first; their place in the order does not depend on which
-    was imported first either.
-    """
-
-    def __init__(self, builtins: tuple[str, ...]) -> None:
-        self._items: dict[str, Detector] = {}
-        self._builtins = builtins
-        self._loaded = False
-
-    def _load(self) -> None:
-        if not self._loaded:
-            self._loaded = True  # first: each built-in's registration reads the registry again
-            for module in self._builtins:
-                importlib.import_module(module)
-
-    def _rank(self, name: str) -> int:
-        module = type(self._items[name]).__module__
-        return self._builtins.index(module) if module in self._builtins else len(self._builtins)
-
-    def add(self, detector: Detector) -> None:
-        """Registers ``detector`` under its name (without importing the built-ins: a built-in calls this)."""
-        self._items[detector.name] = detector
-
-    def __getitem__(self, name: str) -> Detector:
-        self._load()
-        return self._items[name]
-
-    def __setitem__(self, name: str, detector: Detector) -> None:
-        self._load()
-        self._items[name] = detector
-
-    def __delitem__(self, name: str) -> None:
-        self._load()
-        del self._items[name]
-
-    def __iter__(self) -> Iterator[str]:
-        self._load()
-        return iter(sorted(self._items, key=self._rank))  # sorted() is stable: plug-ins keep their order
-
-    def __len__(self) -> int:
-        self._load()
-        return len(self._items)
-
-    def __repr__(self) -> str:
-        return f"DetectorRegistry({list(self)!r})"
-
-
 #: every registered detector, by name
-DETECTORS = DetectorRegistry(BUILTIN_DETECTORS)
+DETECTORS: LazyRegistry[Detector] = LazyRegistry(BUILTIN_DETECTORS, lambda d: type(d).__module__)
 #: the detectors a scan runs when none are named
 DEFAULT_DETECTORS: tuple[str, ...] = ("neural-cleanse",)
 
@@ -283,7 +230,7 @@ def register_detector(cls: type[Detector]) -> type[Detector]:
     clash = [d.name for d in DETECTORS.values() if d.json_key == cls.json_key and d.name != cls.name]
     if clash:
         raise ValueError(f"{cls.__name__}: json_key {cls.json_key!r} is already used by {clash[0]}")
-    DETECTORS.add(cls())
+    DETECTORS[cls.name] = cls()
     return cls
 
 

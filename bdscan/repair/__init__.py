@@ -2,7 +2,8 @@
 or pruning (zeroing the penultimate neurons the trigger excites), as in Neural Cleanse (Wang et al. 2019,
 section VI), then exporting the repaired model with a provenance record.
 
-:mod:`bdscan.repair.core` holds what every method shares and the method table; each method is one module that
+:mod:`bdscan.repair.config` holds the configuration and the method table, :mod:`bdscan.repair.core` what every
+method shares; each method is one module that
 registers itself (:mod:`~bdscan.repair.unlearn`, :mod:`~bdscan.repair.prune`) and is named in
 :data:`bdscan.repair.config.BUILTIN_METHODS`. The package's names are imported on first use (PEP 562), so that
 :mod:`bdscan.repair.config` can be read without importing torch.

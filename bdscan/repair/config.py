@@ -8,13 +8,13 @@ in its own module (see :mod:`bdscan.repair.unlearn`, :mod:`bdscan.repair.prune`)
 
 from __future__ import annotations
 
-import importlib
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from bdscan.errors import UsageError
+from bdscan.registry import LazyRegistry
 
 if TYPE_CHECKING:
     from bdscan.data import CleanData
@@ -57,8 +57,7 @@ class RepairMethod(Protocol):
 #: the built-in methods' modules, in the order ``--method`` lists them; imported (and so registered) the first time
 #: the table is read, so that the command line can show the configuration's defaults without importing torch
 BUILTIN_METHODS: tuple[str, ...] = ("bdscan.repair.unlearn", "bdscan.repair.prune")
-_METHODS: dict[str, RepairMethod] = {}
-_loaded = False
+_METHODS: LazyRegistry[RepairMethod] = LazyRegistry(BUILTIN_METHODS, lambda fn: getattr(fn, "__module__", ""))
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
@@ -72,29 +71,14 @@ def register_method(name: str) -> Callable[[_F], _F]:
     return deco
 
 
-def _load_builtins() -> None:
-    global _loaded
-    if not _loaded:
-        _loaded = True  # first: each built-in module's registration comes back here
-        for module in BUILTIN_METHODS:
-            importlib.import_module(module)
-
-
 def repair_methods() -> dict[str, RepairMethod]:
     """Method name -> implementation: the built-in methods in :data:`BUILTIN_METHODS` order, then the others in
     registration order."""
-    _load_builtins()
-    return dict(sorted(_METHODS.items(), key=lambda kv: _rank(kv[1])))
-
-
-def _rank(method: RepairMethod) -> int:
-    module = getattr(method, "__module__", "")
-    return BUILTIN_METHODS.index(module) if module in BUILTIN_METHODS else len(BUILTIN_METHODS)
+    return dict(_METHODS)
 
 
 def get_method(name: str) -> RepairMethod:
     """The method registered under ``name``; raises :class:`UsageError` for an unknown one."""
-    _load_builtins()
     if name not in _METHODS:
         raise UsageError(f"unknown repair method {name!r}", f"use one of: {', '.join(repair_methods())}")
     return _METHODS[name]
