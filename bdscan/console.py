@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -17,6 +17,9 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from rich.table import Table
 
 from bdscan.events import ScanEvents, ScanPlan
+
+if TYPE_CHECKING:
+    from bdscan.models.cost import ScanEstimate
 
 # soft_wrap: a verdict or error line is never broken, so pipelines can grep it
 out = Console(highlight=False, soft_wrap=True)
@@ -138,10 +141,19 @@ def plan_lines(plan: ScanPlan) -> list[str]:
         shifted = " and half-patch offsets" if nc.cnn_patch_offsets else ""
         lines.append("token grid: " + (f"{grid.grid[0]}×{grid.grid[1]}, stride {grid.stride} ({escape(grid.source)})" if grid
                                        else f"none found: sweeping {sweep}-pixel grids{shifted}"))
-    if plan.estimate_s is not None and plan.estimate_s >= LONG_SCAN_S:
-        lines.append(f"[yellow]this scan may take up to {duration(plan.estimate_s)}[/] on this machine (from the model's FLOPs and "
-                     "a measured forward+backward rate; labels that stop early make it shorter)")
+    est = plan.estimate
+    if est is not None and est.likely_s >= LONG_SCAN_S:
+        lines.append(f"[yellow]this scan should take {estimate_text(est)}[/] on this machine (from the model's FLOPs and a "
+                     "measured forward+backward rate)")
     return lines
+
+
+def estimate_text(est: ScanEstimate) -> str:
+    """The estimate in words: "about 1 min 5 s (up to 3 min 15 s if the first look is in doubt)", or "up to 4 min 0 s"
+    for a scan that looks once."""
+    if est.first_look_s is None:
+        return f"up to {duration(est.most_s)}"
+    return f"about {duration(est.first_look_s)} (up to {duration(est.most_s)} if the first look is in doubt)"
 
 
 #: scans estimated to take longer than this get a line saying so before they start

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from bdscan.data import CleanData
     from bdscan.detect.base import ScanSettings
     from bdscan.io import LoadedModel
+    from bdscan.models.cost import ScanEstimate
 
 
 @dataclass(frozen=True)
@@ -28,8 +29,8 @@ class ScanPlan:
     detectors: tuple[str, ...]
     configs: Mapping[str, Any]
     precision: str
-    #: at most this many seconds of detection, from the model's FLOPs and a measured rate (None: short, or unknown)
-    estimate_s: float | None = None
+    #: how long detection should take, from the model's FLOPs and a measured rate (None: short, or unknown)
+    estimate: ScanEstimate | None = None
 
 
 class ScanEvents:

@@ -7,11 +7,10 @@ The levels are combined by :func:`combine` (Bonferroni over the levels' calibrat
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -25,6 +24,7 @@ from bdscan.detect.config import BUDGET_SECOND_LOOK, BUDGETS, DEFAULT_BUDGET, MO
 from bdscan.detect.inversion import Inversion, InversionResult, LabelResult, invert_prepared, prepared, resolve_precision
 from bdscan.detect.params import BlendTrigger, PatchTrigger, PixelTrigger, TriggerParam, cnn_patch_sweep
 from bdscan.errors import UsageError
+from bdscan.machine import torch_threads
 from bdscan.models.wrapper import ModelWrapper
 
 log = logging.getLogger(__name__)
@@ -352,7 +352,7 @@ def scan(model: ModelWrapper, data: CleanData, cfg: ScanConfig, progress: ScanPr
         return invert_prepared(model, data, param, labels, cfg.inversion, _job_progress(name, stop, progress), cfg.device)
 
     # one path for any number of workers: with one, the pool runs the inversions one after the other
-    with prepared(model, cfg.inversion.precision, cfg.device), _torch_threads(per_worker), \
+    with prepared(model, cfg.inversion.precision, cfg.device), torch_threads(per_worker), \
             ThreadPoolExecutor(workers, thread_name_prefix="bdscan-inversion") as pool:
         if cfg.second_look is None:
             outs = _run_all(pool, stop, run, jobs)
@@ -467,17 +467,6 @@ def _mode_results(cfg: ScanConfig, jobs: list[tuple[str, str, TriggerParam]], ou
 
 class _Stopped(Exception):
     """Ends an inversion early because another one failed or the scan was interrupted."""
-
-
-@contextlib.contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
-    """Sets torch's intra-op threads to ``n`` for the duration (a process-wide setting, restored after)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _smaller(a: LabelResult, b: LabelResult) -> bool:

@@ -4,28 +4,53 @@ The work of a Neural Cleanse scan is, at most, ``levels × labels × steps × ba
 through the model's forward and backward pass (early stopping only shortens it). The forward's FLOPs are counted
 once with :class:`torch.utils.flop_counter.FlopCounterMode` on one image; a backward costs about twice a forward
 (Kaplan et al. 2020, "Scaling laws", the 6N-per-token rule: 2N forward, 4N backward). When that arithmetic says
-the scan is long, a short probe measures this machine's forward+backward rate on the real model (a few passes of
-a small batch), and the estimate is the work divided by that rate: an upper bound, since labels stop early.
-The estimate itself costs one counted forward for small models and well under a second of probing for large ones.
+the scan is long, a short probe measures this machine's forward+backward rate on the real model the way the scan
+runs it: the inversions side by side, each on its share of the threads, with the images one batched forward of the
+scan holds (fewer for a large model, so that the probe stays under a second or two: a smaller batch runs slower, so
+the estimate stays an upper bound). With a two-look schedule the scan usually ends at its first look; the estimate
+gives both.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from bdscan.machine import torch_threads
 from bdscan.models.wrapper import ModelWrapper
 
 log = logging.getLogger(__name__)
 
 #: below this much arithmetic (FLOP) a scan is short on any CPU: no probe, no estimate shown
 PROBE_ABOVE_FLOP = 5e12
-#: images per probe pass, and passes timed (after one warm-up)
+#: the fewest images per probe pass, and passes timed (after one warm-up)
 PROBE_BATCH = 2
 PROBE_PASSES = 1
+#: at most this much arithmetic (FLOP, forward and backward) per probe pass: about a second on one CPU core (a
+#: 224×224 ViT-Tiny/16 ran 9.3 images/s of 3.8 GFLOP each on one thread: benchmarks/README.md, "224×224 inputs")
+PROBE_PASS_FLOP = 3e10
+
+
+@dataclass(frozen=True)
+class ScanEstimate:
+    """How long a scan's detection should take on this machine.
+
+    Attributes:
+        most_s: seconds at most: every inversion runs all its steps (with two looks, both of them).
+        first_look_s: seconds to the first look's verdict, where the schedule has two looks (None: one look).
+    """
+
+    most_s: float
+    first_look_s: float | None = None
+
+    @property
+    def likely_s(self) -> float:
+        """Seconds of the scan that ends at its first look (most do), or of the one look."""
+        return self.first_look_s if self.first_look_s is not None else self.most_s
 
 
 def forward_flops(wrapper: ModelWrapper) -> float:
@@ -60,31 +85,58 @@ def images_per_second(wrapper: ModelWrapper, batch: int = PROBE_BATCH, passes: i
     return batch * passes / max(time.perf_counter() - t0, 1e-9)
 
 
+def inversions(config: Any) -> int:
+    """How many inversions a scan with ``config`` (its ScanConfig) runs over all labels: one per level, and one per
+    patch size of the sweep on a model without a token grid (counted at its largest, for an upper bound)."""
+    return len(config.modes) + (len(config.cnn_patch_sizes) - 1 if "patch" in config.modes else 0)
+
+
 def scan_images(config: Any, num_classes: int) -> int:
     """Upper bound of the images a Neural Cleanse scan puts through the model (``config``: its ScanConfig)."""
     inv = config.inversion
     labels = len(config.labels) if config.labels is not None else num_classes
     per_label = inv.steps * inv.resolved_batches_per_step(inv.samples) * inv.batch_size
-    levels = len(config.modes) + (len(config.cnn_patch_sizes) - 1 if "patch" in config.modes else 0)
-    return int(levels * labels * per_label)
+    return int(inversions(config) * labels * per_label)
 
 
-def estimate_seconds(wrapper: ModelWrapper, config: Any, threads: int | None = None) -> float | None:
-    """Seconds a scan with ``config`` should take at most on this machine, or None when it is short anyway.
+def probe_batch(flop_per_image: float, scan_batch: int) -> int:
+    """Images per probe pass: one batched forward of the scan (``scan_batch``), fewer for a model whose
+    forward+backward costs ``flop_per_image``, so that one pass stays near :data:`PROBE_PASS_FLOP`."""
+    return int(max(PROBE_BATCH, min(scan_batch, PROBE_PASS_FLOP // max(flop_per_image, 1.0))))
 
-    The inversions share the machine's threads (side by side or one after the other), so the measured rate on all
-    threads is the rate of the whole scan.
+
+def estimate_seconds(wrapper: ModelWrapper, config: Any, threads: int | None = None) -> ScanEstimate | None:
+    """How long a scan with ``config`` (its ScanConfig) should take on this machine, or None when it is short anyway.
+
+    Args:
+        wrapper: the model, on the CPU.
+        config: the Neural Cleanse scan configuration (levels, labels, inversion schedule, second look, workers).
+        threads: torch threads the scan will run on (None: torch's current setting).
+
+    Returns:
+        :class:`ScanEstimate`, or None for a scan of under :data:`PROBE_ABOVE_FLOP` or when the probe fails.
     """
     try:
         images = scan_images(config, wrapper.num_classes)
-        flop = 3.0 * forward_flops(wrapper) * images
-        if flop < PROBE_ABOVE_FLOP:
+        per_image = 3.0 * forward_flops(wrapper)
+        if per_image * images < PROBE_ABOVE_FLOP:
             return None
-        with torch.enable_grad():
-            rate = images_per_second(wrapper)
+        threads = threads or torch.get_num_threads()
+        # the scan's own arrangement (bdscan.detect.scan.scan): its workers side by side, each on its share of the
+        # threads, each putting a chunk of labels × batch through one forward
+        workers = config.resolved_workers(inversions(config), threads)
+        per_worker = max(1, threads // workers)
+        inv = config.inversion
+        batch = probe_batch(per_image, inv.resolved_label_chunk("cpu", per_worker) * inv.batch_size)
+        with torch.enable_grad(), torch_threads(per_worker):
+            rate = workers * images_per_second(wrapper, batch)
         wrapper.zero_grad(set_to_none=True)
-        log.info("scan estimate: %d images, %.3g FLOP, %.1f images/s", images, flop, rate)
-        return images / rate
+        most = images / rate
+        look = getattr(config, "second_look", None)
+        first = most * look.first_steps / inv.steps if look is not None else None
+        log.info("scan estimate: %d images at most, %.3g FLOP, %.1f images/s (%d workers × %d threads, probe batch %d)",
+                 images, per_image * images, rate, workers, per_worker, batch)
+        return ScanEstimate(most, first)
     except Exception as e:  # an estimate must never stop a scan
         log.info("no scan estimate: %s", e)
         return None
