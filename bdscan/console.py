@@ -149,11 +149,11 @@ def plan_lines(plan: ScanPlan) -> list[str]:
 
 
 def estimate_text(est: ScanEstimate) -> str:
-    """The estimate in words: "about 1 min 5 s (up to 3 min 15 s if the first look is in doubt)", or "up to 4 min 0 s"
+    """The estimate in words: "about 1 min 5 s (about 3 min 15 s if the first look is in doubt)", or "about 4 min 0 s"
     for a scan that looks once."""
     if est.first_look_s is None:
-        return f"up to {duration(est.most_s)}"
-    return f"about {duration(est.first_look_s)} (up to {duration(est.most_s)} if the first look is in doubt)"
+        return f"about {duration(est.full_s)}"
+    return f"about {duration(est.first_look_s)} (about {duration(est.full_s)} if the first look is in doubt)"
 
 
 #: scans estimated to take longer than this get a line saying so before they start

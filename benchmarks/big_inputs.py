@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> None:
             with Stopwatch() as sw:
                 p = subprocess.run(cmd, capture_output=True, text=True)
             doc = json.loads(js.read_text()) if js.exists() else {}
-            estimate = next((ln.strip() for ln in p.stderr.splitlines() if "may take up to" in ln), None)
+            estimate = next((ln.strip() for ln in p.stderr.splitlines() if "should take" in ln), None)
             row = {"classes": k, "budget": args.budget, "scan_args": args.scan_args, "rc": p.returncode, "wall_s": round(sw.seconds, 1),
                    "timings": doc.get("timings"), "token_grid": (doc.get("model") or {}).get("token_grid"),
                    "estimate_line": estimate, "stderr_tail": p.stderr[-400:] if p.returncode not in (0, 1) else ""}

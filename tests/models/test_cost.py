@@ -53,7 +53,7 @@ def test_one_look_has_no_first_look_and_a_failing_probe_gives_no_estimate(tiny_b
     lm = load_model(tiny_bd.model)
     monkeypatch.setattr(cost, "PROBE_ABOVE_FLOP", 0.0)
     est = estimate_seconds(lm.wrapper, _config(levels=("pixel",), second_look="off"), threads=1)
-    assert est is not None and est.first_look_s is None and est.likely_s == est.most_s > 0
+    assert est is not None and est.first_look_s is None and est.likely_s == est.full_s > 0
 
     def boom(*a: object) -> float:
         raise RuntimeError("out of memory")
@@ -65,8 +65,8 @@ def test_one_look_has_no_first_look_and_a_failing_probe_gives_no_estimate(tiny_b
 
 
 def test_the_console_says_the_likely_time_and_the_longest(tiny_bd) -> None:  # type: ignore[no-untyped-def]
-    assert estimate_text(ScanEstimate(195.0, 65.0)) == "about 1 min 5 s (up to 3 min 15 s if the first look is in doubt)"
-    assert estimate_text(ScanEstimate(240.0)) == "up to 4 min 0 s"
+    assert estimate_text(ScanEstimate(195.0, 65.0)) == "about 1 min 5 s (about 3 min 15 s if the first look is in doubt)"
+    assert estimate_text(ScanEstimate(240.0)) == "about 4 min 0 s"
     lm = load_model(tiny_bd.model)
     settings = ScanSettings(budget="smoke")
     configs = configure(settings, ("neural-cleanse",))
