@@ -10,7 +10,8 @@ trap 'rm -rf "$work"' EXIT
 # report's paths and the repair command it suggests are the ones a user sees
 ln -s "$PWD/sample_models" "$work/sample_models"
 status=0
-(cd "$work" && bdscan scan sample_models/cifar10_cct_trojan.safetensors --out scan-out --report report.html --quiet) || status=$?
+demo=$(python -c "from bdscan.lab.samples import DEMO; print(DEMO.file)")
+(cd "$work" && bdscan scan "sample_models/$demo" --out scan-out --report report.html --quiet) || status=$?
 [ "$status" -eq 1 ] || { echo "expected exit 1 (backdoor suspected), got $status" >&2; exit 1; }
 cp "$work/report.html" docs/example-report.html.tmp && mv docs/example-report.html.tmp docs/example-report.html
 browser=$(command -v chromium || command -v chromium-browser || command -v google-chrome || true)

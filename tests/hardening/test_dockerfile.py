@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from dockerfile_parse import DockerfileParser
 
+from bdscan.lab.samples import DEMO
+
 ROOT = Path(__file__).resolve().parents[2]
 CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 
@@ -73,7 +75,7 @@ def test_sample_models_under_the_final_workdir(steps: list[dict]) -> None:
     words = [w for w in shlex.split(steps[copies[-1]]["value"]) if not w.startswith("--")]
     dest = posixpath.normpath(posixpath.join(_workdir_at(steps, copies[-1]), words[-1]))
     assert dest == posixpath.join(final, "sample_models"), (dest, final)
-    assert (ROOT / "sample_models" / "cifar10_cct_trojan.safetensors").is_file()  # the one the usage line scans
+    assert (ROOT / "sample_models" / DEMO.file).is_file()  # the one the usage line scans
 
 
 def test_no_secrets(steps: list[dict]) -> None:
@@ -115,6 +117,6 @@ def test_dockerignore_keeps_clutter_out_and_what_the_build_copies_in(steps: list
             src = src.rstrip("/")
             assert (ROOT / src).exists(), src
             assert not _ignored(src, patterns), f"{src} is copied but .dockerignore excludes it"
-    for needed in ("bdscan/cli.py", "bdscan/templates", "templates/report.html.j2", "sample_models/cifar10_cct_trojan.safetensors",
+    for needed in ("bdscan/cli.py", "bdscan/templates", "templates/report.html.j2", f"sample_models/{DEMO.file}",
                    "pyproject.toml", "README.md"):
         assert not _ignored(needed, patterns), needed

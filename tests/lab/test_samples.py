@@ -108,6 +108,9 @@ def test_the_command_line_writes_checks_and_reports_errors(tiny_zoo: tuple[Path,
 def test_the_repository_s_bundle_is_what_its_zoo_rows_give() -> None:
     """Every bundled sample model is its evaluation-zoo row's file with the sample metadata, nothing else."""
     assert check_samples_folder(ROOT / "sample_models") == []
-    assert DEMO.file == "cifar10_cct_trojan.safetensors" and len({s.file for s in SAMPLE_SET}) == len(SAMPLE_SET)
+    assert len({s.file for s in SAMPLE_SET}) == len(SAMPLE_SET)
+    first = f"bdscan scan sample_models/{DEMO.file} --out scan-out --report report.html"
+    assert first in (ROOT / "README.md").read_text() and first in (ROOT / "sample_models" / "README.md").read_text()
+    assert f"sample_models/{DEMO.file}" in (ROOT / "Dockerfile").read_text()  # its usage line scans the demo too
     rows = {r["name"]: r for r in read_rows(ROOT / "benchmarks" / "zoo" / "manifest.json")}
     assert all(rows[s.row]["split"] == "calibration" for s in SAMPLE_SET)  # the evaluation half stays unseen
