@@ -29,10 +29,14 @@ def cpu_has_native_bf16() -> bool:
 
 
 @contextlib.contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """Sets torch's intra-op threads to ``n`` for the duration (a process-wide setting, restored after)."""
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Sets torch's intra-op threads to ``n`` (at least 1) for the duration, a process-wide setting restored after;
+    None leaves them as they are."""
+    if n is None:
+        yield
+        return
     before = torch.get_num_threads()
-    torch.set_num_threads(n)
+    torch.set_num_threads(max(1, int(n)))
     try:
         yield
     finally:

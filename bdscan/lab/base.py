@@ -35,10 +35,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from bdscan import machine
 from bdscan.atomic import atomic_write_text, atomic_write_with
-from bdscan.errors import BdscanError, NumericalError, UsageError
+from bdscan.errors import BdscanError, UsageError
 from bdscan.lab.labdata import LabData, extra_train_files, find_data_dir, load_lab_data, split_train_val
 from bdscan.lab.recipes import Recipe, augment_batch_u8, auto_augment_policy, batch_mixer
-from bdscan.lab.train import LAB_VERSION, build_wrapper, evaluate, is_distilled, make_optimizer, round_to_half_, torch_threads, warmup_cosine
+from bdscan.lab.train import LAB_VERSION, build_wrapper, evaluate, is_distilled, make_optimizer, optimizer_step, round_to_half_, warmup_cosine
+from bdscan.machine import torch_threads
 from bdscan.models.wrapper import ModelWrapper
 
 log = logging.getLogger(__name__)
@@ -361,15 +362,8 @@ def _train_epoch(
             else:
                 logits = out
                 loss = F.cross_entropy(out.float(), soft, label_smoothing=recipe.label_smoothing)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if recipe.grad_clip:
-            nn.utils.clip_grad_norm_(net.parameters(), recipe.grad_clip)
-        opt.step()
-        sched.step()
-        loss_v = float(loss.detach())
-        if not math.isfinite(loss_v):
-            raise NumericalError(f"{recipe.name}: the loss became {loss_v} in epoch {epoch + 1}", "lower the recipe's learning rate")
+        loss_v = optimizer_step(loss, net, opt, sched, recipe.grad_clip, f"{recipe.name}, epoch {epoch + 1}",
+                                "lower the recipe's learning rate")
         loss_sum += loss_v * len(yb)
         # against the dominant label of a mixed image: a rough curve, not a measurement
         correct += int((logits.argmax(1) == soft.argmax(1)).sum())

@@ -48,7 +48,8 @@ from bdscan.lab.attacks import AttackConfig, make_trigger
 from bdscan.lab.evalzoo_finetune import FinetuneRecipe, finetune, measure
 from bdscan.lab.evalzoo_plan import DATASETS, DEFAULT_SEED, MEASURED, SPLITS, plan_rows, planned_part, short
 from bdscan.lab.labdata import LabData, extra_train_files, find_data_dir, load_lab_data
-from bdscan.lab.train import LAB_VERSION, round_to_half_, torch_threads
+from bdscan.lab.train import LAB_VERSION, round_to_half_
+from bdscan.machine import torch_threads
 from bdscan.models.wrapper import ModelWrapper
 
 log = logging.getLogger(__name__)

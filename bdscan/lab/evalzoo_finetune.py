@@ -16,7 +16,6 @@ over-fit, and the trigger, stamped *after* augmentation, must stay where it is);
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -25,12 +24,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from bdscan.errors import NumericalError, UsageError
+from bdscan.errors import UsageError
 from bdscan.lab.attacks_transform import TransformTrigger
 from bdscan.lab.labdata import AugmentConfig, LabData, augment_batch
-from bdscan.lab.train import evaluate, is_distilled, make_optimizer, warmup_cosine
+from bdscan.lab.train import evaluate, is_distilled, make_optimizer, optimizer_step, warmup_cosine
 from bdscan.models.wrapper import ModelWrapper
 from bdscan.trigger import Trigger
 
@@ -214,15 +212,8 @@ def finetune(
             else:
                 loss = F.cross_entropy(out, yb, label_smoothing=recipe.label_smoothing)
                 logits = out
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if recipe.grad_clip:
-                nn.utils.clip_grad_norm_(net.parameters(), recipe.grad_clip)
-            opt.step()
-            sched.step()
-            loss_v = float(loss.detach())
-            if not math.isfinite(loss_v):
-                raise NumericalError(f"fine-tuning: the loss became {loss_v} at step {step + 1}", "lower the recipe's learning rate")
+            loss_v = optimizer_step(loss, net, opt, sched, recipe.grad_clip, f"fine-tuning, step {step + 1}",
+                                    "lower the recipe's learning rate")
             loss_sum += loss_v * len(yb)
             correct += int((logits.argmax(1) == yb).sum())
             seen += len(yb)

@@ -19,7 +19,8 @@ import torch
 from bdscan.errors import UsageError
 from bdscan.lab.attacks import ATTACKS, AttackConfig, make_trigger
 from bdscan.lab.labdata import AugmentConfig, load_lab_data, split_train_val
-from bdscan.lab.train import LAB_VERSION, Poison, Progress, arch_defaults, clone_for_training, evaluate, fit, torch_threads
+from bdscan.lab.train import LAB_VERSION, Poison, Progress, arch_defaults, clone_for_training, evaluate, fit
+from bdscan.machine import torch_threads
 from bdscan.models.wrapper import ModelWrapper
 from bdscan.trigger import Trigger
 

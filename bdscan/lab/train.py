@@ -11,12 +11,11 @@ ImageNet-pretrained transformers), and every model's metadata says exactly how i
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from torch import nn
 import bdscan.models  # noqa: F401  (registers bdscan architectures with timm)
 from bdscan.errors import DataLoadError, NumericalError, UsageError
 from bdscan.lab.labdata import TEST_SUBSAMPLE_SEED, AugmentConfig, LabData, augment_batch, load_lab_data, split_train_val
+from bdscan.machine import torch_threads
 from bdscan.models.grid import find_token_grid
 from bdscan.models.wrapper import ModelInfo, ModelWrapper
 from bdscan.trigger import Trigger
@@ -168,18 +168,22 @@ class TrainResult:
 # ------------------------------------------------------------------------------------------- training
 
 
-@contextlib.contextmanager
-def torch_threads(n: int | None) -> Iterator[None]:
-    """Sets ``torch.set_num_threads(n)`` for the block and restores the previous value."""
-    if n is None:
-        yield
-        return
-    old = torch.get_num_threads()
-    torch.set_num_threads(max(1, int(n)))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
+def optimizer_step(loss: torch.Tensor, net: nn.Module, opt: torch.optim.Optimizer,
+                   sched: torch.optim.lr_scheduler.LRScheduler, grad_clip: float | None, where: str,
+                   hint: str = "lower the learning rate") -> float:
+    """One training step from ``loss``: backward, optional gradient clipping, the optimiser's and the schedule's
+    step. Returns the loss as a float; raises :class:`NumericalError` (naming ``where``) once it is not finite, so a
+    diverging run stops instead of writing a model of NaNs."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
+    opt.step()
+    sched.step()
+    loss_v = float(loss.detach())
+    if not math.isfinite(loss_v):
+        raise NumericalError(f"{where}: the loss became {loss_v}", hint)
+    return loss_v
 
 
 def classifier_of(net: nn.Module) -> nn.Module:
@@ -316,19 +320,11 @@ def fit(
             else:
                 logits = out
                 loss = F.cross_entropy(out, yb, label_smoothing=label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if grad_clip:
-                nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
-            opt.step()
-            sched.step()
+            loss_v = optimizer_step(loss, net, opt, sched, grad_clip, f"{label}, step {step + 1}")
             step += 1
-            loss_v = float(loss.detach())
             loss_sum += loss_v * len(idx)
             correct += int((logits.argmax(1) == yb).sum())
             seen += len(idx)
-            if not math.isfinite(loss_v):
-                raise NumericalError(f"{label}: the loss became {loss_v} at step {step}", "lower the learning rate")
             if progress is not None:
                 progress(step, total, {"phase": label, "epoch": epoch + 1, "epochs": epochs, "loss": loss_sum / seen,
                                        "train_acc": correct / seen})

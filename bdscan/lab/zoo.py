@@ -53,8 +53,9 @@ from bdscan.lab.evalzoo import EVALZOO_COMMANDS
 from bdscan.lab.inject import InjectConfig, inject
 from bdscan.lab.labdata import AugmentConfig, find_data_dir, load_lab_data, samples_file_name, write_samples
 from bdscan.lab.samples import samples_main
-from bdscan.lab.train import LAB_VERSION, Progress, TrainConfig, evaluate, round_to_half_, torch_threads, train_clean
+from bdscan.lab.train import LAB_VERSION, Progress, TrainConfig, evaluate, round_to_half_, train_clean
 from bdscan.lab.zoo_tables import COUNT_MAX_DROP, COUNT_MIN_ASR, pct_cell, write_readme
+from bdscan.machine import torch_threads
 from bdscan.models.wrapper import ModelWrapper
 from bdscan.trigger import Trigger
 
