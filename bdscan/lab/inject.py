@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ import torch
 from bdscan.errors import UsageError
 from bdscan.lab.attacks import ATTACKS, AttackConfig, make_trigger
 from bdscan.lab.labdata import AugmentConfig, load_lab_data, split_train_val
-from bdscan.lab.train import LAB_VERSION, Poison, Progress, arch_defaults, clone_for_training, evaluate, fit
+from bdscan.lab.train import LAB_VERSION, Poison, Progress, arch_defaults, clone_for_training, evaluate, fill_unset, fit
 from bdscan.machine import torch_threads
 from bdscan.models.wrapper import ModelWrapper
 from bdscan.trigger import Trigger
@@ -67,16 +67,9 @@ class InjectConfig:
 
     def resolved(self, arch: str) -> InjectConfig:
         d = arch_defaults(arch)
-        return replace(
-            self,
-            epochs=self.epochs if self.epochs is not None else d.inject_epochs,
-            lr=self.lr if self.lr is not None else d.lr * d.inject_lr_factor,
-            max_train=self.max_train if self.max_train is not None else d.inject_max_train,
-            optimizer=self.optimizer or d.optimizer,
-            weight_decay=self.weight_decay if self.weight_decay is not None else d.weight_decay,
-            label_smoothing=self.label_smoothing if self.label_smoothing is not None else d.label_smoothing,
-            warmup_epochs=self.warmup_epochs if self.warmup_epochs is not None else d.warmup_epochs,
-        )
+        return fill_unset(self, epochs=d.inject_epochs, lr=d.lr * d.inject_lr_factor, max_train=d.inject_max_train,
+                          optimizer=d.optimizer, weight_decay=d.weight_decay, label_smoothing=d.label_smoothing,
+                          warmup_epochs=d.warmup_epochs)
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in fields(self)}

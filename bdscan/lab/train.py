@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import timm
@@ -81,6 +81,14 @@ ARCH_DEFAULTS: dict[str, ArchDefaults] = {
 GENERIC_DEFAULTS = ArchDefaults(epochs=5, lr=1e-3, weight_decay=0.05)
 
 
+_Config = TypeVar("_Config")
+
+
+def fill_unset(cfg: _Config, **defaults: Any) -> _Config:
+    """A copy of the dataclass ``cfg`` in which every field named in ``defaults`` that is None takes its default."""
+    return replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})  # type: ignore[type-var]
+
+
 def arch_defaults(arch: str) -> ArchDefaults:
     return ARCH_DEFAULTS.get(arch, GENERIC_DEFAULTS)
 
@@ -128,15 +136,8 @@ class TrainConfig:
     def resolved(self, arch: str) -> TrainConfig:
         """A copy with every ``None`` recipe field filled from the architecture's defaults."""
         d = arch_defaults(arch)
-        return replace(
-            self,
-            epochs=self.epochs if self.epochs is not None else d.epochs,
-            lr=self.lr if self.lr is not None else d.lr,
-            optimizer=self.optimizer or d.optimizer,
-            weight_decay=self.weight_decay if self.weight_decay is not None else d.weight_decay,
-            label_smoothing=self.label_smoothing if self.label_smoothing is not None else d.label_smoothing,
-            warmup_epochs=self.warmup_epochs if self.warmup_epochs is not None else d.warmup_epochs,
-        )
+        return fill_unset(self, epochs=d.epochs, lr=d.lr, optimizer=d.optimizer, weight_decay=d.weight_decay,
+                          label_smoothing=d.label_smoothing, warmup_epochs=d.warmup_epochs)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form (without the teacher module)."""
