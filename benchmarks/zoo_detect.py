@@ -83,6 +83,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--replay", nargs="+", metavar="LEVELS,DETECTORS",
                     help="scan nothing: replay the recorded scans (--out) with only these levels and detectors, one summary "
                          "table per combination, e.g. --replay pixel,patch pixel,patch,blend pixel,patch,blend,mm-bd")
+    ap.add_argument("--summary", action="store_true",
+                    help="scan nothing: print the recorded scans' (--out) verdicts and tables as a finished run prints them")
     add_out(ap, "zoo_detect.json", help="JSON output (default: benchmarks/results/zoo_detect_<split>.json)")
     add_threads(ap, 1)
     return ap
@@ -254,8 +256,17 @@ def replayable(row: dict, levels: Sequence[str]) -> bool:
 
 
 def parse_combo(text: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """"pixel,patch,blend,mm-bd" -> ((levels), (other detectors)): names that are Neural Cleanse levels, the rest."""
+    """"pixel,patch,blend,mm-bd" -> ((levels), (other detectors)): Neural Cleanse's levels, then the other registered
+    detectors. Anything else stops the replay: a misspelt name would otherwise be replayed as a detector that never
+    ran, and the table would silently judge by fewer levels than asked."""
+    from bdscan.detect import DETECTORS
+
     items = [x.strip() for x in text.split(",") if x.strip()]
+    others = [d for d in DETECTORS if d != "neural-cleanse"]
+    bad = [x for x in items if x not in LEVELS and x not in others]
+    if bad:
+        raise SystemExit(f"zoo-detect --replay: {bad[0]!r} in {text!r} is neither a Neural Cleanse level ({', '.join(LEVELS)}) "
+                         f"nor another detector ({', '.join(others)}); Neural Cleanse is named by its levels, e.g. pixel,patch")
     return tuple(x for x in items if x in LEVELS), tuple(x for x in items if x not in LEVELS)
 
 
@@ -330,6 +341,9 @@ def run(args: argparse.Namespace) -> None:
     if args.replay:
         run_replay(args)
         return
+    if args.summary:
+        run_summary(args)
+        return
     seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
     entries = select(read_json(args.manifest), args, args.manifest.parent)
     key = {"detectors": args.detectors, "budget": args.budget, "steps": args.steps, "alpha": args.alpha, "split": args.split}
@@ -352,7 +366,20 @@ def run(args: argparse.Namespace) -> None:
             write_json(args.out, {"benchmark": "zoo-detect", "key": key, "when": utc_now(),
                                   "machine": machine_line(threads=args.threads), "rows": rows})
     names = {e["name"] for e in entries}
-    rows = [r for r in rows if r["seed"] in seeds and r["model"] in names]
+    print_recorded(args, [r for r in rows if r["seed"] in seeds and r["model"] in names])
+
+
+def run_summary(args: argparse.Namespace) -> None:
+    """``--summary``: the recorded verdicts' tables (--out), as a finished run prints them; while a run goes on, what
+    it has scanned so far."""
+    doc, rows = recorded_rows(args, "--summary")
+    args.detectors = doc["key"]["detectors"]
+    print(f"Recorded in {args.out} ({len(rows)} scans, {doc.get('when', '?')}; recorded with {doc['key']})")
+    print_recorded(args, rows)
+
+
+def print_recorded(args: argparse.Namespace, rows: list[dict]) -> None:
+    """Every scan's row, then the summary tables (all, per family, per attack kind, per data set)."""
     print(f"\nEvaluation zoo, {args.split} half: detectors {args.detectors}"
           f"{f' (levels {args.levels})' if args.levels else ''}, budget {args.budget}"
           f"{f', {args.steps} steps' if args.steps else ''}, seeds {args.seeds}, alpha {args.alpha:g}; "

@@ -145,6 +145,12 @@ def test_parse_combo_splits_levels_from_detectors() -> None:
     assert parse_combo("mm-bd") == ((), ("mm-bd",))
 
 
+@pytest.mark.parametrize("combo", ["pixel,patch:neural-cleanse", "pixel,neural-cleanse", "pixl,patch", "mmbd"])
+def test_parse_combo_refuses_what_is_neither_a_level_nor_a_detector(combo: str) -> None:
+    with pytest.raises(SystemExit, match="neither a Neural Cleanse level"):
+        parse_combo(combo)
+
+
 def test_a_row_recorded_without_its_levels_replays_only_the_default_levels() -> None:
     old = {"model": "m", "seed": 0, "true_target": 3, "evidence": {"neural-cleanse": {"status": "backdoor", "target": 3, "p": 0.01},
                                                                    "mm-bd": {"status": "clean", "target": 3, "p": 0.3}}}
@@ -222,3 +228,22 @@ def test_a_recording_run_looks_once_and_the_table_counts_second_looks(monkeypatc
             row_of({"name": "b", "arch": "x", "dataset": "d", "target": None}, _doc("clean", None, 0.6), 0, 1.0)]
     s = summary(rows)
     assert rows[0]["looks"] == 2 and rows[1]["looks"] is None and (s["second_looks"], s["looks_known"]) == (1, 1)
+
+
+def test_summary_prints_the_recorded_verdicts_without_scanning(tmp_path, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    import benchmarks.zoo_detect as zd
+
+    monkeypatch.setattr(zd, "scan_cli", lambda *a: pytest.fail("--summary must not scan"))
+    rows = [row_of(_entry("vit_bd", 3), _doc("backdoor", 3, 0.01), s, 1.0) for s in (0, 1)]
+    rows += [row_of(_entry("vit_clean", None), _doc("backdoor", 5, 0.02), 0, 1.0)]  # a false alarm
+    out = tmp_path / "zoo.json"
+    out.write_text(json.dumps({"key": {"detectors": "neural-cleanse", "split": "evaluation"}, "when": "now", "rows": rows}))
+    zd.run(zd.parser().parse_args(["--split", "evaluation", "--out", str(out), "--summary", "--seeds", "0,1"]))
+    text = capsys.readouterr().out
+    assert "3 scans" in text and "| vit_clean | clean | 0 | backdoor 5 |" in text
+    # the backdoor found under both seeds; the clean twin flagged: FPR 100 %
+    assert "| all | 2 | 1 | 100 % | 100 % | 100 % |" in text
+    zd.run(zd.parser().parse_args(["--split", "evaluation", "--out", str(out), "--summary", "--seeds", "1"]))
+    assert "(1 scans" in capsys.readouterr().out
