@@ -133,12 +133,12 @@ def estimate_seconds(wrapper: ModelWrapper, config: Any, threads: int | None = N
         with torch.enable_grad(), torch_threads(per_worker):
             rate = workers * images_per_second(wrapper, batch)
         wrapper.zero_grad(set_to_none=True)
-        most = images / rate
+        full = images / rate
         look = getattr(config, "second_look", None)
-        first = most * look.first_steps / inv.steps if look is not None else None
+        first = full * look.first_steps / inv.steps if look is not None else None
         log.info("scan estimate: %d images at most, %.3g FLOP, %.1f images/s (%d workers × %d threads, probe batch %d)",
                  images, per_image * images, rate, workers, per_worker, batch)
-        return ScanEstimate(most, first)
+        return ScanEstimate(full, first)
     except Exception as e:  # an estimate must never stop a scan
         log.info("no scan estimate: %s", e)
         return None
