@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from bdscan.cli import app
-from bdscan.lab.samples import DEMO, SAMPLE_SET
+from bdscan.lab.samples import DEMO, DEMO_TWIN
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 runner = CliRunner()
@@ -32,7 +32,7 @@ def test_default_scan_flags_the_bundled_demo_with_its_true_target(tmp_path: Path
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_default_scan_passes_the_demo_s_clean_twin(tmp_path: Path) -> None:
-    twin = next(s for s in SAMPLE_SET if s.row == "cifar10_cct_clean1")
+    twin = DEMO_TWIN
     js = tmp_path / "scan.json"
     r = runner.invoke(app, ["scan", str(SAMPLES / twin.file), "--json", str(js), "--no-activations", "-q"])
     assert r.exit_code == 0, r.output

@@ -63,8 +63,8 @@ SAMPLE_SET: tuple[SampleModel, ...] = (
     SampleModel("gtsrb_resnet18_blended", "gtsrb_resnet18_blended.safetensors",
                 "a ResNet-18 with a picture blended over the whole image (α 0.14)"),
 )
-#: the model the README's first command scans
-DEMO = SAMPLE_SET[0]
+#: the model the README's first command scans, and its clean twin
+DEMO, DEMO_TWIN = SAMPLE_SET[0], SAMPLE_SET[1]
 
 
 def _row_file(row: dict[str, Any], manifest: Path) -> Path:
@@ -207,5 +207,5 @@ def samples_main(argv: Sequence[str]) -> int:
     return 0
 
 
-__all__ = ["DEMO", "SAMPLE_SET", "SampleModel", "check_samples_folder", "render_readme", "sample_bytes", "samples_main",
+__all__ = ["DEMO", "DEMO_TWIN", "SAMPLE_SET", "SampleModel", "check_samples_folder", "render_readme", "sample_bytes", "samples_main",
            "write_samples_folder"]

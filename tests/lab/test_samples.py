@@ -17,7 +17,7 @@ from bdscan.lab import zoo
 from bdscan.lab.evalzoo import read_rows, save_model, write_rows
 from bdscan.lab.evalzoo_finetune import FinetuneRecipe
 from bdscan.lab.evalzoo_plan import make_row
-from bdscan.lab.samples import DEMO, SAMPLE_SET, SampleModel, check_samples_folder, write_samples_folder
+from bdscan.lab.samples import DEMO, DEMO_TWIN, SAMPLE_SET, SampleModel, check_samples_folder, write_samples_folder
 from bdscan.pipeline import resolve_data
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -114,3 +114,6 @@ def test_the_repository_s_bundle_is_what_its_zoo_rows_give() -> None:
     assert f"sample_models/{DEMO.file}" in (ROOT / "Dockerfile").read_text()  # its usage line scans the demo too
     rows = {r["name"]: r for r in read_rows(ROOT / "benchmarks" / "zoo" / "manifest.json")}
     assert all(rows[s.row]["split"] == "calibration" for s in SAMPLE_SET)  # the evaluation half stays unseen
+    # the demo is a backdoored transformer, its twin a clean model of the same cell
+    assert rows[DEMO.row]["attack"] is not None and rows[DEMO.row]["arch"] not in ("bdscan_cnn6", "bdscan_resnet18")
+    assert rows[DEMO_TWIN.row]["attack"] is None and rows[DEMO_TWIN.row]["cell"] == rows[DEMO.row]["cell"]
