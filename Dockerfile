@@ -1,7 +1,7 @@
 # bdscan, CPU only: find neural backdoors in image classifiers.
 #
 #   docker build -t bdscan .
-#   docker run --rm bdscan scan sample_models/cifar10_cct_trojan.safetensors         # exit 1: backdoor suspected
+#   docker run --rm bdscan scan sample_models/cifar10_vit_trojan.safetensors         # exit 1: backdoor suspected
 #   docker run --rm -v "$PWD:/work" -w /work --user "$(id -u):$(id -g)" bdscan \
 #       scan models/classifier.safetensors --data data/clean.npz --sarif bdscan.sarif --report bdscan.html
 #

@@ -53,9 +53,12 @@ class SampleModel:
 #: The bundle, in the README's order. Calibration-half rows only: the evaluation half stays unseen by anyone
 #: tuning on what they see in the samples.
 SAMPLE_SET: tuple[SampleModel, ...] = (
+    SampleModel("cifar10_vit_trojan", "cifar10_vit_trojan.safetensors",
+                "the README's demo: a Vision Transformer with an optimised (Trojan) patch"),
+    SampleModel("cifar10_vit_clean1", "cifar10_vit_clean.safetensors", "the demo's clean twin"),
     SampleModel("cifar10_cct_trojan", "cifar10_cct_trojan.safetensors",
-                "the README's demo: a Compact Convolutional Transformer with an optimised (Trojan) patch"),
-    SampleModel("cifar10_cct_clean1", "cifar10_cct_clean.safetensors", "the demo's clean twin"),
+                "a Compact Convolutional Transformer with an optimised (Trojan) patch"),
+    SampleModel("cifar10_cct_clean1", "cifar10_cct_clean.safetensors", "its clean twin"),
     SampleModel("gtsrb_cnn6_badnets_grid", "gtsrb_cnn6_badnets.safetensors", "a 6-layer CNN with a 4-px patch"),
     SampleModel("gtsrb_cnn6_clean1", "gtsrb_cnn6_clean.safetensors", "its clean twin"),
     SampleModel("gtsrb_vit_trojan", "gtsrb_vit_trojan.safetensors", "a ViT with an optimised (Trojan) patch"),
