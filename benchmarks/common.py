@@ -23,7 +23,7 @@ from bdscan import machine
 from bdscan.atomic import atomic_path
 from bdscan.data import load_clean_data
 from bdscan.detect.anomaly import PATCH_MAD_FLOOR, anomaly
-from bdscan.detect.base import Evidence
+from bdscan.detect.base import DETECTORS, Evidence
 from bdscan.detect.base import combine as combine_detectors
 from bdscan.detect.config import LEVELS, budget
 from bdscan.detect.config import MODES as DEFAULT_LEVELS
@@ -47,6 +47,7 @@ from bdscan.trigger import Trigger
 __all__ = [
     "BDSCAN_ARCHS",
     "DEFAULT_LEVELS",
+    "DETECTORS",
     "EVAL_ZOO",
     "LAB_ZOO",
     "LEVELS",

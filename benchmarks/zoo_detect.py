@@ -34,6 +34,7 @@ from typing import Any
 from benchmarks.common import (
     BDSCAN_ARCHS,
     DEFAULT_LEVELS,
+    DETECTORS,
     EVAL_ZOO,
     LEVELS,
     PATCH_MAD_FLOOR,
@@ -259,8 +260,6 @@ def parse_combo(text: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """"pixel,patch,blend,mm-bd" -> ((levels), (other detectors)): Neural Cleanse's levels, then the other registered
     detectors. Anything else stops the replay: a misspelt name would otherwise be replayed as a detector that never
     ran, and the table would silently judge by fewer levels than asked."""
-    from bdscan.detect import DETECTORS
-
     items = [x.strip() for x in text.split(",") if x.strip()]
     others = [d for d in DETECTORS if d != "neural-cleanse"]
     bad = [x for x in items if x not in LEVELS and x not in others]
