@@ -365,25 +365,25 @@ def run(args: argparse.Namespace) -> None:
             write_json(args.out, {"benchmark": "zoo-detect", "key": key, "when": utc_now(),
                                   "machine": machine_line(threads=args.threads), "rows": rows})
     names = {e["name"] for e in entries}
-    print_recorded(args, [r for r in rows if r["seed"] in seeds and r["model"] in names])
+    print_recorded(args, args.detectors, [r for r in rows if r["seed"] in seeds and r["model"] in names])
 
 
 def run_summary(args: argparse.Namespace) -> None:
     """``--summary``: the recorded verdicts' tables (--out), as a finished run prints them; while a run goes on, what
     it has scanned so far."""
     doc, rows = recorded_rows(args, "--summary")
-    args.detectors = doc["key"]["detectors"]
     print(f"Recorded in {args.out} ({len(rows)} scans, {doc.get('when', '?')}; recorded with {doc['key']})")
-    print_recorded(args, rows)
+    print_recorded(args, doc["key"]["detectors"], rows)
 
 
-def print_recorded(args: argparse.Namespace, rows: list[dict]) -> None:
-    """Every scan's row, then the summary tables (all, per family, per attack kind, per data set)."""
-    print(f"\nEvaluation zoo, {args.split} half: detectors {args.detectors}"
+def print_recorded(args: argparse.Namespace, detectors: str, rows: list[dict]) -> None:
+    """Every scan's row, then the summary tables (all, per family, per attack kind, per data set); ``detectors``: the
+    comma-separated detectors the rows were scanned with."""
+    print(f"\nEvaluation zoo, {args.split} half: detectors {detectors}"
           f"{f' (levels {args.levels})' if args.levels else ''}, budget {args.budget}"
           f"{f', {args.steps} steps' if args.steps else ''}, seeds {args.seeds}, alpha {args.alpha:g}; "
           f"{machine_line(threads=args.threads)}\n")
-    dets = [d.strip() for d in args.detectors.split(",")]
+    dets = [d.strip() for d in detectors.split(",")]
     table_header("model", "attack", "seed", "verdict", "p", "by", *(f"{d} p (class)" for d in dets), "true target", "right", "s")
     for r in sorted(rows, key=lambda r: (r["true_target"] is None, r["model"], r["seed"])):
         tt = "clean" if r["true_target"] is None else str(r["true_target"])

@@ -85,8 +85,9 @@ _Config = TypeVar("_Config")
 
 
 def fill_unset(cfg: _Config, **defaults: Any) -> _Config:
-    """A copy of the dataclass ``cfg`` in which every field named in ``defaults`` that is None takes its default."""
-    return replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})  # type: ignore[type-var]
+    """A copy of the dataclass ``cfg`` in which every field named in ``defaults`` that is unset (None, or an empty
+    name such as ``optimizer=""``) takes its default; a zero stays a zero."""
+    return replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) in (None, "")})  # type: ignore[type-var]
 
 
 def arch_defaults(arch: str) -> ArchDefaults:

@@ -37,5 +37,6 @@ def test_a_loss_that_is_not_finite_stops_the_run_and_says_where() -> None:
 
 
 def test_fill_unset_fills_only_what_is_none() -> None:
-    cfg = fill_unset(TrainConfig(lr=0.5), lr=0.1, epochs=7)
-    assert cfg.lr == 0.5 and cfg.epochs == 7
+    cfg = fill_unset(TrainConfig(lr=0.5, optimizer=""), lr=0.1, epochs=7, optimizer="adamw")
+    assert cfg.lr == 0.5 and cfg.epochs == 7 and cfg.optimizer == "adamw"
+    assert fill_unset(TrainConfig(warmup_epochs=0), warmup_epochs=3).warmup_epochs == 0
