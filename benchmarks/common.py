@@ -46,6 +46,7 @@ from bdscan.trigger import Trigger
 
 __all__ = [
     "BDSCAN_ARCHS",
+    "DATASET_SAMPLES",
     "DEFAULT_LEVELS",
     "DETECTORS",
     "EVAL_ZOO",
@@ -103,6 +104,7 @@ __all__ = [
     "reversed_trigger_from_findings",
     "round_to_half_",
     "run_benchmark",
+    "samples_of",
     "scan",
     "scan_cli",
     "scan_config",
@@ -123,6 +125,9 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 #: the bundled sample models and the clean sample sets (``<dataset>_samples.npz``) the zoos' scans use
 SAMPLE_MODELS = ROOT / "sample_models"
+#: the clean images every scan of an evaluation-zoo model uses: the bundled samples of its data set, those a user
+#: would try first
+DATASET_SAMPLES = {"gtsrb": SAMPLE_MODELS / "gtsrb_samples.npz", "cifar10": SAMPLE_MODELS / "cifar10_samples.npz"}
 #: the lab zoo: the small, quickly trained models of the study and of the speed benchmarks
 LAB_ZOO = ROOT / "benchmarks" / "lab_zoo"
 ZOO_MANIFEST = LAB_ZOO / "zoo.json"
@@ -213,11 +218,21 @@ def trigger_param(wrapper: Any, mode: str) -> Any:
     return params_for(wrapper, mode, defaults.cnn_patch_sizes, defaults.cnn_patch_offsets)[0]
 
 
+def samples_of(path: str | Path, metadata: dict[str, Any]) -> Path:
+    """The clean samples a model is scanned with: those its metadata names (a lab model's ``*_samples.npz`` next
+    to it), else the bundled samples of its data set (an evaluation-zoo model, as ``zoo-detect`` scans it)."""
+    if "samples" in metadata:
+        return Path(path).parent / metadata["samples"]
+    if metadata.get("dataset") in DATASET_SAMPLES:
+        return DATASET_SAMPLES[metadata["dataset"]]
+    raise SystemExit(f"{path}: its metadata names neither samples nor a data set (not a lab or zoo model)")
+
+
 def load_with_samples(path: str | Path) -> tuple[Any, Any]:
-    """A model file and the clean samples its metadata names (``*_samples.npz`` next to it)."""
+    """A model file and its clean samples (:func:`samples_of`)."""
     lm = load_model(path)
     info = lm.wrapper.info
-    data = load_clean_data(Path(path).parent / info.metadata["samples"], info.input_size, info.num_classes, info.class_names)
+    data = load_clean_data(samples_of(path, info.metadata), info.input_size, info.num_classes, info.class_names)
     return lm, data
 
 

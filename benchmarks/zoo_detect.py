@@ -33,12 +33,12 @@ from typing import Any
 
 from benchmarks.common import (
     BDSCAN_ARCHS,
+    DATASET_SAMPLES,
     DEFAULT_LEVELS,
     DETECTORS,
     EVAL_ZOO,
     LEVELS,
     PATCH_MAD_FLOOR,
-    SAMPLE_MODELS,
     add_budget,
     add_out,
     add_threads,
@@ -56,8 +56,6 @@ from benchmarks.common import (
 
 #: a backdoored row counts only when its backdoor works (the zoo's own target, bdscan.lab.evalzoo_table.MIN_ASR)
 MIN_ASR = 0.90
-#: the clean images every scan of a data set uses: the bundled samples a user would try first
-SAMPLES = {"gtsrb": SAMPLE_MODELS / "gtsrb_samples.npz", "cifar10": SAMPLE_MODELS / "cifar10_samples.npz"}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -357,7 +355,7 @@ def run(args: argparse.Namespace) -> None:
             digest = sha16(f)
             if (e["name"], seed, digest) in done:
                 continue
-            doc, wall = scan_one(f, SAMPLES[e["dataset"]], args.detectors, args.budget, args.steps, seed, args.alpha, args.threads,
+            doc, wall = scan_one(f, DATASET_SAMPLES[e["dataset"]], args.detectors, args.budget, args.steps, seed, args.alpha, args.threads,
                                  args.levels)
             row = row_of(e, doc, seed, wall) | {"sha16": digest}
             rows = [r for r in rows if (r["model"], r["seed"]) != (e["name"], seed)] + [row]
@@ -430,11 +428,15 @@ def two_look(row: dict, s1: int, s2: int, a1: float, c: float, alpha: float, lev
     first look flags with probability at most ``a1`` and the second at most ``alpha - a1``, so the schedule's
     false-alarm rate is at most ``alpha`` whatever ``c`` (stopping as clean never adds a flag).
 
+    A scan the first look decides needs only ``s1`` recorded steps, so the schedule replays on the rows of a default
+    run too (which stopped at its own first look): exactly for any ``a1`` and ``c`` that send to the second look
+    only scans the run itself sent there, and None for a scan that would need a second look the run did not record.
+
     Returns:
-        the replayed row with ``looks`` (1 or 2) and ``steps_run`` added.
+        the replayed row with ``looks`` (1 or 2) and ``steps_run`` added; None when the sizes it needs were not recorded.
     """
-    lv1, lv2 = levels_at(row, s1), levels_at(row, s2)
-    if lv1 is None or lv2 is None:
+    lv1 = levels_at(row, s1)
+    if lv1 is None:
         return None
     first = replay(row | {"levels": lv1}, levels, detectors, a1)
     p1 = first["p"]
@@ -442,6 +444,9 @@ def two_look(row: dict, s1: int, s2: int, a1: float, c: float, alpha: float, lev
     # the look's correction (alpha / a1, or alpha / (alpha - a1)), so that AUCs compare with one-look scans
     if p1 is not None and (first["flagged"] or p1 > c):
         return first | {"p": min(1.0, p1 * alpha / a1), "looks": 1, "steps_run": s1}
+    lv2 = levels_at(row, s2)
+    if lv2 is None:
+        return None
     second = replay(row | {"levels": lv2}, levels, detectors, alpha - a1)
     p2 = second["p"]
     return second | {"p": None if p2 is None else min(1.0, p2 * alpha / (alpha - a1)), "looks": 2, "steps_run": s2}
@@ -453,8 +458,9 @@ def run_replay_two_look(args: argparse.Namespace) -> None:
     s1, s2, a1, c = (t(v) for t, v in zip((int, int, float, float), args.replay_two_look.split(":"), strict=True))
     levels, dets = parse_combo(args.replay[0] if args.replay else ",".join(DEFAULT_LEVELS))
     judged = [j for j in (two_look(r, s1, s2, a1, c, args.alpha, levels, dets) for r in rows) if j is not None]
-    print(f"Replayed from {args.out}: {len(judged)} of {len(rows)} scans recorded for {s2} steps; two looks: {s1} steps "
-          f"(flag at p <= {a1:g}, clean at p > {c:g}), else {s2} steps at alpha {args.alpha - a1:g}\n")
+    print(f"Replayed from {args.out}: two looks: {s1} steps (flag at p <= {a1:g}, clean at p > {c:g}), else {s2} steps at "
+          f"alpha {args.alpha - a1:g}; {len(judged)} of {len(rows)} scans judged (the others' sizes were not recorded "
+          f"for the steps they would need)\n")
     def once(steps: int) -> list[dict]:  # one look at ``steps``, over the scans recorded for s2 steps
         return [replay(r | {"levels": levels_at(r, steps)}, levels, dets, args.alpha) | {"looks": None}
                 for r in rows if levels_at(r, s2) is not None]

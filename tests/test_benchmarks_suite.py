@@ -81,3 +81,14 @@ def test_only_common_imports_bdscan() -> None:
     bad = [f"{p.relative_to(ROOT)}:{line}" for p in _sources() if p.parent == SUITE and p.name != "common.py"
            for line, name in _imported(ast.parse(p.read_text(), str(p))) if name == "bdscan"]
     assert not bad, bad
+
+
+def test_a_zoo_model_is_measured_on_its_data_sets_bundled_samples(tmp_path: Path) -> None:
+    from benchmarks.common import DATASET_SAMPLES, samples_of
+
+    # a lab model names its own samples file beside it; an evaluation-zoo model names only its data set
+    assert samples_of(tmp_path / "m.safetensors", {"samples": "m_samples.npz", "dataset": "gtsrb"}) == tmp_path / "m_samples.npz"
+    assert samples_of(tmp_path / "m.safetensors", {"dataset": "cifar10"}) == DATASET_SAMPLES["cifar10"]
+    assert DATASET_SAMPLES["cifar10"].exists() and DATASET_SAMPLES["gtsrb"].exists()
+    with pytest.raises(SystemExit, match="neither samples nor a data set"):
+        samples_of(tmp_path / "m.safetensors", {"dataset": "imagenet"})

@@ -209,7 +209,11 @@ def test_two_look_flags_early_stops_clean_or_looks_again_within_alpha() -> None:
     assert stopped["looks"] == 1 and stopped["steps_run"] == 1 and not stopped["flagged"] and not stopped["right"]
     early = two_look(row, 4, 4, 0.005, 0.9, 0.05, ("pixel",), ())  # flagged at the first look already (p <= A1)
     assert early["looks"] == 1 and early["flagged"]
-    assert two_look(row, 1, 5, 0.005, 0.9, 0.05, ("pixel",), ()) is None  # not recorded for 5 steps
+    assert two_look(row, 1, 5, 0.005, 0.9, 0.05, ("pixel",), ()) is None  # in doubt, and not recorded for 5 steps
+    # a default run's row stops at its first look: a scan decided there replays without the second look's steps
+    decided = two_look(row, 1, 5, 0.005, p1 / 2, 0.05, ("pixel",), ())
+    assert decided is not None and decided["looks"] == 1 and not decided["flagged"]
+    assert two_look(row, 5, 6, 0.005, 0.9, 0.05, ("pixel",), ()) is None  # not even the first look recorded
 
 
 def test_a_recording_run_looks_once_and_the_table_counts_second_looks(monkeypatch) -> None:  # type: ignore[no-untyped-def]
