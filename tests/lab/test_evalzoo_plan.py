@@ -202,3 +202,12 @@ def test_a_warp_rows_noise_mode_is_its_recipes(rows: list[dict]) -> None:
     # the transformers' own WaNet recipe (FAMILY_KIND_RECIPES): no noise mode; the CNNs keep the paper's
     assert {r["finetune"]["cross_ratio"] for r in wanet if r["arch"] in ("bdscan_cnn6", "bdscan_resnet18")} == {2.0}
     assert {r["finetune"]["cross_ratio"] for r in wanet if r["arch"] not in ("bdscan_cnn6", "bdscan_resnet18")} == {0.0}
+
+
+def test_the_transformers_low_rate_rows_train_three_times_longer(rows: list[dict]) -> None:
+    lowrate = [r for r in rows if r["attack"] == "lowrate_patch"]
+    assert lowrate
+    steps = {r["arch"]: r["finetune"]["steps"] for r in lowrate}
+    assert steps["bdscan_cnn6"] == steps["bdscan_resnet18"] == 800
+    assert {steps[a] for a in ("bdscan_vit", "bdscan_deit", "bdscan_convit", "bdscan_cct")} == {2400}
+    assert all(r["finetune"]["poison_rate"] == 0.01 for r in lowrate)
