@@ -31,6 +31,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from bdscan.detect.config import BUDGET_SECOND_LOOK, BUDGETS, DEFAULT_BUDGET
 from benchmarks.common import (
     BDSCAN_ARCHS,
     DATASET_SAMPLES,
@@ -312,9 +313,33 @@ def recorded_rows(args: argparse.Namespace, option: str) -> tuple[dict, list[dic
     return doc, [r for r in doc["rows"] if r["seed"] in seeds and (not args.only or r["model"] in args.only)]
 
 
+def recorded_schedule(doc: dict) -> tuple[int, int, float, float] | None:
+    """The two-look schedule a recording's scans ran under, as (S1, S2, A1's share of alpha, C); None for one look
+    (``--steps`` turns the second look off, and a budget without a schedule has none)."""
+    key = doc.get("key") or {}
+    name = key.get("budget") or DEFAULT_BUDGET
+    own = BUDGET_SECOND_LOOK.get(name)
+    if key.get("steps") is not None or own is None or name not in BUDGETS:
+        return None
+    return own[0], BUDGETS[name].steps, own[1], own[2]
+
+
+def replay_as_run(row: dict, levels: Sequence[str], detectors: Sequence[str], alpha: float,
+                  schedule: tuple[int, int, float, float] | None) -> dict[str, Any] | None:
+    """:func:`replay` for a one-look scan; a scan that ran the two-look schedule is re-judged by that schedule from
+    its recorded sizes (:func:`two_look`: its looks' corrections included), None when it would need a second look it
+    did not record. Rows recorded before scans kept their sizes are judged by :func:`replay` as before."""
+    if schedule is None or row.get("looks") is None or not row.get("sizes"):
+        return replay(row, levels, detectors, alpha)
+    s1, s2, share, c = schedule
+    return two_look(row, s1, s2, share * alpha, c, alpha, levels, detectors)
+
+
 def run_replay(args: argparse.Namespace) -> None:
-    """``--replay``: the recorded rows re-judged under each combination of levels and detectors."""
+    """``--replay``: the recorded rows re-judged under each combination of levels and detectors (under the schedule
+    they ran: one look, or the budget's two looks)."""
     doc, rows = recorded_rows(args, "--replay")
+    schedule = recorded_schedule(doc)
     print(f"Replayed from {args.out} ({len(rows)} scans; recorded with {doc['key']}), alpha {args.alpha:g}\n")
     for combo in args.replay:
         levels, dets = parse_combo(combo)
@@ -322,7 +347,10 @@ def run_replay(args: argparse.Namespace) -> None:
         kept = [r for r in rows if replayable(r, levels)]
         if len(kept) < len(rows):
             print(f"({len(rows) - len(kept)} scans left out: recorded without their levels' own p-values)\n")
-        print_summary([replay(r, levels, dets, args.alpha) for r in kept])
+        judged = [j for j in (replay_as_run(r, levels, dets, args.alpha, schedule) for r in kept) if j is not None]
+        if len(judged) < len(kept):
+            print(f"({len(kept) - len(judged)} scans left out: they would need a second look that was not recorded)\n")
+        print_summary(judged)
         print()
 
 
