@@ -304,13 +304,54 @@ def print_summary(rows: Sequence[dict]) -> None:
               f"| {_pct(s['fpr'])} | {auc_s} | {s['same_verdict']}/{s['models_multi_seed']} | {sec_s} | {twice} |")
 
 
+def matrix(rows: Sequence[dict]) -> dict[str, dict[str, tuple[int, int]]]:
+    """Every cell's scans by attack kind, the cells the issue's targets are stated for: cell ("<data set> <family>")
+    -> kind -> (backdoored scans found with the true target, backdoored scans), and "clean" -> (clean scans flagged,
+    clean scans)."""
+    out: dict[str, dict[str, tuple[int, int]]] = {}
+    for (d, a) in sorted({(r["dataset"], r["arch"]) for r in rows}):
+        cell = [r for r in rows if (r["dataset"], r["arch"]) == (d, a)]
+        kinds = {k: [r for r in cell if r["attack"] == k] for k in sorted({r["attack"] for r in cell if r["attack"] is not None})}
+        counts = {k: (sum(r["right"] for r in rs), len(rs)) for k, rs in kinds.items()}
+        clean = [r for r in cell if r["attack"] is None]
+        if clean:
+            counts["clean"] = (sum(r["flagged"] for r in clean), len(clean))
+        out[f"{d} {FAMILY_LABELS.get(a, a)}"] = counts
+    return out
+
+
+def print_matrix(rows: Sequence[dict]) -> None:
+    """:func:`matrix` as a table: one row a cell, one column an attack kind (found / scans), then the clean models
+    (flagged / scans); an empty cell had no scan of that kind."""
+    m = matrix(rows)
+    kinds = sorted({k for counts in m.values() for k in counts if k != "clean"})
+    table_header("cell", *(f"{k} found" for k in kinds), "clean flagged")
+    for cell, counts in m.items():
+        cells = [f"{counts[k][0]}/{counts[k][1]}" if k in counts else "" for k in (*kinds, "clean")]
+        print(f"| {cell} | {' | '.join(cells)} |")
+
+
 def recorded_rows(args: argparse.Namespace, option: str) -> tuple[dict, list[dict]]:
     """The recorded scan document (``--out``) and its rows of ``--seeds`` (and ``--only``), for an offline replay."""
     doc = read_json(args.out)
     if not doc or not doc.get("rows"):
         raise SystemExit(f"zoo-detect {option}: no recorded scans in {args.out} (run the benchmark first, or give --out)")
     seeds = {int(s) for s in str(args.seeds).split(",") if s.strip()}
-    return doc, [r for r in doc["rows"] if r["seed"] in seeds and (not args.only or r["model"] in args.only)]
+    rows = [r for r in doc["rows"] if r["seed"] in seeds and (not args.only or r["model"] in args.only)]
+    current, stale = split_stale(rows, read_json(args.manifest) or [])
+    if stale:
+        print(f"({len(stale)} scans left out: their models were rebuilt or reset since: "
+              f"{', '.join(sorted({r['model'] for r in stale}))})\n")
+    return doc, current
+
+
+def split_stale(rows: Sequence[dict], manifest: Sequence[dict]) -> tuple[list[dict], list[dict]]:
+    """``rows`` split into those of the manifest's current builds and the stale ones: a row recorded on a model file
+    whose SHA-256 the manifest no longer holds (re-planned, reset or rebuilt since) measures a model that is gone.
+    Rows recorded before they kept their file's digest (no ``sha16``) are kept."""
+    sha = {e["name"]: (e.get("sha256") or "")[:16] for e in manifest}
+    stale = [r for r in rows if r.get("sha16") and sha.get(r["model"]) != r["sha16"]]
+    return [r for r in rows if r not in stale], stale
 
 
 def recorded_schedule(doc: dict) -> tuple[int, int, float, float] | None:
@@ -420,6 +461,8 @@ def print_recorded(args: argparse.Namespace, detectors: str, rows: list[dict]) -
               f"| {r['decided_by'] or '—'} | {' | '.join(cells)} | {tt} | {'yes' if r['right'] else 'NO'} | {r['seconds']:.0f} |")
     print()
     print_summary(rows)
+    print()
+    print_matrix(rows)
 
 
 def run_replay_steps(args: argparse.Namespace) -> None:

@@ -12,6 +12,7 @@ from benchmarks.zoo_detect import (
     auc,
     groups,
     levels_at,
+    matrix,
     parse_combo,
     recorded_schedule,
     replay,
@@ -20,6 +21,7 @@ from benchmarks.zoo_detect import (
     row_of,
     same_verdict,
     select,
+    split_stale,
     summary,
     two_look,
 )
@@ -272,3 +274,26 @@ def test_replay_judges_a_two_look_recording_by_its_own_schedule() -> None:
     # a one-look recording (or a row from before rows kept their sizes) replays as before
     assert replay_as_run(row, ("pixel",), (), 0.05, None) == replay(row, ("pixel",), (), 0.05)
     assert replay_as_run(row | {"sizes": {}}, ("pixel",), (), 0.05, schedule) == replay(row | {"sizes": {}}, ("pixel",), (), 0.05)
+
+
+def test_the_matrix_counts_each_cells_kinds_and_its_clean_flags() -> None:
+    rows = [row_of(_entry("a", 3, attack="blended"), _doc("backdoor", 3, 0.01), 0, 1.0),  # found
+            row_of(_entry("a", 3, attack="blended"), _doc("backdoor", 5, 0.01), 1, 1.0),  # wrong class: not found
+            row_of(_entry("b", 3, arch="bdscan_cnn6", attack="sig"), _doc("clean", None, 0.3), 0, 1.0),
+            row_of(_entry("c", None), _doc("backdoor", 2, 0.01), 0, 1.0),  # a false alarm
+            row_of(_entry("d", None), _doc("clean", None, 0.3), 0, 1.0)]
+    m = matrix(rows)
+    assert len(m) == 2
+    vit = next(v for k, v in m.items() if k.startswith("gtsrb") and "sig" not in v)
+    cnn = next(v for k, v in m.items() if "sig" in v)
+    assert vit == {"blended": (1, 2), "clean": (1, 2)}
+    assert cnn == {"sig": (0, 1)}  # no clean model of that cell scanned: no clean column
+
+
+def test_a_scan_of_a_model_rebuilt_or_reset_since_is_left_out_of_the_tables() -> None:
+    rows = [{"model": "a", "sha16": "1" * 16}, {"model": "b", "sha16": "2" * 16}, {"model": "c", "sha16": "3" * 16},
+            {"model": "d"}]  # recorded before rows kept their digest
+    manifest = [{"name": "a", "sha256": "1" * 64}, {"name": "b", "sha256": "9" * 64}, {"name": "c", "sha256": None},
+                {"name": "d", "sha256": "4" * 64}]
+    current, stale = split_stale(rows, manifest)
+    assert [r["model"] for r in current] == ["a", "d"] and [r["model"] for r in stale] == ["b", "c"]
