@@ -31,10 +31,12 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bdscan.detect.config import BUDGET_SECOND_LOOK, BUDGETS, DEFAULT_BUDGET
 from benchmarks.common import (
     BDSCAN_ARCHS,
+    BUDGET_SECOND_LOOK,
+    BUDGETS,
     DATASET_SAMPLES,
+    DEFAULT_BUDGET,
     DEFAULT_LEVELS,
     DETECTORS,
     EVAL_ZOO,
