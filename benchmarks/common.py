@@ -25,7 +25,7 @@ from bdscan.data import load_clean_data
 from bdscan.detect.anomaly import PATCH_MAD_FLOOR, anomaly
 from bdscan.detect.base import DETECTORS, Evidence
 from bdscan.detect.base import combine as combine_detectors
-from bdscan.detect.config import BUDGET_SECOND_LOOK, BUDGETS, DEFAULT_BUDGET, LEVELS, budget
+from bdscan.detect.config import DEFAULT_BUDGET, LEVELS, budget
 from bdscan.detect.config import MODES as DEFAULT_LEVELS
 from bdscan.detect.inversion import invert
 from bdscan.detect.scan import ScanConfig, combine, params_for, resolve_second_look, scan
@@ -46,8 +46,6 @@ from bdscan.trigger import Trigger
 
 __all__ = [
     "BDSCAN_ARCHS",
-    "BUDGETS",
-    "BUDGET_SECOND_LOOK",
     "DATASET_SAMPLES",
     "DEFAULT_BUDGET",
     "DEFAULT_LEVELS",
@@ -104,6 +102,7 @@ __all__ = [
     "read_json",
     "recordings",
     "repair",
+    "resolve_second_look",
     "reversed_trigger_from_findings",
     "round_to_half_",
     "run_benchmark",

@@ -33,8 +33,6 @@ from typing import Any
 
 from benchmarks.common import (
     BDSCAN_ARCHS,
-    BUDGET_SECOND_LOOK,
-    BUDGETS,
     DATASET_SAMPLES,
     DEFAULT_BUDGET,
     DEFAULT_LEVELS,
@@ -46,10 +44,12 @@ from benchmarks.common import (
     add_out,
     add_threads,
     anomaly,
+    budget_config,
     machine_line,
     new_parser,
     print_row,
     read_json,
+    resolve_second_look,
     scan_cli,
     sha16,
     table_header,
@@ -352,19 +352,23 @@ def split_stale(rows: Sequence[dict], manifest: Sequence[dict]) -> tuple[list[di
     whose SHA-256 the manifest no longer holds (re-planned, reset or rebuilt since) measures a model that is gone.
     Rows recorded before they kept their file's digest (no ``sha16``) are kept."""
     sha = {e["name"]: (e.get("sha256") or "")[:16] for e in manifest}
-    stale = [r for r in rows if r.get("sha16") and sha.get(r["model"]) != r["sha16"]]
-    return [r for r in rows if r not in stale], stale
+    current: list[dict] = []
+    stale: list[dict] = []
+    for r in rows:
+        (stale if r.get("sha16") and sha.get(r["model"]) != r["sha16"] else current).append(r)
+    return current, stale
 
 
-def recorded_schedule(doc: dict) -> tuple[int, int, float, float] | None:
-    """The two-look schedule a recording's scans ran under, as (S1, S2, A1's share of alpha, C); None for one look
-    (``--steps`` turns the second look off, and a budget without a schedule has none)."""
+def recorded_schedule(doc: dict, alpha: float) -> tuple[int, int, float, float] | None:
+    """The two-look schedule a recording's scans ran under, at the replay's ``alpha``, as (S1, S2, A1, C); None for
+    one look (``--steps`` turns the second look off). Resolved as a scan resolves it (:func:`resolve_second_look`)."""
     key = doc.get("key") or {}
-    name = key.get("budget") or DEFAULT_BUDGET
-    own = BUDGET_SECOND_LOOK.get(name)
-    if key.get("steps") is not None or own is None or name not in BUDGETS:
+    if key.get("steps") is not None:
         return None
-    return own[0], BUDGETS[name].steps, own[1], own[2]
+    name = key.get("budget") or DEFAULT_BUDGET
+    steps = budget_config(name).steps
+    look = resolve_second_look("auto", name, steps, alpha)
+    return None if look is None else (look.first_steps, steps, look.alpha_first, look.clean_above)
 
 
 def replay_as_run(row: dict, levels: Sequence[str], detectors: Sequence[str], alpha: float,
@@ -374,15 +378,15 @@ def replay_as_run(row: dict, levels: Sequence[str], detectors: Sequence[str], al
     did not record. Rows recorded before scans kept their sizes are judged by :func:`replay` as before."""
     if schedule is None or row.get("looks") is None or not row.get("sizes"):
         return replay(row, levels, detectors, alpha)
-    s1, s2, share, c = schedule
-    return two_look(row, s1, s2, share * alpha, c, alpha, levels, detectors)
+    s1, s2, a1, c = schedule
+    return two_look(row, s1, s2, a1, c, alpha, levels, detectors)
 
 
 def run_replay(args: argparse.Namespace) -> None:
     """``--replay``: the recorded rows re-judged under each combination of levels and detectors (under the schedule
     they ran: one look, or the budget's two looks)."""
     doc, rows = recorded_rows(args, "--replay")
-    schedule = recorded_schedule(doc)
+    schedule = recorded_schedule(doc, args.alpha)
     print(f"Replayed from {args.out} ({len(rows)} scans; recorded with {doc['key']}), alpha {args.alpha:g}\n")
     for combo in args.replay:
         levels, dets = parse_combo(combo)

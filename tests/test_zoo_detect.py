@@ -259,18 +259,19 @@ def test_summary_prints_the_recorded_verdicts_without_scanning(tmp_path, monkeyp
 
 def test_replay_judges_a_two_look_recording_by_its_own_schedule() -> None:
     # the budget's schedule unless --steps turned the second look off
-    assert recorded_schedule({"key": {"budget": "fast", "steps": None}}) == (30, 90, 0.4, 0.5)
-    assert recorded_schedule({"key": {"budget": "fast", "steps": 90}}) is None
+    s1, s2, a1, c = recorded_schedule({"key": {"budget": "fast", "steps": None}}, 0.05)
+    assert (s1, s2, c) == (30, 90, 0.5) and a1 == pytest.approx(0.4 * 0.05)
+    assert recorded_schedule({"key": {"budget": "fast", "steps": 90}}, 0.05) is None
     row = _converging_row(8.0) | {"looks": 2}
     p1 = replay(row | {"levels": levels_at(row, 1)}, ("pixel",), (), 0.05)["p"]
-    schedule = (1, 4, 0.1, 0.9)  # A1 = 0.1·alpha = 0.005
+    schedule = (1, 4, 0.005, 0.9)
     judged = replay_as_run(row, ("pixel",), (), 0.05, schedule)
-    assert judged == two_look(row, 1, 4, 0.1 * 0.05, 0.9, 0.05, ("pixel",), ())
+    assert judged == two_look(row, 1, 4, 0.005, 0.9, 0.05, ("pixel",), ())
     assert judged["looks"] == 2 and judged["flagged"]
     # the second look's correction is in its p-value: a one-look replay of the same final sizes reports less
     assert judged["p"] > replay(row | {"levels": levels_at(row, 4)}, ("pixel",), (), 0.05)["p"]
-    assert replay_as_run(row, ("pixel",), (), 0.05, (1, 5, 0.1, 0.9)) is None  # in doubt, and 5 steps not recorded
-    assert replay_as_run(row, ("pixel",), (), 0.05, (1, 5, 0.1, p1 / 2))["looks"] == 1  # clean at the first look
+    assert replay_as_run(row, ("pixel",), (), 0.05, (1, 5, 0.005, 0.9)) is None  # in doubt, and 5 steps not recorded
+    assert replay_as_run(row, ("pixel",), (), 0.05, (1, 5, 0.005, p1 / 2))["looks"] == 1  # clean at the first look
     # a one-look recording (or a row from before rows kept their sizes) replays as before
     assert replay_as_run(row, ("pixel",), (), 0.05, None) == replay(row, ("pixel",), (), 0.05)
     assert replay_as_run(row | {"sizes": {}}, ("pixel",), (), 0.05, schedule) == replay(row | {"sizes": {}}, ("pixel",), (), 0.05)
