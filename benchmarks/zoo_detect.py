@@ -88,6 +88,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--summary", action="store_true",
                     help="scan nothing: print the recorded scans' (--out) verdicts and tables as a finished run prints them")
     add_out(ap, "zoo_detect.json", help="JSON output (default: benchmarks/results/zoo_detect_<split>.json)")
+    ap.add_argument("--also", nargs="+", type=Path, default=[], metavar="JSON",
+                    help="offline modes (--summary, --replay, --replay-steps, --replay-two-look): further recordings whose "
+                         "scans join --out's, each judged under its own recording's schedule; a model and seed recorded "
+                         "in several files is taken from the first given (--out first)")
     add_threads(ap, 1)
     return ap
 
@@ -334,17 +338,30 @@ def print_matrix(rows: Sequence[dict]) -> None:
 
 
 def recorded_rows(args: argparse.Namespace, option: str) -> tuple[dict, list[dict]]:
-    """The recorded scan document (``--out``) and its rows of ``--seeds`` (and ``--only``), for an offline replay."""
-    doc = read_json(args.out)
-    if not doc or not doc.get("rows"):
-        raise SystemExit(f"zoo-detect {option}: no recorded scans in {args.out} (run the benchmark first, or give --out)")
+    """The recorded scan document (``--out``) and the rows of ``--seeds`` (and ``--only``) of it and of ``--also``'s
+    recordings, for an offline replay. Each row keeps its recording's key and path (``recorded_key``, ``recorded_in``:
+    in memory only), so that a replay judges it under the schedule it ran; a (model, seed) recorded in several files
+    (on the model's current build) is taken from the first."""
+    docs = [(path, read_json(path)) for path in (args.out, *args.also)]
+    for path, doc in docs:
+        if not doc or not doc.get("rows"):
+            raise SystemExit(f"zoo-detect {option}: no recorded scans in {path} (run the benchmark first, or give --out)")
     seeds = {int(s) for s in str(args.seeds).split(",") if s.strip()}
-    rows = [r for r in doc["rows"] if r["seed"] in seeds and (not args.only or r["model"] in args.only)]
+    rows = [r | {"recorded_key": doc.get("key") or {}, "recorded_in": str(path)}
+            for path, doc in docs for r in doc["rows"] if r["seed"] in seeds and (not args.only or r["model"] in args.only)]
     current, stale = split_stale(rows, read_json(args.manifest) or [])
     if stale:
         print(f"({len(stale)} scans left out: their models were rebuilt or reset since: "
               f"{', '.join(sorted({r['model'] for r in stale}))})\n")
-    return doc, current
+    first: dict[tuple[str, int], dict] = {}
+    for r in current:
+        first.setdefault((r["model"], r["seed"]), r)
+    current = list(first.values())
+    if args.also:
+        counts = [sum(r["recorded_in"] == str(path) for r in current) for path, _ in docs]
+        print("Recordings: " + "; ".join(f"{path} ({n} scans, {d['key']})" for (path, d), n in zip(docs, counts, strict=True))
+              + "\n")
+    return docs[0][1], current
 
 
 def split_stale(rows: Sequence[dict], manifest: Sequence[dict]) -> tuple[list[dict], list[dict]]:
@@ -386,15 +403,16 @@ def run_replay(args: argparse.Namespace) -> None:
     """``--replay``: the recorded rows re-judged under each combination of levels and detectors (under the schedule
     they ran: one look, or the budget's two looks)."""
     doc, rows = recorded_rows(args, "--replay")
-    schedule = recorded_schedule(doc, args.alpha)
-    print(f"Replayed from {args.out} ({len(rows)} scans; recorded with {doc['key']}), alpha {args.alpha:g}\n")
+    schedules = [recorded_schedule({"key": r.get("recorded_key", doc["key"])}, args.alpha) for r in rows]
+    source = f"{args.out} and {len(args.also)} more recordings" if args.also else f"{args.out}"
+    print(f"Replayed from {source} ({len(rows)} scans; recorded with {doc['key']}), alpha {args.alpha:g}\n")
     for combo in args.replay:
         levels, dets = parse_combo(combo)
         print(f"### {combo}: levels {', '.join(levels) or 'none'}; detectors {', '.join(('neural-cleanse',) * bool(levels) + dets)}\n")
-        kept = [r for r in rows if replayable(r, levels)]
+        kept = [(r, sch) for r, sch in zip(rows, schedules, strict=True) if replayable(r, levels)]
         if len(kept) < len(rows):
             print(f"({len(rows) - len(kept)} scans left out: recorded without their levels' own p-values)\n")
-        judged = [j for j in (replay_as_run(r, levels, dets, args.alpha, schedule) for r in kept) if j is not None]
+        judged = [j for j in (replay_as_run(r, levels, dets, args.alpha, sch) for r, sch in kept) if j is not None]
         if len(judged) < len(kept):
             print(f"({len(kept) - len(judged)} scans left out: they would need a second look that was not recorded)\n")
         print_summary(judged)

@@ -14,6 +14,7 @@ from benchmarks.zoo_detect import (
     levels_at,
     matrix,
     parse_combo,
+    recorded_rows,
     recorded_schedule,
     replay,
     replay_as_run,
@@ -298,3 +299,40 @@ def test_a_scan_of_a_model_rebuilt_or_reset_since_is_left_out_of_the_tables() ->
                 {"name": "d", "sha256": "4" * 64}]
     current, stale = split_stale(rows, manifest)
     assert [r["model"] for r in current] == ["a", "d"] and [r["model"] for r in stale] == ["b", "c"]
+
+
+def test_recordings_given_with_also_join_out_each_under_its_own_key(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from benchmarks.zoo_detect import parser
+
+    def rec(name: str, sha: str, seed: int = 0) -> dict:
+        return _converging_row(8.0, name=name) | {"seed": seed, "sha16": sha * 16}
+
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps([{"name": "a", "sha256": "1" * 64}, {"name": "b", "sha256": "2" * 64}]))
+    two_looks, one_look = {"budget": "fast", "steps": None}, {"budget": "fast", "steps": 90}
+    out, also = tmp_path / "default.json", tmp_path / "steps90.json"
+    # --out holds a and a scan of b's previous build; the other recording holds a (again), b's current build and seed 1
+    out.write_text(json.dumps({"key": two_looks, "rows": [rec("a", "1") | {"looks": 2}, rec("b", "9")]}))
+    also.write_text(json.dumps({"key": one_look, "rows": [rec("a", "1"), rec("b", "2"), rec("b", "2", seed=1)]}))
+    args = parser().parse_args(["--split", "calibration", "--out", str(out), "--also", str(also), "--manifest",
+                                str(manifest), "--seeds", "0"])
+    doc, rows = recorded_rows(args, "--replay")
+    assert doc["key"] == two_looks
+    assert [(r["model"], r["recorded_in"], r["recorded_key"]) for r in rows] == [("a", str(out), two_looks),
+                                                                                 ("b", str(also), one_look)]
+    text = capsys.readouterr().out
+    assert "left out: their models were rebuilt or reset since: b" in text and f"{also} (1 scans" in text
+    # --replay judges each row under its recording's schedule: a's by the budget's two looks (30 and 90 steps, which
+    # its 4 recorded steps cannot replay: left out), b's by one look (its recorded p-values)
+    from benchmarks.zoo_detect import run
+
+    run(parser().parse_args(["--split", "calibration", "--out", str(out), "--also", str(also), "--manifest", str(manifest),
+                             "--seeds", "0", "--replay", "pixel"]))
+    text = capsys.readouterr().out
+    assert "(1 scans left out: they would need a second look that was not recorded)" in text
+    assert "| all | 1 | 0 | 0 % |" in text  # judged (its recorded p-value, 0.5, flags nothing)
+    with pytest.raises(SystemExit, match="no recorded scans in"):
+        recorded_rows(parser().parse_args(["--split", "calibration", "--out", str(out), "--also", str(tmp_path / "none.json")]),
+                      "--replay")
