@@ -65,9 +65,14 @@ def render_tables(rows: Sequence[dict[str, Any]]) -> str:
     by_name = {r["name"]: r for r in rows}
     built = [r for r in rows if r.get("clean_acc") is not None]
     n_bd = sum(r["attack"] is not None for r in rows)
+    built_bd = [r for r in built if r["attack"] is not None]
+    working = sum((r.get("asr") or 0.0) >= MIN_ASR for r in built_bd)
+    met = sum(bool(meets_targets(r, by_name)) for r in built_bd)
     lines = [f"{len(rows)} planned models ({n_bd} backdoored, {len(rows) - n_bd} clean twins); {len(built)} built "
-             f"({sum(r['attack'] is not None for r in built)} backdoored). Targets: ASR ≥ {MIN_ASR:.0%}, clean accuracy at most "
-             f"{100 * MAX_DROP:.0f} points below the clean twin's. Accuracy and ASR in %, full test split, float16 weights.", ""]
+             f"({len(built_bd)} backdoored, {len(built) - len(built_bd)} clean); of the backdoored, {working} implant "
+             f"(ASR ≥ {MIN_ASR:.0%}: the models a detector is scored on) and {met} also keep the clean accuracy. Targets: "
+             f"ASR ≥ {MIN_ASR:.0%}, clean accuracy at most {100 * MAX_DROP:.0f} points below the clean twin's. Accuracy and ASR in "
+             "%, full test split, float16 weights.", ""]
     lines += ["| cell | built (bd + clean) | clean twins' acc | backdoored acc | mean drop vs twin | mean ASR | min ASR | targets met |",
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for cell in dict.fromkeys(r["cell"] for r in rows):

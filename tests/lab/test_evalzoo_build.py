@@ -194,3 +194,16 @@ def test_a_committed_gtsrb_cnn6_model_rebuilds_from_its_row(tmp_path: Path) -> N
     if oc.status == "differs":
         assert abs(oc.clean_acc - row["clean_acc"]) <= 0.005
         assert row["asr"] is None or abs(oc.asr - row["asr"]) <= 0.005
+
+
+def test_the_table_counts_backdoors_that_implant_apart_from_those_that_meet_both_targets() -> None:
+    twin = {"name": "c_clean1", "cell": "c", "split": "evaluation", "attack": None, "target": None, "clean_acc": 0.90,
+            "asr": None}
+
+    def bd(name: str, acc: float | None, asr: float | None) -> dict:
+        return {"name": name, "cell": "c", "split": "evaluation", "attack": "sig", "clean_twin": "c_clean1", "clean_acc": acc, "asr": asr,
+                "target": 1, "trigger": None}
+    rows = [twin, bd("ok", 0.89, 0.95), bd("drops", 0.85, 0.99), bd("weak", 0.90, 0.80), bd("unbuilt", None, None)]
+    head = render_tables(rows).splitlines()[0]
+    assert head.startswith("5 planned models (4 backdoored, 1 clean twins); 4 built (3 backdoored, 1 clean)")
+    assert "of the backdoored, 2 implant" in head and "and 1 also keep the clean accuracy" in head
