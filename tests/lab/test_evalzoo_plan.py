@@ -189,6 +189,23 @@ def test_a_data_set_recipe_changes_that_data_set_and_family_only_and_wins(monkey
     assert finetune_recipe("bdscan_vit", "cifar10", None).steps != 777
 
 
+def test_a_cell_recipe_changes_that_cell_only_and_wins(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(evalzoo_plan, "DATASET_KIND_RECIPES", {("cifar10", "transformer", "sig"): {"steps": 777, "lr": 1e-4}})
+    monkeypatch.setattr(evalzoo_plan, "CELL_KIND_RECIPES", {("cifar10", "bdscan_deit", "sig"): {"steps": 999}})
+    deit = finetune_recipe("bdscan_deit", "cifar10", "sig")
+    assert (deit.steps, deit.lr) == (999, 1e-4)  # the cell's change on top of the data set's
+    assert finetune_recipe("bdscan_vit", "cifar10", "sig").steps == 777
+    assert finetune_recipe("bdscan_deit", "gtsrb", "sig").steps != 999
+    assert finetune_recipe("bdscan_deit", "cifar10", "blended").steps != 999
+    assert finetune_recipe("bdscan_deit", "cifar10", None).steps != 999
+
+
+def test_the_cifar10_deits_sig_row_carries_its_cells_recipe(rows: list[dict]) -> None:
+    steps = {(r["dataset"], r["arch"]): r["finetune"]["steps"] for r in rows if r["attack"] == "sig"}
+    assert steps.pop(("cifar10", "bdscan_deit")) == 1200
+    assert set(steps.values()) == {400}
+
+
 @pytest.mark.parametrize("kind", ["blended", "issba"])
 def test_the_cifar10_transformers_rows_carry_their_recipe(rows: list[dict], kind: str) -> None:
     steps = {(r["dataset"], r["arch"]): r["finetune"]["steps"] for r in rows if r["attack"] == kind}
