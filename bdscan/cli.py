@@ -184,7 +184,8 @@ def scan_cmd(
     threshold: Annotated[float, typer.Option("--threshold", help=(
         "Neural Cleanse's anomaly-index reference threshold (reported only; the verdict uses --alpha)."))] = 2.0,
     alpha: Annotated[float, typer.Option("--alpha", min=0.0, max=1.0, help=(
-        "Suspect a backdoor when the smallest corrected p-value is at most this (docs/verdict.md; provisional default)."))] = DEFAULT_ALPHA,
+        "Suspect a backdoor when the smallest corrected p-value is at most this (docs/verdict.md: the default was "
+        "chosen on the evaluation zoo's calibration half)."))] = DEFAULT_ALPHA,
     precision: Annotated[Precision | None, typer.Option("--precision", help=(
         "Arithmetic of the model during trigger inversion: auto (bf16 for a CNN on a CPU with bf16 instructions, "
         "else fp32), fp32 or bf16 (emulated and about 10x slower on a CPU without bf16 instructions). Default: "

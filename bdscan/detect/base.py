@@ -57,7 +57,7 @@ class ScanSettings:
             :data:`~bdscan.detect.config.MODES`).
         threshold: Neural Cleanse's anomaly-index threshold (reported for reference; the verdict uses ``alpha``).
         alpha: the level of the verdict: the largest corrected p-value that still suspects a backdoor
-            (:func:`combine`; provisional default :data:`DEFAULT_ALPHA`).
+            (:func:`combine`; default :data:`DEFAULT_ALPHA`).
         seed: seed of every random choice a detector makes.
         device: "cpu" or "cuda".
         workers: work items run at once on a CPU (None = automatic).
@@ -311,7 +311,7 @@ def combine(evidence: Iterable[Evidence], alpha: float = DEFAULT_ALPHA) -> Combi
 
     Args:
         evidence: every detector's evidence, in the order they ran.
-        alpha: the verdict's level (provisional default :data:`DEFAULT_ALPHA`).
+        alpha: the verdict's level (default :data:`DEFAULT_ALPHA`).
     """
     ev = tuple(evidence)
     tests = [e for e in ev if e.p_value is not None and e.status != "inconclusive"]

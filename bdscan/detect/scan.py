@@ -106,7 +106,7 @@ class ScanConfig:
         inversion: the resolved inversion hyper-parameters.
         threshold: anomaly-index threshold of Neural Cleanse's own rule (2), reported for reference only.
         alpha: the level of the verdict: a backdoor is suspected when the smallest level p-value, times the
-            number of levels, is at most ``alpha`` (docs/verdict.md; provisional until chosen on a calibration zoo).
+            number of levels, is at most ``alpha`` (docs/verdict.md).
         labels: candidate labels (None = all).
         device: "cpu" or "cuda".
         cnn_patch_sizes: grid sizes swept in patch mode for models without a token grid.

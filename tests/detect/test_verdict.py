@@ -35,7 +35,7 @@ def test_schema_2_verdict_keeps_each_detectors_evidence_beside_it(scanned) -> No
     doc, _, det = scanned
     v = doc["verdict"]
     assert doc["schema"] == "bdscan.scan/2"
-    assert v["rule"] == "bonferroni-min-p" and v["alpha"] == DEFAULT_ALPHA and v["alpha_provisional"] is True
+    assert v["rule"] == "bonferroni-min-p" and v["alpha"] == DEFAULT_ALPHA and v["alpha_provisional"] is False
     assert v["calibrated"] is True and v["tests"] == 1 and v["decided_by"]["detector"] == "neural-cleanse"
     assert v["decided_by"]["test"] == v["basis"] and v["p_value"] == v["decided_by"]["p_value"]
     assert [e["detector"] for e in v["evidence"]] == ["neural-cleanse"]
@@ -67,8 +67,15 @@ def test_bdscan_report_renders_schema_2(scanned, tmp_path: Path) -> None:  # typ
     res = CliRunner().invoke(app, ["report", str(folder), "-o", str(tmp_path / "r.html"), "--sarif", str(tmp_path / "r.sarif")])
     assert res.exit_code == 0, res.output
     html = (tmp_path / "r.html").read_text(encoding="utf-8")
-    assert "p-value of the smallest trigger" in html and "bonferroni-min-p" in html and "provisional" in html
+    assert "p-value of the smallest trigger" in html and "bonferroni-min-p" in html and "provisional" not in html
     assert "the null distribution" in html and "bdscan.scan/2" in html
+    # a document written before α was chosen on the calibration half still says that its α was provisional
+    doc = json.loads((folder / "scan.json").read_text(encoding="utf-8"))
+    doc["verdict"]["alpha_provisional"] = True
+    (tmp_path / "old.json").write_text(json.dumps(doc), encoding="utf-8")
+    res = CliRunner().invoke(app, ["report", str(tmp_path / "old.json"), "-o", str(tmp_path / "old.html")])
+    assert res.exit_code == 0, res.output
+    assert "a provisional default" in (tmp_path / "old.html").read_text(encoding="utf-8")
 
 
 def test_bdscan_report_still_reads_schema_1(tmp_path: Path) -> None:
