@@ -403,7 +403,7 @@ def run_replay(args: argparse.Namespace) -> None:
     """``--replay``: the recorded rows re-judged under each combination of levels and detectors (under the schedule
     they ran: one look, or the budget's two looks)."""
     doc, rows = recorded_rows(args, "--replay")
-    schedules = [recorded_schedule({"key": r.get("recorded_key", doc["key"])}, args.alpha) for r in rows]
+    schedules = [recorded_schedule({"key": r["recorded_key"]}, args.alpha) for r in rows]  # each under its own recording
     source = f"{args.out} and {len(args.also)} more recordings" if args.also else f"{args.out}"
     print(f"Replayed from {source} ({len(rows)} scans; recorded with {doc['key']}), alpha {args.alpha:g}\n")
     for combo in args.replay:
