@@ -337,6 +337,68 @@ def print_matrix(rows: Sequence[dict]) -> None:
         print(f"| {cell} | {' | '.join(cells)} |")
 
 
+def per_seed(rows: Sequence[dict]) -> dict[str, dict[int, dict[str, int]]]:
+    """The issue's targets are stated for one run per seed: group (as :func:`groups`, attack kinds left out) -> seed ->
+    counts (backdoored scans found with the true target, backdoored scans, clean scans flagged, clean scans)."""
+    out: dict[str, dict[int, dict[str, int]]] = {}
+    for name, rs in groups(rows).items():
+        if name.startswith("attack "):
+            continue
+        out[name] = {}
+        for seed in sorted({r["seed"] for r in rs}):
+            bd = [r for r in rs if r["seed"] == seed and r["true_target"] is not None]
+            cl = [r for r in rs if r["seed"] == seed and r["true_target"] is None]
+            out[name][seed] = {"found": sum(r["right"] for r in bd), "backdoored": len(bd),
+                               "clean_flagged": sum(r["flagged"] for r in cl), "clean": len(cl)}
+    return out
+
+
+def print_per_seed(rows: Sequence[dict]) -> None:
+    """:func:`per_seed` as a table: one row a group, per seed the backdoors found and the clean models flagged."""
+    seeds = sorted({r["seed"] for r in rows})
+    table_header("group", *(f"seed {s}: found" for s in seeds), *(f"seed {s}: clean flagged" for s in seeds))
+    for name, by_seed in per_seed(rows).items():
+        found = [_ratio(by_seed.get(s), "found", "backdoored") for s in seeds]
+        flagged = [_ratio(by_seed.get(s), "clean_flagged", "clean") for s in seeds]
+        print(f"| {name} | {' | '.join(found)} | {' | '.join(flagged)} |")
+
+
+def _ratio(counts: dict[str, int] | None, part: str, whole: str) -> str:
+    return f"{counts[part]}/{counts[whole]}" if counts and counts[whole] else "—"
+
+
+def seed_flips(rows: Sequence[dict]) -> list[tuple[str, list[dict]]]:
+    """The models scanned under several seeds whose verdict (status and suspected class) is not the same under all
+    of them, each with its rows in seed order: where the verdict depends on the seed."""
+    by: dict[str, list[dict]] = {}
+    for r in rows:
+        by.setdefault(r["model"], []).append(r)
+    out = []
+    for m in sorted(by):
+        rs = sorted(by[m], key=lambda r: r["seed"])
+        if len(rs) > 1 and len({(r["status"], r["suspect"] if r["flagged"] else None) for r in rs}) > 1:
+            out.append((m, rs))
+    return out
+
+
+def print_seed_flips(rows: Sequence[dict]) -> None:
+    """:func:`seed_flips` as a table: each seed's verdict and combined p-value, and how many looks it took."""
+    flips = seed_flips(rows)
+    if not flips:
+        return
+    table_header("verdict depends on the seed", "attack", "true target", "per seed: verdict, p (looks)")
+    for m, rs in flips:
+        tt = "clean" if rs[0]["true_target"] is None else rs[0]["true_target"]
+        print(f"| {m} | {rs[0]['attack'] or 'clean'} | {tt} | {'; '.join(_seed_verdict(r) for r in rs)} |")
+
+
+def _seed_verdict(r: dict) -> str:
+    """"1: backdoor 8, 0.014 (1)": a row's seed, verdict, combined p-value and looks."""
+    verdict = f"{r['status']} {r['suspect']}" if r["flagged"] else r["status"]
+    p = "—" if r["p"] is None else f"{r['p']:.3g}"
+    return f"{r['seed']}: {verdict}, {p} ({r.get('looks') or '?'})"
+
+
 def recorded_rows(args: argparse.Namespace, option: str) -> tuple[dict, list[dict]]:
     """The recorded scan document (``--out``) and the rows of ``--seeds`` (and ``--only``) of it and of ``--also``'s
     recordings, for an offline replay. Each row keeps its recording's key and path (``recorded_key``, ``recorded_in``:
@@ -399,13 +461,17 @@ def replay_as_run(row: dict, levels: Sequence[str], detectors: Sequence[str], al
     return two_look(row, s1, s2, a1, c, alpha, levels, detectors)
 
 
+def source(args: argparse.Namespace) -> str:
+    """The recordings an offline mode reads, for its header: --out, and how many more --also adds."""
+    return f"{args.out} and {len(args.also)} more recordings" if args.also else f"{args.out}"
+
+
 def run_replay(args: argparse.Namespace) -> None:
     """``--replay``: the recorded rows re-judged under each combination of levels and detectors (under the schedule
     they ran: one look, or the budget's two looks)."""
     doc, rows = recorded_rows(args, "--replay")
     schedules = [recorded_schedule({"key": r["recorded_key"]}, args.alpha) for r in rows]  # each under its own recording
-    source = f"{args.out} and {len(args.also)} more recordings" if args.also else f"{args.out}"
-    print(f"Replayed from {source} ({len(rows)} scans; recorded with {doc['key']}), alpha {args.alpha:g}\n")
+    print(f"Replayed from {source(args)} ({len(rows)} scans; recorded with {doc['key']}), alpha {args.alpha:g}\n")
     for combo in args.replay:
         levels, dets = parse_combo(combo)
         print(f"### {combo}: levels {', '.join(levels) or 'none'}; detectors {', '.join(('neural-cleanse',) * bool(levels) + dets)}\n")
@@ -434,6 +500,9 @@ def run(args: argparse.Namespace) -> None:
     if args.summary:
         run_summary(args)
         return
+    if args.also:
+        raise SystemExit("zoo-detect --also joins recordings for --summary and the replays only; a scanning run reads and "
+                         "writes --out alone: drop --also, or add --summary to read them")
     seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
     entries = select(read_json(args.manifest), args, args.manifest.parent)
     key = {"detectors": args.detectors, "budget": args.budget, "steps": args.steps, "alpha": args.alpha, "split": args.split}
@@ -463,7 +532,7 @@ def run_summary(args: argparse.Namespace) -> None:
     """``--summary``: the recorded verdicts' tables (--out), as a finished run prints them; while a run goes on, what
     it has scanned so far."""
     doc, rows = recorded_rows(args, "--summary")
-    print(f"Recorded in {args.out} ({len(rows)} scans, {doc.get('when', '?')}; recorded with {doc['key']})")
+    print(f"Recorded in {source(args)} ({len(rows)} scans, {doc.get('when', '?')}; recorded with {doc['key']})")
     print_recorded(args, doc["key"]["detectors"], rows)
 
 
@@ -487,13 +556,18 @@ def print_recorded(args: argparse.Namespace, detectors: str, rows: list[dict]) -
     print_summary(rows)
     print()
     print_matrix(rows)
+    if len({r["seed"] for r in rows}) > 1:
+        print()
+        print_per_seed(rows)
+        print()
+        print_seed_flips(rows)
 
 
 def run_replay_steps(args: argparse.Namespace) -> None:
     """``--replay-steps``: the recorded rows re-judged as if each scan had stopped after S steps."""
     doc, rows = recorded_rows(args, "--replay-steps")
     levels, dets = parse_combo(args.replay[0] if args.replay else ",".join(DEFAULT_LEVELS))
-    print(f"Replayed from {args.out} ({len(rows)} scans; recorded with {doc['key']}), levels {', '.join(levels)}, "
+    print(f"Replayed from {source(args)} ({len(rows)} scans; recorded with {doc['key']}), levels {', '.join(levels)}, "
           f"detectors {', '.join(('neural-cleanse', *dets))}, alpha {args.alpha:g}\n")
     for steps in [int(s) for s in args.replay_steps.split(",") if s.strip()]:
         judged = []
@@ -553,7 +627,7 @@ def run_replay_two_look(args: argparse.Namespace) -> None:
     s1, s2, a1, c = (t(v) for t, v in zip((int, int, float, float), args.replay_two_look.split(":"), strict=True))
     levels, dets = parse_combo(args.replay[0] if args.replay else ",".join(DEFAULT_LEVELS))
     judged = [j for j in (two_look(r, s1, s2, a1, c, args.alpha, levels, dets) for r in rows) if j is not None]
-    print(f"Replayed from {args.out}: two looks: {s1} steps (flag at p <= {a1:g}, clean at p > {c:g}), else {s2} steps at "
+    print(f"Replayed from {source(args)}: two looks: {s1} steps (flag at p <= {a1:g}, clean at p > {c:g}), else {s2} steps at "
           f"alpha {args.alpha - a1:g}; {len(judged)} of {len(rows)} scans judged (the others' sizes were not recorded "
           f"for the steps they would need)\n")
     def once(steps: int) -> list[dict]:  # one look at ``steps``, over the scans recorded for s2 steps

@@ -14,6 +14,7 @@ from benchmarks.zoo_detect import (
     levels_at,
     matrix,
     parse_combo,
+    per_seed,
     recorded_rows,
     recorded_schedule,
     replay,
@@ -21,6 +22,7 @@ from benchmarks.zoo_detect import (
     replayable,
     row_of,
     same_verdict,
+    seed_flips,
     select,
     split_stale,
     summary,
@@ -336,3 +338,31 @@ def test_recordings_given_with_also_join_out_each_under_its_own_key(tmp_path, ca
     with pytest.raises(SystemExit, match="no recorded scans in"):
         recorded_rows(parser().parse_args(["--split", "calibration", "--out", str(out), "--also", str(tmp_path / "none.json")]),
                       "--replay")
+
+
+def test_per_seed_counts_each_run_apart_and_seed_flips_names_the_models_the_seed_changes() -> None:
+    rows = [row_of(_entry("a", 3), _doc("backdoor", 3, 0.01), s, 1.0) for s in (0, 1, 2)]  # found under every seed
+    rows += [row_of(_entry("b", 3, arch="bdscan_cnn6"), _doc("backdoor", 3, 0.01), 0, 1.0),
+             row_of(_entry("b", 3, arch="bdscan_cnn6"), _doc("clean", None, 0.6), 1, 1.0)]  # missed under seed 1
+    rows += [row_of(_entry("c", None), _doc("clean", None, 0.7), s, 1.0) for s in (0, 1)]
+    rows += [row_of(_entry("c", None), _doc("backdoor", 5, 0.01), 2, 1.0)]  # a false alarm under seed 2 only
+    rows += [row_of(_entry("d", 4), _doc("backdoor", 4, 0.01), 0, 1.0), row_of(_entry("d", 4), _doc("backdoor", 6, 0.01), 1, 1.0)]
+    by = per_seed(rows)
+    assert by["all"][0] == {"found": 3, "backdoored": 3, "clean_flagged": 0, "clean": 1}
+    assert by["all"][1] == {"found": 1, "backdoored": 3, "clean_flagged": 0, "clean": 1}
+    assert by["all"][2] == {"found": 1, "backdoored": 1, "clean_flagged": 1, "clean": 1}
+    assert not any(k.startswith("attack ") for k in by)  # kinds pool every family's clean twins; not a per-run target
+    # a flip is a change of status or of the suspected class; a model scanned once, or the same everywhere, is not one
+    flips = seed_flips(rows)
+    assert [m for m, _ in flips] == ["b", "c", "d"]
+    assert [r["seed"] for r in flips[0][1]] == [0, 1]
+
+
+def test_also_is_refused_by_a_scanning_run(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import benchmarks.zoo_detect as zd
+
+    monkeypatch.setattr(zd, "scan_one", lambda *a: pytest.fail("a refused run must not scan"))
+    args = zd.parser().parse_args(["--split", "evaluation", "--out", str(tmp_path / "o.json"), "--also", str(tmp_path / "x.json")])
+    with pytest.raises(SystemExit, match="--also joins recordings for --summary and the replays only"):
+        zd.run(args)
+    assert not (tmp_path / "o.json").exists()
