@@ -25,6 +25,7 @@ offline from one run with ``--steps 90``.
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 from collections.abc import Iterable, Sequence
@@ -82,6 +83,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--alpha", type=float, default=0.05, help="the verdict's level, passed to the scan (default: %(default)s)")
     ap.add_argument("--only", nargs="*", help="model names (default: every built model of the split)")
     ap.add_argument("--cell", nargs="*", help="only these cells (<dataset>_<arch>)")
+    ap.add_argument("--replay-trajectory", type=int, default=None, metavar="S",
+                    help="scan nothing: one look after S steps, judged on each class's trigger size at step S (as a scan) "
+                         "and, beside it, on the geometric mean of its best size over steps 1..S (how fast a class is "
+                         "reached: measured, not adopted; benchmarks/README.md)")
     ap.add_argument("--replay", nargs="+", metavar="LEVELS,DETECTORS",
                     help="scan nothing: replay the recorded scans (--out) with only these levels and detectors, one summary "
                          "table per combination, e.g. --replay pixel,patch pixel,patch,blend pixel,patch,blend,mm-bd")
@@ -89,7 +94,7 @@ def parser() -> argparse.ArgumentParser:
                     help="scan nothing: print the recorded scans' (--out) verdicts and tables as a finished run prints them")
     add_out(ap, "zoo_detect.json", help="JSON output (default: benchmarks/results/zoo_detect_<split>.json)")
     ap.add_argument("--also", nargs="+", type=Path, default=[], metavar="JSON",
-                    help="offline modes (--summary, --replay, --replay-steps, --replay-two-look): further recordings whose "
+                    help="offline modes (--summary, --replay, --replay-steps, --replay-two-look, --replay-trajectory): further recordings whose "
                          "scans join --out's, each judged under its own recording's schedule; a model and seed recorded "
                          "in several files is taken from the first given (--out first)")
     add_threads(ap, 1)
@@ -152,6 +157,28 @@ def levels_at(row: dict, steps: int) -> dict[str, dict[str, Any]] | None:
     out = {}
     for m, lv in sizes.items():
         res = anomaly({int(k): h[steps - 1] for k, h in lv.items()}, mad_floor=PATCH_MAD_FLOOR if m == "patch" else 0.0)
+        out[m] = {"p": res.p_value, "min_label": res.min_label}
+    return out
+
+
+def levels_trajectory(row: dict, steps: int) -> dict[str, dict[str, Any]] | None:
+    """As :func:`levels_at`, but each class's statistic is the geometric mean of its best trigger size over steps
+    1..``steps`` (a step before the class's first success counts as the largest size any class had by then): a
+    class the inversion reaches early scores small even when the others catch up later. The same size test
+    (:func:`bdscan.detect.anomaly.min_size_test`) turns it into a p-value; its null (normal log values) is assumed,
+    not derived, for this statistic. None when the row recorded no sizes or fewer steps."""
+    sizes = row.get("sizes")
+    if not sizes or not all(sizes.values()) or any(len(h) < steps for lv in sizes.values() for h in lv.values()):
+        return None
+    out = {}
+    for m, lv in sizes.items():
+        cap = max((v for h in lv.values() for v in h[:steps] if v is not None), default=None)
+        if cap is None:
+            out[m] = {"p": None, "min_label": None}
+            continue
+        stat = {int(k): math.exp(statistics.fmean(math.log(max(cap if v is None else v, 1e-6)) for v in h[:steps]))
+                for k, h in lv.items()}
+        res = anomaly(stat, mad_floor=PATCH_MAD_FLOOR if m == "patch" else 0.0)
         out[m] = {"p": res.p_value, "min_label": res.min_label}
     return out
 
@@ -494,6 +521,9 @@ def run(args: argparse.Namespace) -> None:
     if args.replay_two_look:
         run_replay_two_look(args)
         return
+    if args.replay_trajectory:
+        run_replay_trajectory(args)
+        return
     if args.replay:
         run_replay(args)
         return
@@ -619,6 +649,26 @@ def two_look(row: dict, s1: int, s2: int, a1: float, c: float, alpha: float, lev
     second = replay(row | {"levels": lv2}, levels, detectors, alpha - a1)
     p2 = second["p"]
     return second | {"p": None if p2 is None else min(1.0, p2 * alpha / (alpha - a1)), "looks": 2, "steps_run": s2}
+
+
+def run_replay_trajectory(args: argparse.Namespace) -> None:
+    """``--replay-trajectory S``: one look after S steps, judged on the final sizes (a scan's statistic) and on the
+    trajectory statistic (:func:`levels_trajectory`), over the same scans."""
+    _, rows = recorded_rows(args, "--replay-trajectory")
+    steps = args.replay_trajectory
+    levels, dets = parse_combo(args.replay[0] if args.replay else ",".join(DEFAULT_LEVELS))
+    kept = [r for r in rows if levels_at(r, steps) is not None]
+    print(f"Replayed from {source(args)}: one look after {steps} steps, levels {', '.join(levels)}, alpha {args.alpha:g}; "
+          f"{len(kept)} of {len(rows)} scans recorded that long\n")
+    for title, stat in (("the size at that step (a scan's statistic)", levels_at),
+                        ("the geometric mean size over the steps (trajectory)", levels_trajectory)):
+        judged = [replay(r | {"levels": stat(r, steps)}, levels, dets, args.alpha) | {"looks": None} for r in kept]
+        print(f"### {title}\n")
+        print_summary(judged)
+        print()
+        clean_p = [r["p"] for r in judged if r["true_target"] is None and r["p"] is not None]
+        if clean_p:
+            print(f"smallest clean p-value: {min(clean_p):.3g}\n")
 
 
 def run_replay_two_look(args: argparse.Namespace) -> None:

@@ -12,6 +12,7 @@ from benchmarks.zoo_detect import (
     auc,
     groups,
     levels_at,
+    levels_trajectory,
     matrix,
     parse_combo,
     per_seed,
@@ -366,3 +367,28 @@ def test_also_is_refused_by_a_scanning_run(tmp_path, monkeypatch) -> None:  # ty
     with pytest.raises(SystemExit, match="--also joins recordings for --summary and the replays only"):
         zd.run(args)
     assert not (tmp_path / "o.json").exists()
+
+
+def test_the_trajectory_statistic_scores_a_class_reached_early_though_the_others_catch_up() -> None:
+    import math
+
+    # class 3 is at 12 from step 2 on; the others fall from 500 to 13-20 by step 10: the final sizes barely single it
+    # out, the mean over the steps does; class 4 first succeeds at step 3 (its first steps count as the largest size)
+    others = {0: 14.0, 1: 15.0, 2: 17.0, 4: 20.0, 5: 13.0, 6: 16.0, 7: 18.0, 8: 19.0, 9: 15.5}
+    labels = [{"label": k, "norm": v, "history": [500.0 - (500.0 - v) * i / 9 for i in range(10)]} for k, v in others.items()]
+    labels[3]["history"][:2] = [None, None]
+    labels.append({"label": 3, "norm": 12.0, "history": [300.0] + [12.0] * 9})
+    doc = _doc("clean", None, 0.5)
+    doc["modes"] = {"pixel": {"anomaly": {"p_value": 0.5, "min_label": 3}, "labels": labels}}
+    row = row_of(_entry("m", 3), doc, seed=0, wall=1.0)
+    final, traj = levels_at(row, 10)["pixel"], levels_trajectory(row, 10)["pixel"]
+    assert final["min_label"] == traj["min_label"] == 3
+    assert traj["p"] < 0.01 < 0.1 < final["p"]
+    # the statistic itself: class 4's two unreached steps count as 500, the largest size recorded by step 10
+    h4 = [500.0, 500.0, *labels[3]["history"][2:]]
+    stat4 = math.exp(sum(math.log(v) for v in h4) / 10)
+    others_stat = {k: math.exp(sum(math.log(v) for v in next(x for x in labels if x["label"] == k)["history"]) / 10)
+                   for k in others if k != 4}
+    expected = anomaly({**others_stat, 4: stat4, 3: math.exp((math.log(300.0) + 9 * math.log(12.0)) / 10)}).p_value
+    assert traj["p"] == pytest.approx(expected, rel=1e-4)
+    assert levels_trajectory(row, 11) is None  # not recorded that long
