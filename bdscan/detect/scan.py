@@ -289,9 +289,15 @@ def combine(results: Mapping[str, Any], threshold: float, alpha: float = DEFAULT
            f"anomaly index {index:.2f}")
     p_values = {m: tt.p_value for m, tt in tests.items()}
     if p <= alpha:
+        # another level that would flag on its own but names another class: the verdict keeps the smallest p-value's
+        # class (its rule) and says so, as the combined verdict does for detectors (docs/verdict.md, rule 4); an
+        # auditor then sees both candidates, and repairing by either trigger is a choice the report should not hide
+        others = [f" The {m} level suspects class {tt.min_label} instead (p = {min(1.0, factor * len(tests) * tt.p_value):.2g})."
+                  for m, tt in tests.items()
+                  if m != basis and tt.min_label != t.min_label and factor * len(tests) * tt.p_value <= alpha]
         return Verdict("backdoor", t.min_label, index, basis, agree,
                        f"Class {t.min_label} can be reached with an abnormally small {basis} trigger: p = {p:.2g} ≤ α = "
-                       f"{alpha:g} ({how}).", p, p_values, alpha, factor)
+                       f"{alpha:g} ({how})." + "".join(others), p, p_values, alpha, factor)
     return Verdict("clean", None, index, basis, agree,
                    f"No class is abnormally easy to reach: the smallest trigger ({basis} level, class {t.min_label}) has "
                    f"p = {p:.2g} > α = {alpha:g} ({how}, reference threshold {threshold:g}).", p, p_values, alpha, factor)

@@ -93,3 +93,19 @@ def test_the_level_with_the_smallest_p_decides_and_flags() -> None:
     assert strict.status == "clean" and strict.target is None and strict.basis == "patch"
     none = combine({"pixel": SimpleNamespace(anomaly=anomaly({0: 1.0, 1: None, 2: None}))}, 2.0)
     assert none.status == "inconclusive" and none.p_value is None
+
+
+def test_a_level_that_would_flag_another_class_on_its_own_is_named_in_the_reason() -> None:
+    rng = np.random.default_rng(5)
+    pix = dict(enumerate(np.exp(rng.normal(4.0, 0.4, 43)).tolist()))
+    pat = dict(enumerate(np.exp(rng.normal(1.5, 0.3, 43)).tolist()))
+    pix[12], pat[1] = float(np.exp(4.0 - 9 * 0.4)), float(np.exp(1.5 - 7 * 0.3))  # both far out, two classes
+    res = {"pixel": SimpleNamespace(anomaly=anomaly(pix)), "patch": SimpleNamespace(anomaly=anomaly(pat))}
+    v = combine(res, 2.0, 0.05)
+    assert v.status == "backdoor" and v.target == 12 and v.basis == "pixel" and v.agree is False
+    assert 2 * v.p_values["patch"] <= 0.05  # the patch level would flag class 1 on its own
+    assert v.reason.endswith(f"The patch level suspects class 1 instead (p = {2 * v.p_values['patch']:.2g}).")
+    # a level that names another class but would not flag alone is not named
+    pat[1] = float(np.exp(1.5 - 1 * 0.3))
+    quiet = combine({"pixel": res["pixel"], "patch": SimpleNamespace(anomaly=anomaly(pat))}, 2.0, 0.05)
+    assert quiet.status == "backdoor" and quiet.target == 12 and "instead" not in quiet.reason
