@@ -148,11 +148,19 @@ def sizes_of(doc: dict) -> dict[str, dict[str, list[float | None]]]:
     return out
 
 
+def recorded_sizes(row: dict, steps: int) -> dict[str, dict[str, list[float | None]]] | None:
+    """``row``'s per-level, per-class best sizes after every step, when it recorded at least ``steps`` of them."""
+    sizes = row.get("sizes")
+    if not sizes or not all(sizes.values()) or any(len(h) < steps for lv in sizes.values() for h in lv.values()):
+        return None
+    return sizes
+
+
 def levels_at(row: dict, steps: int) -> dict[str, dict[str, Any]] | None:
     """Each level's p-value and smallest class had the scan stopped after ``steps`` steps (from ``sizes``); None when
     the row recorded no sizes or fewer steps."""
-    sizes = row.get("sizes")
-    if not sizes or not all(sizes.values()) or any(len(h) < steps for lv in sizes.values() for h in lv.values()):
+    sizes = recorded_sizes(row, steps)
+    if sizes is None:
         return None
     out = {}
     for m, lv in sizes.items():
@@ -167,8 +175,8 @@ def levels_trajectory(row: dict, steps: int) -> dict[str, dict[str, Any]] | None
     class the inversion reaches early scores small even when the others catch up later. The same size test
     (:func:`bdscan.detect.anomaly.min_size_test`) turns it into a p-value; its null (normal log values) is assumed,
     not derived, for this statistic. None when the row recorded no sizes or fewer steps."""
-    sizes = row.get("sizes")
-    if not sizes or not all(sizes.values()) or any(len(h) < steps for lv in sizes.values() for h in lv.values()):
+    sizes = recorded_sizes(row, steps)
+    if sizes is None:
         return None
     out = {}
     for m, lv in sizes.items():
@@ -192,12 +200,17 @@ def auc(rows: Sequence[dict]) -> float | None:
     return sum((b < c) + 0.5 * (b == c) for b in bd for c in cl) / (len(bd) * len(cl))
 
 
+def verdict_key(r: dict) -> tuple[str, Any]:
+    """What "the same verdict" compares: the status and, when flagged, the suspected class."""
+    return r["status"], r["suspect"] if r["flagged"] else None
+
+
 def same_verdict(rows: Iterable[dict]) -> tuple[int, int]:
     """(models whose status and class agree under every seed scanned, models scanned under two seeds or more)."""
     by: dict[str, set[tuple[str, Any]]] = {}
     seeds: dict[str, set[int]] = {}
     for r in rows:
-        by.setdefault(r["model"], set()).add((r["status"], r["suspect"] if r["flagged"] else None))
+        by.setdefault(r["model"], set()).add(verdict_key(r))
         seeds.setdefault(r["model"], set()).add(r["seed"])
     multi = [m for m in by if len(seeds[m]) > 1]
     return sum(len(by[m]) == 1 for m in multi), len(multi)
@@ -403,7 +416,7 @@ def seed_flips(rows: Sequence[dict]) -> list[tuple[str, list[dict]]]:
     out = []
     for m in sorted(by):
         rs = sorted(by[m], key=lambda r: r["seed"])
-        if len(rs) > 1 and len({(r["status"], r["suspect"] if r["flagged"] else None) for r in rs}) > 1:
+        if len(rs) > 1 and len({verdict_key(r) for r in rs}) > 1:
             out.append((m, rs))
     return out
 

@@ -281,7 +281,8 @@ def combine(results: Mapping[str, Any], threshold: float, alpha: float = DEFAULT
     # smallest p first; on a tie the larger t, then the patch level (the transformers' case, Raj et al.)
     basis = min(tests, key=lambda m: (tests[m].p_value, -tests[m].t, m != "patch"))
     t = tests[basis]
-    p = min(1.0, factor * len(tests) * t.p_value)
+    corrected = {m: min(1.0, factor * len(tests) * tt.p_value) for m, tt in tests.items()}
+    p = corrected[basis]
     index = results[basis].anomaly.anomaly_index
     levels = f"corrected for {len(tests)} levels" if len(tests) > 1 else "1 level"
     levels += f", {look}" if look else ""
@@ -292,9 +293,8 @@ def combine(results: Mapping[str, Any], threshold: float, alpha: float = DEFAULT
         # another level that would flag on its own but names another class: the verdict keeps the smallest p-value's
         # class (its rule) and says so, as the combined verdict does for detectors (docs/verdict.md, rule 4); an
         # auditor then sees both candidates, and repairing by either trigger is a choice the report should not hide
-        others = [f" The {m} level suspects class {tt.min_label} instead (p = {min(1.0, factor * len(tests) * tt.p_value):.2g})."
-                  for m, tt in tests.items()
-                  if m != basis and tt.min_label != t.min_label and factor * len(tests) * tt.p_value <= alpha]
+        others = [f" The {m} level suspects class {tt.min_label} instead (p = {corrected[m]:.2g})."
+                  for m, tt in tests.items() if m != basis and tt.min_label != t.min_label and corrected[m] <= alpha]
         return Verdict("backdoor", t.min_label, index, basis, agree,
                        f"Class {t.min_label} can be reached with an abnormally small {basis} trigger: p = {p:.2g} ≤ α = "
                        f"{alpha:g} ({how})." + "".join(others), p, p_values, alpha, factor)
