@@ -32,6 +32,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from bdscan.detect.anomaly import LOG_SD_FLOOR, SpreadFloor
 from benchmarks.common import (
     BDSCAN_ARCHS,
     DATASET_SAMPLES,
@@ -57,6 +58,9 @@ from benchmarks.common import (
     utc_now,
     write_json,
 )
+
+#: level -> the size test's spread floor for a replay (None: the scan's own, :class:`SpreadFloor`'s defaults)
+Floors = dict[str, SpreadFloor] | None
 
 #: a backdoored row counts only when its backdoor works (the zoo's own target, bdscan.lab.evalzoo_table.MIN_ASR)
 MIN_ASR = 0.90
@@ -90,6 +94,13 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--replay", nargs="+", metavar="LEVELS,DETECTORS",
                     help="scan nothing: replay the recorded scans (--out) with only these levels and detectors, one summary "
                          "table per combination, e.g. --replay pixel,patch pixel,patch,blend pixel,patch,blend,mm-bd")
+    ap.add_argument("--spread-floor", default=None, metavar="SD[,token]",
+                    help="offline replays (--replay, --replay-two-look, --replay-steps): judge the recorded sizes with this floor on "
+                         "the other classes' log-size spread instead of the scan's own; ',token' adds one token at the patch "
+                         "level's typical count (docs/verdict.md, \"The spread's floor\"), e.g. 0.14,token")
+    ap.add_argument("--seed-noise", type=int, default=None, metavar="S",
+                    help="scan nothing: each class's seed noise at step S (the standard deviation of its log size over the "
+                         "recorded seeds), per model and level, and the median over them")
     ap.add_argument("--summary", action="store_true",
                     help="scan nothing: print the recorded scans' (--out) verdicts and tables as a finished run prints them")
     add_out(ap, "zoo_detect.json", help="JSON output (default: benchmarks/results/zoo_detect_<split>.json)")
@@ -156,17 +167,77 @@ def recorded_sizes(row: dict, steps: int) -> dict[str, dict[str, list[float | No
     return sizes
 
 
-def levels_at(row: dict, steps: int) -> dict[str, dict[str, Any]] | None:
+def levels_at(row: dict, steps: int, floors: Floors = None) -> dict[str, dict[str, Any]] | None:
     """Each level's p-value and smallest class had the scan stopped after ``steps`` steps (from ``sizes``); None when
-    the row recorded no sizes or fewer steps."""
+    the row recorded no sizes or fewer steps. ``floors``: level -> the size test's spread floor (default: the
+    scan's own)."""
     sizes = recorded_sizes(row, steps)
     if sizes is None:
         return None
     out = {}
     for m, lv in sizes.items():
-        res = anomaly({int(k): h[steps - 1] for k, h in lv.items()}, mad_floor=PATCH_MAD_FLOOR if m == "patch" else 0.0)
+        floor = (floors or {}).get(m, SpreadFloor())
+        res = anomaly({int(k): h[steps - 1] for k, h in lv.items()}, mad_floor=PATCH_MAD_FLOOR if m == "patch" else 0.0,
+                      floor=floor)
         out[m] = {"p": res.p_value, "min_label": res.min_label}
     return out
+
+
+def parse_floor(text: str | None) -> Floors:
+    """``--spread-floor`` "SD[,token]" -> level -> :class:`SpreadFloor` (None: the scan's own floor)."""
+    if text is None:
+        return None
+    parts = [x.strip() for x in text.split(",") if x.strip()]
+    try:
+        sd = float(parts[0])
+    except (IndexError, ValueError):
+        sd = -1.0
+    if sd <= 0 or not math.isfinite(sd) or any(x != "token" for x in parts[1:]):
+        raise SystemExit(f"zoo-detect --spread-floor: {text!r} is not SD[,token] with SD a positive number, e.g. "
+                         f"{LOG_SD_FLOOR:g} (the scan's own) or 0.14,token")
+    token = "token" in parts[1:]
+    return {m: SpreadFloor(sd, PATCH_MAD_FLOOR if token and m == "patch" else 0.0) for m in LEVELS}
+
+
+def seed_noise(rows: Sequence[dict], steps: int) -> list[dict[str, Any]]:
+    """Each model's and level's seed noise at ``steps``: the root mean square over its classes of each class's
+    standard deviation (ddof 1) of the log best size over the recorded seeds. Classes without a size at every seed
+    are left out; a model needs two seeds recorded that long."""
+    by: dict[str, list[dict]] = {}
+    for r in rows:
+        if recorded_sizes(r, steps) is not None:
+            by.setdefault(r["model"], []).append(r)
+    out = []
+    for model, rs in sorted(by.items()):
+        if len(rs) < 2:
+            continue
+        for level in sorted(set.intersection(*(set(r["sizes"]) for r in rs))):
+            sds = []
+            for lab in rs[0]["sizes"][level]:
+                vals = [r["sizes"][level].get(lab, [None] * steps)[steps - 1] for r in rs]
+                if all(v is not None for v in vals):
+                    sds.append(statistics.stdev(math.log(max(v, 1e-6)) for v in vals))
+            if sds:
+                out.append({"model": model, "level": level, "seeds": sorted(r["seed"] for r in rs), "classes": len(sds),
+                            "noise": math.sqrt(statistics.fmean(x * x for x in sds))})
+    return out
+
+
+def run_seed_noise(args: argparse.Namespace) -> None:
+    """``--seed-noise S``: :func:`seed_noise` per model and level, and the median over them."""
+    _, rows = recorded_rows(args, "--seed-noise")
+    steps = args.seed_noise
+    table = seed_noise(rows, steps)
+    print(f"Seed noise at step {steps}, from {source(args)}, seeds {args.seeds}: per class, the standard deviation of the log "
+          f"best size over the seeds; per model and level, its root mean square over the classes\n")
+    table_header("model", "level", "seeds", "classes", "noise")
+    for t in table:
+        print(f"| {t['model']} | {t['level']} | {','.join(map(str, t['seeds']))} | {t['classes']} | {t['noise']:.3f} |")
+    if table:
+        med = statistics.median(t["noise"] for t in table)
+        print(f"\nmedian over {len(table)} model-levels: {med:.4f} (rounded up to 0.01: {math.ceil(med * 100 - 1e-9) / 100:.2f})")
+        for level in sorted({t["level"] for t in table}):
+            print(f"  {level}: median {statistics.median(t['noise'] for t in table if t['level'] == level):.4f}")
 
 
 def levels_trajectory(row: dict, steps: int) -> dict[str, dict[str, Any]] | None:
@@ -491,14 +562,24 @@ def recorded_schedule(doc: dict, alpha: float) -> tuple[int, int, float, float] 
 
 
 def replay_as_run(row: dict, levels: Sequence[str], detectors: Sequence[str], alpha: float,
-                  schedule: tuple[int, int, float, float] | None) -> dict[str, Any] | None:
+                  schedule: tuple[int, int, float, float] | None, floors: Floors = None) -> dict[str, Any] | None:
     """:func:`replay` for a one-look scan; a scan that ran the two-look schedule is re-judged by that schedule from
     its recorded sizes (:func:`two_look`: its looks' corrections included), None when it would need a second look it
-    did not record. Rows recorded before scans kept their sizes are judged by :func:`replay` as before."""
+    did not record. Rows recorded before scans kept their sizes are judged by :func:`replay` as before. With
+    ``floors``, a one-look scan's levels are judged again from its last recorded sizes (None without sizes)."""
     if schedule is None or row.get("looks") is None or not row.get("sizes"):
-        return replay(row, levels, detectors, alpha)
+        if floors is None:
+            return replay(row, levels, detectors, alpha)
+        steps = min((len(h) for lv in (row.get("sizes") or {}).values() for h in lv.values()), default=0)
+        lv = levels_at(row, steps, floors) if steps else None
+        return None if lv is None else replay(row | {"levels": lv}, levels, detectors, alpha)
     s1, s2, a1, c = schedule
-    return two_look(row, s1, s2, a1, c, alpha, levels, detectors)
+    return two_look(row, s1, s2, a1, c, alpha, levels, detectors, floors)
+
+
+def floor_note(args: argparse.Namespace) -> str:
+    """The replay header's note of ``--spread-floor`` (nothing when the scans' own floor judges)."""
+    return f", spread floor {args.spread_floor} (replayed)" if args.spread_floor else ""
 
 
 def source(args: argparse.Namespace) -> str:
@@ -511,14 +592,15 @@ def run_replay(args: argparse.Namespace) -> None:
     they ran: one look, or the budget's two looks)."""
     doc, rows = recorded_rows(args, "--replay")
     schedules = [recorded_schedule({"key": r["recorded_key"]}, args.alpha) for r in rows]  # each under its own recording
-    print(f"Replayed from {source(args)} ({len(rows)} scans; recorded with {doc['key']}), alpha {args.alpha:g}\n")
+    print(f"Replayed from {source(args)} ({len(rows)} scans; recorded with {doc['key']}), alpha {args.alpha:g}{floor_note(args)}\n")
     for combo in args.replay:
         levels, dets = parse_combo(combo)
         print(f"### {combo}: levels {', '.join(levels) or 'none'}; detectors {', '.join(('neural-cleanse',) * bool(levels) + dets)}\n")
         kept = [(r, sch) for r, sch in zip(rows, schedules, strict=True) if replayable(r, levels)]
         if len(kept) < len(rows):
             print(f"({len(rows) - len(kept)} scans left out: recorded without their levels' own p-values)\n")
-        judged = [j for j in (replay_as_run(r, levels, dets, args.alpha, sch) for r, sch in kept) if j is not None]
+        floors = parse_floor(args.spread_floor)
+        judged = [j for j in (replay_as_run(r, levels, dets, args.alpha, sch, floors) for r, sch in kept) if j is not None]
         if len(judged) < len(kept):
             print(f"({len(kept) - len(judged)} scans left out: they would need a second look that was not recorded)\n")
         print_summary(judged)
@@ -534,8 +616,14 @@ def run(args: argparse.Namespace) -> None:
     if args.replay_two_look:
         run_replay_two_look(args)
         return
+    if args.spread_floor and not (args.replay or args.replay_steps or args.replay_two_look):
+        raise SystemExit("zoo-detect --spread-floor re-judges recorded sizes in --replay, --replay-steps and --replay-two-look "
+                         "only: add one of them, or drop --spread-floor")
     if args.replay_trajectory:
         run_replay_trajectory(args)
+        return
+    if args.seed_noise:
+        run_seed_noise(args)
         return
     if args.replay:
         run_replay(args)
@@ -611,11 +699,12 @@ def run_replay_steps(args: argparse.Namespace) -> None:
     doc, rows = recorded_rows(args, "--replay-steps")
     levels, dets = parse_combo(args.replay[0] if args.replay else ",".join(DEFAULT_LEVELS))
     print(f"Replayed from {source(args)} ({len(rows)} scans; recorded with {doc['key']}), levels {', '.join(levels)}, "
-          f"detectors {', '.join(('neural-cleanse', *dets))}, alpha {args.alpha:g}\n")
+          f"detectors {', '.join(('neural-cleanse', *dets))}, alpha {args.alpha:g}{floor_note(args)}\n")
+    floors = parse_floor(args.spread_floor)
     for steps in [int(s) for s in args.replay_steps.split(",") if s.strip()]:
         judged = []
         for r in rows:
-            lv = levels_at(r, steps)
+            lv = levels_at(r, steps, floors)
             if lv is not None:
                 judged.append(replay(r | {"levels": lv}, levels, dets, args.alpha) | {"looks": None})  # one look at S steps
         print(f"### {steps} steps ({len(judged)} of {len(rows)} scans recorded that long)\n")
@@ -623,7 +712,7 @@ def run_replay_steps(args: argparse.Namespace) -> None:
         print()
         table_header("model", "seed", "verdict", "p", *(f"{m} p (class)" for m in levels), "true target")
         for r in sorted(judged, key=lambda r: (r["true_target"] is None, r["model"], r["seed"])):
-            lv = levels_at(r, steps) or {}
+            lv = levels_at(r, steps, floors) or {}
             cells = [f"{lv[m]['p']:.4f} ({lv[m]['min_label']})" if lv.get(m, {}).get("p") is not None else "—" for m in levels]
             verdict = f"{r['status']} {r['suspect']}" if r["flagged"] else r["status"]
             truth = "clean" if r["true_target"] is None else r["true_target"]
@@ -632,7 +721,7 @@ def run_replay_steps(args: argparse.Namespace) -> None:
 
 
 def two_look(row: dict, s1: int, s2: int, a1: float, c: float, alpha: float, levels: Sequence[str],
-             detectors: Sequence[str]) -> dict[str, Any] | None:
+             detectors: Sequence[str], floors: Floors = None) -> dict[str, Any] | None:
     """The verdict of a two-look schedule replayed from ``row``'s sizes (None when not recorded for ``s2`` steps).
 
     After ``s1`` steps the scan flags when the combined p-value is at most ``a1`` and stops as clean when it exceeds
@@ -644,10 +733,12 @@ def two_look(row: dict, s1: int, s2: int, a1: float, c: float, alpha: float, lev
     run too (which stopped at its own first look): exactly for any ``a1`` and ``c`` that send to the second look
     only scans the run itself sent there, and None for a scan that would need a second look the run did not record.
 
+    ``floors``: the size test's spread floor per level (default: the scan's own).
+
     Returns:
         the replayed row with ``looks`` (1 or 2) and ``steps_run`` added; None when the sizes it needs were not recorded.
     """
-    lv1 = levels_at(row, s1)
+    lv1 = levels_at(row, s1, floors)
     if lv1 is None:
         return None
     first = replay(row | {"levels": lv1}, levels, detectors, a1)
@@ -656,7 +747,7 @@ def two_look(row: dict, s1: int, s2: int, a1: float, c: float, alpha: float, lev
     # the look's correction (alpha / a1, or alpha / (alpha - a1)), so that AUCs compare with one-look scans
     if p1 is not None and (first["flagged"] or p1 > c):
         return first | {"p": min(1.0, p1 * alpha / a1), "looks": 1, "steps_run": s1}
-    lv2 = levels_at(row, s2)
+    lv2 = levels_at(row, s2, floors)
     if lv2 is None:
         return None
     second = replay(row | {"levels": lv2}, levels, detectors, alpha - a1)
@@ -689,12 +780,13 @@ def run_replay_two_look(args: argparse.Namespace) -> None:
     _, rows = recorded_rows(args, "--replay-two-look")
     s1, s2, a1, c = (t(v) for t, v in zip((int, int, float, float), args.replay_two_look.split(":"), strict=True))
     levels, dets = parse_combo(args.replay[0] if args.replay else ",".join(DEFAULT_LEVELS))
-    judged = [j for j in (two_look(r, s1, s2, a1, c, args.alpha, levels, dets) for r in rows) if j is not None]
+    floors = parse_floor(args.spread_floor)
+    judged = [j for j in (two_look(r, s1, s2, a1, c, args.alpha, levels, dets, floors) for r in rows) if j is not None]
     print(f"Replayed from {source(args)}: two looks: {s1} steps (flag at p <= {a1:g}, clean at p > {c:g}), else {s2} steps at "
-          f"alpha {args.alpha - a1:g}; {len(judged)} of {len(rows)} scans judged (the others' sizes were not recorded "
+          f"alpha {args.alpha - a1:g}{floor_note(args)}; {len(judged)} of {len(rows)} scans judged (the others' sizes were not recorded "
           f"for the steps they would need)\n")
     def once(steps: int) -> list[dict]:  # one look at ``steps``, over the scans recorded for s2 steps
-        return [replay(r | {"levels": levels_at(r, steps)}, levels, dets, args.alpha) | {"looks": None}
+        return [replay(r | {"levels": levels_at(r, steps, floors)}, levels, dets, args.alpha) | {"looks": None}
                 for r in rows if levels_at(r, s2) is not None]
 
     for name, rs in ((f"one look, {s1} steps", once(s1)), (f"one look, {s2} steps", once(s2)),

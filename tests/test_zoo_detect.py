@@ -15,6 +15,7 @@ from benchmarks.zoo_detect import (
     levels_trajectory,
     matrix,
     parse_combo,
+    parse_floor,
     per_seed,
     recorded_rows,
     recorded_schedule,
@@ -24,6 +25,7 @@ from benchmarks.zoo_detect import (
     row_of,
     same_verdict,
     seed_flips,
+    seed_noise,
     select,
     split_stale,
     summary,
@@ -392,3 +394,59 @@ def test_the_trajectory_statistic_scores_a_class_reached_early_though_the_others
     expected = anomaly({**others_stat, 4: stat4, 3: math.exp((math.log(300.0) + 9 * math.log(12.0)) / 10)}).p_value
     assert traj["p"] == pytest.approx(expected, rel=1e-4)
     assert levels_trajectory(row, 11) is None  # not recorded that long
+
+
+def _two_level_row(patch: dict[int, float], pixel: dict[int, float], seed: int = 0, name: str = "m") -> dict:
+    """A one-step row with both levels' sizes (patch in tokens)."""
+    doc = _doc("clean", None, 0.5)
+    doc["modes"] = {m: {"anomaly": {"p_value": anomaly(sz).p_value, "min_label": min(sz, key=sz.get)},
+                        "labels": [{"label": k, "norm": v, "history": [v]} for k, v in sz.items()]}
+                    for m, sz in (("patch", patch), ("pixel", pixel))}
+    return row_of(_entry(name, None), doc, seed=seed, wall=1.0)
+
+
+def test_a_replay_can_judge_the_recorded_sizes_under_another_spread_floor() -> None:
+    patch = {0: 5.4, 1: 6.1, 2: 6.1, 3: 6.2, 4: 6.0, 5: 5.4, 6: 4.0, 7: 5.8, 8: 5.3, 9: 5.4}
+    pixel = {k: 60.0 + 3 * k for k in range(10)}
+    row = _two_level_row(patch, pixel)
+    own, same = levels_at(row, 1), levels_at(row, 1, parse_floor("0.05"))
+    assert own == same  # the scan's own floor replays the scan
+    token = levels_at(row, 1, parse_floor("0.05,token"))
+    assert token["pixel"] == own["pixel"] and token["patch"]["p"] > 0.2 > 0.05 > own["patch"]["p"]
+    wide = levels_at(row, 1, parse_floor("0.3"))
+    assert wide["pixel"]["p"] > own["pixel"]["p"] and wide["patch"]["p"] > own["patch"]["p"]
+    # a one-look row (recorded with --steps) is judged from its last recorded sizes when a floor is given
+    flagged = replay_as_run(row, ("pixel", "patch"), (), 0.05, None)
+    assert flagged["flagged"] and flagged["suspect"] == 6
+    assert not replay_as_run(row, ("pixel", "patch"), (), 0.05, None, parse_floor("0.05,token"))["flagged"]
+    assert parse_floor(None) is None
+
+
+@pytest.mark.parametrize("text", ["", "0", "-0.1", "nan", "0.1,tokens", "token", "0.1,token,x"])
+def test_parse_floor_refuses_what_is_not_sd_and_token(text: str) -> None:
+    with pytest.raises(SystemExit, match="--spread-floor"):
+        parse_floor(text)
+
+
+def test_the_spread_floor_is_refused_where_nothing_is_replayed(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import benchmarks.zoo_detect as zd
+
+    for extra in ([], ["--summary"]):
+        args = zd.parser().parse_args(["--split", "evaluation", "--out", str(tmp_path / "o.json"), "--spread-floor", "0.1", *extra])
+        with pytest.raises(SystemExit, match="--spread-floor re-judges recorded sizes"):
+            zd.run(args)
+    assert not (tmp_path / "o.json").exists()
+
+
+def test_seed_noise_is_each_class_log_size_sd_over_the_seeds_rms_over_the_classes() -> None:
+    import math
+
+    base = {k: 10.0 + k for k in range(4)}
+    rows = [_two_level_row(base, {k: v * f for k, v in base.items()}, seed=s) for s, f in ((0, 1.0), (1, 1.2), (2, 1.44))]
+    rows.append(_two_level_row(base, base, seed=0, name="alone"))  # one seed: no noise to measure
+    table = {(t["model"], t["level"]): t for t in seed_noise(rows, 1)}
+    assert set(table) == {("m", "patch"), ("m", "pixel")}
+    assert table[("m", "patch")]["noise"] == pytest.approx(0.0)
+    # every pixel class's log size moves by log 1.2 a seed: its SD over the three seeds is log 1.2
+    assert table[("m", "pixel")]["noise"] == pytest.approx(math.log(1.2)) and table[("m", "pixel")]["seeds"] == [0, 1, 2]
+    assert seed_noise(rows, 2) == []  # not recorded that long

@@ -34,6 +34,31 @@ PATCH_MAD_FLOOR = 1.0
 #: the floor of the fitted spread of log sizes: classes whose triggers differ by a few per cent are not evidence
 #: (it only guards against a degenerate spread of 0; the zoo's smallest is 0.15, docs/verdict.md)
 LOG_SD_FLOOR = 0.05
+
+
+@dataclass(frozen=True)
+class SpreadFloor:
+    """The least spread the size test grants the other classes' log sizes (docs/verdict.md, "The spread's floor").
+
+    The fitted standard deviation of K - 1 log sizes can come out smaller than anything the measurement resolves
+    (nine classes that happen to agree closely); a class a little below them then looks like an outlier.
+
+    Attributes:
+        log_sd: the floor on the log scale (:data:`LOG_SD_FLOOR` by default).
+        unit: the smallest difference the size itself can show, in its own units (one token at the patch level,
+            :data:`PATCH_MAD_FLOOR`); the floor is then at least ``log(1 + unit / n)``, one unit at the other
+            classes' typical size ``n`` (their geometric mean). 0: no such floor.
+    """
+
+    log_sd: float = LOG_SD_FLOOR
+    unit: float = 0.0
+
+    def at(self, log_mean: float) -> float:
+        """The floor for other classes whose mean log size is ``log_mean``."""
+        step = math.log1p(self.unit / math.exp(log_mean)) if self.unit > 0 else 0.0
+        return max(self.log_sd, step)
+
+
 #: fewest classes with a size for either statistic (a spread needs two others besides the smallest)
 MIN_CLASSES = 3
 #: sizes are clamped to this before the log (a mask is a sum of sigmoids, never exactly 0)
@@ -49,7 +74,7 @@ class SizeTest:
         min_label: the class with the smallest trigger.
         log_min: the natural log of its size.
         log_mean: mean log size of the other K - 1 classes.
-        log_sd: their standard deviation (ddof 1), raised to :data:`LOG_SD_FLOOR` when below it.
+        log_sd: their standard deviation (ddof 1), raised to the test's :class:`SpreadFloor` when below it.
         t: (log_mean - log_min) / (log_sd · sqrt(1 + 1 / (K - 1))): how many predictive standard deviations the
             smallest class lies below the others.
         df: degrees of freedom of its null distribution (K - 2).
@@ -121,12 +146,13 @@ def anomaly_index_from_stats(median_: float, mad: float, norm: float) -> float:
     return (median_ - norm) / mad
 
 
-def min_size_test(norms: Mapping[int, float | None]) -> SizeTest | None:
+def min_size_test(norms: Mapping[int, float | None], floor: SpreadFloor = SpreadFloor()) -> SizeTest | None:
     """The calibrated p-value of the smallest trigger among ``norms`` (see the module docstring).
 
     Args:
         norms: label -> trigger size, or None when the label's inversion never succeeded (left out: such a class
             is not small, and leaving it out only makes the test more cautious).
+        floor: the least spread granted to the other classes' log sizes.
 
     Returns:
         :class:`SizeTest`, or None when fewer than :data:`MIN_CLASSES` labels have a size.
@@ -139,20 +165,22 @@ def min_size_test(norms: Mapping[int, float | None]) -> SizeTest | None:
     log_min = math.log(ok[min_label])
     others = [math.log(v) for lab, v in ok.items() if lab != min_label]
     mean_o = fmean(others)
-    sd_o = max(stdev(others), LOG_SD_FLOOR)
+    sd_o = max(stdev(others), floor.at(mean_o))
     # the predictive distribution of one more draw from the others' normal: its variance is σ²(1 + 1/(K-1))
     t = (mean_o - log_min) / (sd_o * math.sqrt(1.0 + 1.0 / (k - 1)))
     p_class = float(stats.t.sf(t, k - 2))
     return SizeTest(k, min_label, log_min, mean_o, sd_o, t, k - 2, p_class, min(1.0, k * p_class))
 
 
-def anomaly(norms: Mapping[int, float | None], threshold: float = 2.0, mad_floor: float = 0.0) -> AnomalyResult:
+def anomaly(norms: Mapping[int, float | None], threshold: float = 2.0, mad_floor: float = 0.0,
+            floor: SpreadFloor = SpreadFloor()) -> AnomalyResult:
     """Runs both outlier tests.
 
     Args:
         norms: label -> trigger size, or None when the label's inversion never succeeded.
         threshold: anomaly index above which Neural Cleanse's own rule flags a label.
         mad_floor: lower bound on the consistent MAD (see :data:`PATCH_MAD_FLOOR`).
+        floor: the size test's least spread of the other classes' log sizes.
 
     Returns:
         :class:`AnomalyResult`.
@@ -168,4 +196,4 @@ def anomaly(norms: Mapping[int, float | None], threshold: float = 2.0, mad_floor
     min_label = min(ok, key=lambda k: (ok[k], k))
     flagged = tuple(sorted((k for k, a in indices.items() if a > threshold), key=lambda k: (-indices[k], k)))
     return AnomalyResult(med, mad, raw_mad, min_label, ok[min_label], indices[min_label], threshold, flagged, indices, failed,
-                         test=min_size_test(ok))
+                         test=min_size_test(ok, floor))
