@@ -781,10 +781,14 @@ def run_replay_two_look(args: argparse.Namespace) -> None:
     s1, s2, a1, c = (t(v) for t, v in zip((int, int, float, float), args.replay_two_look.split(":"), strict=True))
     levels, dets = parse_combo(args.replay[0] if args.replay else ",".join(DEFAULT_LEVELS))
     floors = parse_floor(args.spread_floor)
-    judged = [j for j in (two_look(r, s1, s2, a1, c, args.alpha, levels, dets, floors) for r in rows) if j is not None]
+    replayed = [(r, two_look(r, s1, s2, a1, c, args.alpha, levels, dets, floors)) for r in rows]
+    judged = [j for _, j in replayed if j is not None]
     print(f"Replayed from {source(args)}: two looks: {s1} steps (flag at p <= {a1:g}, clean at p > {c:g}), else {s2} steps at "
           f"alpha {args.alpha - a1:g}{floor_note(args)}; {len(judged)} of {len(rows)} scans judged (the others' sizes were not recorded "
           f"for the steps they would need)\n")
+    missing = sorted(f"{r['model']} (seed {r['seed']})" for r, j in replayed if j is None)
+    if missing:  # what to scan again with --steps S2 to judge them
+        print(f"not judged: {', '.join(missing)}\n")
     def once(steps: int) -> list[dict]:  # one look at ``steps``, over the scans recorded for s2 steps
         return [replay(r | {"levels": levels_at(r, steps, floors)}, levels, dets, args.alpha) | {"looks": None}
                 for r in rows if levels_at(r, s2) is not None]
