@@ -100,7 +100,7 @@ def parser() -> argparse.ArgumentParser:
                          "level's typical count (docs/verdict.md, \"The spread's floor\"), e.g. 0.14,token")
     ap.add_argument("--seed-noise", type=int, default=None, metavar="S",
                     help="scan nothing: each class's seed noise at step S (the standard deviation of its log size over the "
-                         "recorded seeds), per model and level, and the median over them")
+                         "recorded seeds), per clean model and level, and the median over them")
     ap.add_argument("--summary", action="store_true",
                     help="scan nothing: print the recorded scans' (--out) verdicts and tables as a finished run prints them")
     add_out(ap, "zoo_detect.json", help="JSON output (default: benchmarks/results/zoo_detect_<split>.json)")
@@ -224,12 +224,14 @@ def seed_noise(rows: Sequence[dict], steps: int) -> list[dict[str, Any]]:
 
 
 def run_seed_noise(args: argparse.Namespace) -> None:
-    """``--seed-noise S``: :func:`seed_noise` per model and level, and the median over them."""
+    """``--seed-noise S``: :func:`seed_noise` of the clean models, per model and level, and the median over them (a
+    backdoor's target moves differently from a class that no trigger was planted for)."""
     _, rows = recorded_rows(args, "--seed-noise")
+    rows = [r for r in rows if r["true_target"] is None]
     steps = args.seed_noise
     table = seed_noise(rows, steps)
     print(f"Seed noise at step {steps}, from {source(args)}, seeds {args.seeds}: per class, the standard deviation of the log "
-          f"best size over the seeds; per model and level, its root mean square over the classes\n")
+          f"best size over the seeds; per clean model and level, its root mean square over the classes\n")
     table_header("model", "level", "seeds", "classes", "noise")
     for t in table:
         print(f"| {t['model']} | {t['level']} | {','.join(map(str, t['seeds']))} | {t['classes']} | {t['noise']:.3f} |")
