@@ -22,7 +22,7 @@ from typing import Any
 from bdscan import machine
 from bdscan.atomic import atomic_path
 from bdscan.data import load_clean_data
-from bdscan.detect.anomaly import PATCH_MAD_FLOOR, anomaly
+from bdscan.detect.anomaly import PATCH_MAD_FLOOR, anomaly, level_floor
 from bdscan.detect.base import DETECTORS, Evidence
 from bdscan.detect.base import combine as combine_detectors
 from bdscan.detect.config import DEFAULT_BUDGET, LEVELS, budget
@@ -248,7 +248,8 @@ def judge(sizes: dict[str, dict[int, float | None]], patch_floor: bool = True) -
 
     ``patch_floor``: the patch level's MAD floor (meaningless for log sizes, where it is left out).
     """
-    modes = {m: anomaly(s, THRESHOLD, PATCH_MAD_FLOOR if m == "patch" and patch_floor else 0.0) for m, s in sizes.items()}
+    modes = {m: anomaly(s, THRESHOLD, PATCH_MAD_FLOOR if m == "patch" and patch_floor else 0.0, level_floor(m))
+             for m, s in sizes.items()}
     return modes, combine({m: SimpleNamespace(anomaly=a) for m, a in modes.items()}, THRESHOLD)
 
 

@@ -32,7 +32,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bdscan.detect.anomaly import LOG_SD_FLOOR, SpreadFloor
+from bdscan.detect.anomaly import LOG_SD_FLOOR, SpreadFloor, level_floor
 from benchmarks.common import (
     BDSCAN_ARCHS,
     DATASET_SAMPLES,
@@ -176,7 +176,7 @@ def levels_at(row: dict, steps: int, floors: Floors = None) -> dict[str, dict[st
         return None
     out = {}
     for m, lv in sizes.items():
-        floor = (floors or {}).get(m, SpreadFloor())
+        floor = (floors or {}).get(m, level_floor(m))
         res = anomaly({int(k): h[steps - 1] for k, h in lv.items()}, mad_floor=PATCH_MAD_FLOOR if m == "patch" else 0.0,
                       floor=floor)
         out[m] = {"p": res.p_value, "min_label": res.min_label}
@@ -804,4 +804,9 @@ def run_replay_two_look(args: argparse.Namespace) -> None:
         second = sum(j["looks"] == 2 for j in judged)
         mean = statistics.fmean(j["steps_run"] for j in judged)
         print(f"second look on {second} of {len(judged)} scans; mean steps {mean:.1f} ({mean / s1:.2f}x the first look alone)")
+    if len({j["seed"] for j in judged}) > 1:  # the two looks' verdicts per seed, and where the seed changes them
+        print()
+        print_per_seed(judged)
+        print()
+        print_seed_flips(judged)
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from bdscan.detect.anomaly import LOG_SD_FLOOR
 from benchmarks.common import anomaly
 from benchmarks.zoo_detect import (
     auc,
@@ -409,14 +410,13 @@ def test_a_replay_can_judge_the_recorded_sizes_under_another_spread_floor() -> N
     patch = {0: 5.4, 1: 6.1, 2: 6.1, 3: 6.2, 4: 6.0, 5: 5.4, 6: 4.0, 7: 5.8, 8: 5.3, 9: 5.4}
     pixel = {k: 60.0 + 3 * k for k in range(10)}
     row = _two_level_row(patch, pixel)
-    own, same = levels_at(row, 1), levels_at(row, 1, parse_floor("0.05"))
-    assert own == same  # the scan's own floor replays the scan
-    token = levels_at(row, 1, parse_floor("0.05,token"))
-    assert token["pixel"] == own["pixel"] and token["patch"]["p"] > 0.2 > 0.05 > own["patch"]["p"]
+    thin, token = levels_at(row, 1, parse_floor("0.05")), levels_at(row, 1, parse_floor("0.05,token"))
+    assert token["pixel"] == thin["pixel"] and token["patch"]["p"] > 0.2 > 0.05 > thin["patch"]["p"]
     wide = levels_at(row, 1, parse_floor("0.3"))
-    assert wide["pixel"]["p"] > own["pixel"]["p"] and wide["patch"]["p"] > own["patch"]["p"]
+    assert wide["pixel"]["p"] > thin["pixel"]["p"] and wide["patch"]["p"] > thin["patch"]["p"]
+    assert levels_at(row, 1) == levels_at(row, 1, parse_floor(f"{LOG_SD_FLOOR},token"))  # the scan's own floor
     # a one-look row (recorded with --steps) is judged from its last recorded sizes when a floor is given
-    flagged = replay_as_run(row, ("pixel", "patch"), (), 0.05, None)
+    flagged = replay_as_run(row, ("pixel", "patch"), (), 0.05, None, parse_floor("0.05"))
     assert flagged["flagged"] and flagged["suspect"] == 6
     assert not replay_as_run(row, ("pixel", "patch"), (), 0.05, None, parse_floor("0.05,token"))["flagged"]
     assert parse_floor(None) is None

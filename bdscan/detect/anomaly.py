@@ -31,9 +31,10 @@ MAD_CONSISTENCY = 1.4826
 #: less than one token between labels is not evidence of anything (it would make MAD = 0 and every
 #: index infinite). One token is the smallest difference a patch trigger can make.
 PATCH_MAD_FLOOR = 1.0
-#: the floor of the fitted spread of log sizes: classes whose triggers differ by a few per cent are not evidence
-#: (it only guards against a degenerate spread of 0; the zoo's smallest is 0.15, docs/verdict.md)
-LOG_SD_FLOOR = 0.05
+#: the floor of the fitted spread of log sizes: the seed noise of one class's log size at the first look (30 steps),
+#: measured on the evaluation zoo's calibration half (docs/verdict.md, "The spread's floor"): nine classes that agree
+#: more closely than one class's own measurement do not show how far one more class may lie
+LOG_SD_FLOOR = 0.15
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,12 @@ class SpreadFloor:
         """The floor for other classes whose mean log size is ``log_mean``."""
         step = math.log1p(self.unit / math.exp(log_mean)) if self.unit > 0 else 0.0
         return max(self.log_sd, step)
+
+
+def level_floor(mode: str) -> SpreadFloor:
+    """A level's spread floor as a scan applies it: :data:`LOG_SD_FLOOR`, and at the patch level one token too
+    (token counts move in whole tokens, :data:`PATCH_MAD_FLOOR`)."""
+    return SpreadFloor(LOG_SD_FLOOR, PATCH_MAD_FLOOR if mode == "patch" else 0.0)
 
 
 #: fewest classes with a size for either statistic (a spread needs two others besides the smallest)

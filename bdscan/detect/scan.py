@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from bdscan.data import CleanData
-from bdscan.detect.anomaly import PATCH_MAD_FLOOR, AnomalyResult, anomaly
+from bdscan.detect.anomaly import PATCH_MAD_FLOOR, AnomalyResult, anomaly, level_floor
 from bdscan.detect.base import DEFAULT_ALPHA
 from bdscan.detect.config import BUDGET_SECOND_LOOK, BUDGETS, DEFAULT_BUDGET, MODES, SECOND_LOOK_HINT, InversionConfig
 from bdscan.detect.inversion import Inversion, InversionResult, LabelResult, invert_prepared, prepared, resolve_precision
@@ -462,7 +462,7 @@ def _mode_results(cfg: ScanConfig, jobs: list[tuple[str, str, TriggerParam]], ou
                     best[r.label] = r
         ordered = [best[k] for k in labels]
         floor = PATCH_MAD_FLOOR if mode == "patch" else 0.0
-        an = anomaly({r.label: r.norm for r in ordered}, cfg.threshold, floor)
+        an = anomaly({r.label: r.norm for r in ordered}, cfg.threshold, floor, level_floor(mode))
         # the mode's own computing time (its inversions may have overlapped with the other mode's)
         seconds = sum(res.seconds for _, _, res in mine)
         results[mode] = ModeResult(mode, mine[0][1].statistic, [p.describe() for _, p, _ in mine], ordered, an,

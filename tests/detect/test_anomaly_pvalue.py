@@ -66,22 +66,22 @@ def test_the_spread_floor_holds_the_others_spread_to_what_the_measurement_resolv
 
     # a patch level: nine classes within half a token of each other (5.3-6.2 tokens), one class at 4 tokens
     counts = {0: 5.4, 1: 6.1, 2: 6.1, 3: 6.2, 4: 6.0, 5: 5.4, 6: 4.0, 7: 5.8, 8: 5.3, 9: 5.4}
-    bare = min_size_test(counts)
-    assert bare is not None and bare.min_label == 6 and bare.log_sd > LOG_SD_FLOOR and bare.p_value < 0.05
-    token = min_size_test(counts, SpreadFloor(LOG_SD_FLOOR, unit=1.0))
+    bare = min_size_test(counts, SpreadFloor(0.05))
+    assert bare is not None and bare.min_label == 6 and bare.log_sd > 0.05 and bare.p_value < 0.05
+    token = min_size_test(counts, SpreadFloor(0.05, unit=1.0))
     # one token at the others' geometric-mean count is the least spread granted: the class is no longer an outlier
     n = math.exp(bare.log_mean)
     assert token is not None and token.log_sd == pytest.approx(math.log1p(1.0 / n)) and token.p_value > 0.2
     assert token.log_mean == bare.log_mean and token.min_label == 6
     # a floor only ever raises the spread: a wide spread is left alone, and a log-scale floor works without a unit
     wide = {k: v * (1.5 if k % 2 else 0.7) for k, v in counts.items() if k != 6}
-    assert min_size_test(wide, SpreadFloor(0.2, 1.0)) == min_size_test(wide)
+    assert min_size_test(wide, SpreadFloor(0.2, 1.0)) == min_size_test(wide, SpreadFloor(0.01))
     assert min_size_test(counts, SpreadFloor(0.3)).log_sd == 0.3
     assert SpreadFloor().at(0.0) == LOG_SD_FLOOR  # the default is the scan's own floor, on any level
     # a real backdoor at the patch level (1 token against 5-6) stays far below the floor's reach
-    implanted = min_size_test({**counts, 6: 1.0}, SpreadFloor(LOG_SD_FLOOR, unit=1.0))
+    implanted = min_size_test({**counts, 6: 1.0}, SpreadFloor(0.05, unit=1.0))
     assert implanted is not None and implanted.p_value < 1e-4
-    assert anomaly(counts, 2.0, 1.0, SpreadFloor(LOG_SD_FLOOR, unit=1.0)).test == token
+    assert anomaly(counts, 2.0, 1.0, SpreadFloor(0.05, unit=1.0)).test == token
 
 
 def _levels(rng: np.random.Generator, k: int) -> dict[str, SimpleNamespace]:

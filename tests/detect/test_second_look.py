@@ -23,13 +23,14 @@ def _scan(t, steps: int = 10, look: SecondLook | None = None):  # type: ignore[n
 
 def test_in_doubt_every_class_runs_on_and_the_second_look_spends_the_rest_of_alpha(tiny_bd) -> None:
     t = tiny_bd.tiny
-    one = _scan(t)
+    # 20 steps: the planted class's mask has shrunk well below the others' by then (after 10 it is still on its way)
+    one = _scan(t, steps=20)
     # alpha_first so small and clean_above 1: the first look can neither flag nor stop, so the second always runs
-    two = _scan(t, look=SecondLook(first_steps=4, alpha_first=1e-300, clean_above=1.0))
+    two = _scan(t, steps=20, look=SecondLook(first_steps=4, alpha_first=1e-300, clean_above=1.0))
     assert _sizes(two) == _sizes(one)  # the runs were continued, not restarted: exactly the 10-step scan
     assert two.verdict.p_value == pytest.approx(min(1.0, one.verdict.p_value * 0.05 / (0.05 - 1e-300)))
     assert two.verdict.status == one.verdict.status == "backdoor" and two.verdict.target == TARGET
-    assert "second look after 10 steps (the first, after 4," in two.verdict.reason
+    assert "second look after 20 steps (the first, after 4," in two.verdict.reason
     assert two.modes["pixel"].flagged == (TARGET,)
     assert two.verdict.looks == 2 and one.verdict.looks == 1
     assert two.config.to_dict()["second_look"] == {"first_steps": 4, "alpha_first": 1e-300, "clean_above": 1.0}
