@@ -259,7 +259,7 @@ def levels_trajectory(row: dict, steps: int) -> dict[str, dict[str, Any]] | None
             continue
         stat = {int(k): math.exp(statistics.fmean(math.log(max(cap if v is None else v, 1e-6)) for v in h[:steps]))
                 for k, h in lv.items()}
-        res = anomaly(stat, mad_floor=PATCH_MAD_FLOOR if m == "patch" else 0.0)
+        res = anomaly(stat, mad_floor=PATCH_MAD_FLOOR if m == "patch" else 0.0, floor=level_floor(m))
         out[m] = {"p": res.p_value, "min_label": res.min_label}
     return out
 

@@ -12,8 +12,10 @@ Two statistics are computed; the verdict rests on the second:
   K - 2 degrees of freedom, the noise of the fitted mean and spread included), and the class-level tail
   probability is multiplied by K, because the class tested was chosen as the smallest of K (Bonferroni over
   the classes, which is exact in the tail: two classes cannot both lie that far below the rest). Under the null
-  (log sizes i.i.d. normal, any mean and spread) ``P(p <= a) = a`` for every K (tested by simulation); how it
-  was chosen over MAD- and raw-size variants, measured on the lab zoo: docs/verdict.md.
+  (log sizes i.i.d. normal, any mean and spread) ``P(p <= a) = a`` for every K (tested by simulation), and less
+  where the spread is below its floor (:class:`SpreadFloor`: what one class's measurement resolves); how it was
+  chosen over MAD- and raw-size variants, measured on the lab zoo, and the floor on the calibration half:
+  docs/verdict.md.
 """
 
 from __future__ import annotations
