@@ -32,7 +32,6 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bdscan.detect.anomaly import LOG_SD_FLOOR, SpreadFloor, level_floor
 from benchmarks.common import (
     BDSCAN_ARCHS,
     DATASET_SAMPLES,
@@ -41,12 +40,15 @@ from benchmarks.common import (
     DETECTORS,
     EVAL_ZOO,
     LEVELS,
+    LOG_SD_FLOOR,
     PATCH_MAD_FLOOR,
+    SpreadFloor,
     add_budget,
     add_out,
     add_threads,
     anomaly,
     budget_config,
+    level_floor,
     machine_line,
     new_parser,
     print_row,
