@@ -61,7 +61,8 @@ from benchmarks.common import (
     write_json,
 )
 
-#: level -> the size test's spread floor for a replay (None: the scan's own, :class:`SpreadFloor`'s defaults)
+#: level -> the size test's spread floor for a replay (None: the scan's own, :func:`level_floor`; a row's recorded
+#: p-values, which a one-look replay without ``--spread-floor`` reuses, keep the floor of the code that scanned it)
 Floors = dict[str, SpreadFloor] | None
 
 #: a backdoored row counts only when its backdoor works (the zoo's own target, bdscan.lab.evalzoo_table.MIN_ASR)
@@ -597,13 +598,13 @@ def run_replay(args: argparse.Namespace) -> None:
     doc, rows = recorded_rows(args, "--replay")
     schedules = [recorded_schedule({"key": r["recorded_key"]}, args.alpha) for r in rows]  # each under its own recording
     print(f"Replayed from {source(args)} ({len(rows)} scans; recorded with {doc['key']}), alpha {args.alpha:g}{floor_note(args)}\n")
+    floors = parse_floor(args.spread_floor)
     for combo in args.replay:
         levels, dets = parse_combo(combo)
         print(f"### {combo}: levels {', '.join(levels) or 'none'}; detectors {', '.join(('neural-cleanse',) * bool(levels) + dets)}\n")
         kept = [(r, sch) for r, sch in zip(rows, schedules, strict=True) if replayable(r, levels)]
         if len(kept) < len(rows):
             print(f"({len(rows) - len(kept)} scans left out: recorded without their levels' own p-values)\n")
-        floors = parse_floor(args.spread_floor)
         judged = [j for j in (replay_as_run(r, levels, dets, args.alpha, sch, floors) for r, sch in kept) if j is not None]
         if len(judged) < len(kept):
             print(f"({len(kept) - len(judged)} scans left out: they would need a second look that was not recorded)\n")
