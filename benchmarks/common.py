@@ -22,7 +22,7 @@ from typing import Any
 from bdscan import machine
 from bdscan.atomic import atomic_path
 from bdscan.data import load_clean_data
-from bdscan.detect.anomaly import LOG_SD_FLOOR, PATCH_MAD_FLOOR, SpreadFloor, anomaly, level_floor
+from bdscan.detect.anomaly import LOG_SD_FLOOR, PATCH_MAD_FLOOR, SpreadFloor, anomaly, level_anomaly, level_floor
 from bdscan.detect.base import DETECTORS, Evidence
 from bdscan.detect.base import combine as combine_detectors
 from bdscan.detect.config import DEFAULT_BUDGET, LEVELS, budget
@@ -88,6 +88,7 @@ __all__ = [
     "invert",
     "is_right",
     "judge",
+    "level_anomaly",
     "level_floor",
     "load_dataset",
     "load_lab_data",

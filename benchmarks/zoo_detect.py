@@ -46,9 +46,8 @@ from benchmarks.common import (
     add_budget,
     add_out,
     add_threads,
-    anomaly,
     budget_config,
-    level_floor,
+    level_anomaly,
     machine_line,
     new_parser,
     print_row,
@@ -179,9 +178,7 @@ def levels_at(row: dict, steps: int, floors: Floors = None) -> dict[str, dict[st
         return None
     out = {}
     for m, lv in sizes.items():
-        floor = (floors or {}).get(m, level_floor(m))
-        res = anomaly({int(k): h[steps - 1] for k, h in lv.items()}, mad_floor=PATCH_MAD_FLOOR if m == "patch" else 0.0,
-                      floor=floor)
+        res = level_anomaly({int(k): h[steps - 1] for k, h in lv.items()}, m, floor=(floors or {}).get(m))
         out[m] = {"p": res.p_value, "min_label": res.min_label}
     return out
 
@@ -262,7 +259,7 @@ def levels_trajectory(row: dict, steps: int) -> dict[str, dict[str, Any]] | None
             continue
         stat = {int(k): math.exp(statistics.fmean(math.log(max(cap if v is None else v, 1e-6)) for v in h[:steps]))
                 for k, h in lv.items()}
-        res = anomaly(stat, mad_floor=PATCH_MAD_FLOOR if m == "patch" else 0.0, floor=level_floor(m))
+        res = level_anomaly(stat, m)
         out[m] = {"p": res.p_value, "min_label": res.min_label}
     return out
 

@@ -69,16 +69,16 @@ def _host_kind(capability: str) -> str:
     return f"{capability}-AMX" if " amx_tile" in flags else capability
 
 
-def _golden(name: str, capability: str) -> tuple[Path, bool]:
+def _golden(name: str, capability: str) -> tuple[dict[str, Any], bool]:
     """The recording made on this kind of host (and True, unless it was made by emulating this host's kernels) when
     there is one, else the nearest other (and False): the same capability's without AMX, else the AVX2 host's."""
     kind = _host_kind(capability)
     own = GOLDEN / (f"{name}.json" if kind == "AVX2" else f"{name}.{kind}.json")
     if own.is_file():
-        emulated = (json.loads(own.read_text(encoding="utf-8")).get("versions") or {}).get("emulated")
-        return own, not emulated
+        doc = json.loads(own.read_text(encoding="utf-8"))
+        return doc, not (doc.get("versions") or {}).get("emulated")
     near = GOLDEN / f"{name}.{capability}.json"
-    return (near if near.is_file() else GOLDEN / f"{name}.json"), False
+    return json.loads((near if near.is_file() else GOLDEN / f"{name}.json").read_text(encoding="utf-8")), False
 
 
 def _record(name: str, out: Path) -> dict[str, Any]:
@@ -95,8 +95,7 @@ def _record(name: str, out: Path) -> dict[str, Any]:
 def test_scan_document_unchanged_for_a_bundled_model(name: str, tmp_path: Path) -> None:
     assert torch.get_num_threads() == 1  # as recorded (tests run on one thread)
     got = _record(name, tmp_path / "scan.json")
-    path, same_host = _golden(name, got["versions"]["cpu_capability"])
-    want = json.loads(path.read_text(encoding="utf-8"))
+    want, same_host = _golden(name, got["versions"]["cpu_capability"])
     for d in (want, got):
         d.pop("timings")
         d.pop("versions")  # software versions and the host: compared below where they matter

@@ -206,3 +206,11 @@ def anomaly(norms: Mapping[int, float | None], threshold: float = 2.0, mad_floor
     flagged = tuple(sorted((k for k, a in indices.items() if a > threshold), key=lambda k: (-indices[k], k)))
     return AnomalyResult(med, mad, raw_mad, min_label, ok[min_label], indices[min_label], threshold, flagged, indices, failed,
                          test=min_size_test(ok, floor))
+
+
+def level_anomaly(norms: Mapping[int, float | None], mode: str, threshold: float = 2.0,
+                  floor: SpreadFloor | None = None) -> AnomalyResult:
+    """:func:`anomaly` with a level's own floors, as a scan applies them: at the patch level the MAD floor of one
+    token (:data:`PATCH_MAD_FLOOR`), and :func:`level_floor`'s spread floor unless ``floor`` replaces it."""
+    mad_floor = PATCH_MAD_FLOOR if mode == "patch" else 0.0
+    return anomaly(norms, threshold, mad_floor, level_floor(mode) if floor is None else floor)

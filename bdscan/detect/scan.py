@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from bdscan.data import CleanData
-from bdscan.detect.anomaly import PATCH_MAD_FLOOR, AnomalyResult, anomaly, level_floor
+from bdscan.detect.anomaly import AnomalyResult, level_anomaly
 from bdscan.detect.base import DEFAULT_ALPHA
 from bdscan.detect.config import BUDGET_SECOND_LOOK, BUDGETS, DEFAULT_BUDGET, MODES, SECOND_LOOK_HINT, InversionConfig
 from bdscan.detect.inversion import Inversion, InversionResult, LabelResult, invert_prepared, prepared, resolve_precision
@@ -461,8 +461,7 @@ def _mode_results(cfg: ScanConfig, jobs: list[tuple[str, str, TriggerParam]], ou
                 if cur is None or _smaller(r, cur):
                     best[r.label] = r
         ordered = [best[k] for k in labels]
-        floor = PATCH_MAD_FLOOR if mode == "patch" else 0.0
-        an = anomaly({r.label: r.norm for r in ordered}, cfg.threshold, floor, level_floor(mode))
+        an = level_anomaly({r.label: r.norm for r in ordered}, mode, cfg.threshold)
         # the mode's own computing time (its inversions may have overlapped with the other mode's)
         seconds = sum(res.seconds for _, _, res in mine)
         results[mode] = ModeResult(mode, mine[0][1].statistic, [p.describe() for _, p, _ in mine], ordered, an,
