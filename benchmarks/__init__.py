@@ -36,6 +36,7 @@ BENCHMARKS: dict[str, str] = {
     "finetune-probe": "one zoo fine-tune recipe tried on a base: accuracy and ASR curve, full-test figures, drop vs the cell's twins",
     "repair": "the default unlearning on the backdoored sample models, per learning rate and split seed: full-test accuracy and attack success",
     "bench-mmbd": "MM-BD (--detectors mm-bd) over the lab zoo: per-model p-value, suspect, true target, seconds; TPR, FPR, AUC",
+    "neuron-noise": "adversarial noise on a zoo model's normalisation layers (BAN-style): where its errors collapse, per class",
 }
 
 

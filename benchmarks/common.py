@@ -22,7 +22,15 @@ from typing import Any
 from bdscan import machine
 from bdscan.atomic import atomic_path
 from bdscan.data import load_clean_data
-from bdscan.detect.anomaly import LOG_SD_FLOOR, PATCH_MAD_FLOOR, SpreadFloor, anomaly, level_anomaly, level_floor
+from bdscan.detect.anomaly import (
+    LOG_SD_FLOOR,
+    PATCH_MAD_FLOOR,
+    SpreadFloor,
+    anomaly,
+    level_anomaly,
+    level_floor,
+    min_size_test,
+)
 from bdscan.detect.base import DETECTORS, Evidence
 from bdscan.detect.base import combine as combine_detectors
 from bdscan.detect.config import DEFAULT_BUDGET, LEVELS, budget
@@ -99,6 +107,7 @@ __all__ = [
     "make_hf_swin",
     "make_trigger",
     "measure",
+    "min_size_test",
     "nc_evidence",
     "new_parser",
     "parse_overrides",

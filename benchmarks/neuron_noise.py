@@ -1,0 +1,220 @@
+"""Adversarial neuron noise on evaluation-zoo models: a third kind of evidence, measured before it is a detector.
+
+Neural Cleanse asks how small an input trigger sends every image to a class; MM-BD how large a margin an input can
+give a class. Both miss the 10-class models' full-image, noise and warp triggers (benchmarks/README.md). BAN (Xu
+et al., NeurIPS 2024, github xiaoyunxxy/ban, ``ban_detection.py``) perturbs the network instead: multiplicative
+noise on every normalisation layer's gain and shift, ``w' = w * (1 + delta)`` with ``|delta| <= eps``, found by
+signed-gradient steps on a few clean images; a backdoor is a pathway the noise can switch on for every input.
+BAN's own readout also masks the head's features, which on this zoo sent every model's predictions to one class
+whatever its backdoor (RESULTS-LOG, 2026-12-07 (19:00-)); here the noise is read alone, two ways:
+
+* ``--mode untargeted`` (BAN's noise): the noise raises the cross-entropy of the optimisation half of the bundled
+  images (starting from uniform noise); the readout half's predictions through the noisy model give a confusion
+  matrix. A backdoor shows as the errors collapsing onto its target. One run per ``--seeds`` value and ``--eps``.
+* ``--mode targeted``: per class t, the noise (starting at zero) lowers the cross-entropy to t of the optimisation
+  half's images of the other classes; the readout half's images of the other classes give the flip rate into t
+  and the mean cross-entropy to t: K numbers per model, like Neural Cleanse's K trigger sizes, and the same test
+  (the smallest mean cross-entropy against the other classes', ``min_size_test``) names a suspect and a p-value.
+
+Each seed draws the half split of the 200 bundled images (``torch.randperm`` with ``torch.Generator(seed)``), then,
+untargeted, each eps's starting noise from the same generator in ``--eps`` order. One torch thread, so a run is
+deterministic on one machine. Only the calibration half is for choosing a rule (docs/verdict.md).
+
+Example::
+
+    python -m benchmarks neuron-noise --cell cifar10_deit --mode untargeted --eps 0.05,0.1,0.2,0.3 --seeds 0,1
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from benchmarks.common import (
+    EVAL_ZOO,
+    SpreadFloor,
+    add_out,
+    load_with_samples,
+    machine_line,
+    min_size_test,
+    new_parser,
+    read_json,
+    set_threads,
+    utc_now,
+    write_json,
+)
+
+#: the layers whose gain and shift carry the noise (BAN: BatchNorm only; LayerNorm for the token-grid models)
+NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
+MODES = ("untargeted", "targeted")
+#: signed-gradient steps: each moves delta by 2 eps / steps, so the steps can cross the whole box
+STEPS = {"untargeted": 20, "targeted": 15}
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = new_parser(__doc__)
+    ap.add_argument("--split", choices=("calibration", "evaluation"), default="calibration",
+                    help="the zoo's half (default: %(default)s)")
+    ap.add_argument("--cell", nargs="*", default=None, help="only these cells (<dataset>_<arch>)")
+    ap.add_argument("--only", nargs="*", default=None, help="only these models")
+    ap.add_argument("--mode", choices=MODES, default="untargeted")
+    ap.add_argument("--eps", default=None, help="noise bounds, comma-separated (default: 0.05,0.1,0.2,0.3 "
+                                                "untargeted; 0.05,0.1 targeted)")
+    ap.add_argument("--seeds", default="0", help="comma-separated seeds (default: %(default)s)")
+    ap.add_argument("--steps", type=int, default=None, help="signed-gradient steps (default: 20 untargeted, 15 targeted)")
+    ap.add_argument("--summary", action="store_true", help="measure nothing: print the tables of --out")
+    add_out(ap, "neuron_noise.json")
+    return ap
+
+
+def noisy_names(model: nn.Module) -> list[str]:
+    """The parameter names that carry noise: every normalisation layer's affine gain and shift, in module order."""
+    names = []
+    for mn, mod in model.named_modules():
+        if isinstance(mod, NORMS) and getattr(mod, "weight", None) is not None:
+            names.append(f"{mn}.weight")
+            if getattr(mod, "bias", None) is not None:
+                names.append(f"{mn}.bias")
+    return names
+
+
+def _noisy(params: dict[str, torch.Tensor], deltas: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {n: p * (1 + deltas[n]) if n in deltas else p for n, p in params.items()}
+
+
+def _ascend(model: nn.Module, params: dict[str, torch.Tensor], deltas: dict[str, torch.Tensor], x: torch.Tensor,
+            y: torch.Tensor, eps: float, steps: int, sign: float) -> None:
+    """Signed-gradient steps on the noise: ``sign`` +1 raises the cross-entropy to ``y``, -1 lowers it."""
+    for v in deltas.values():
+        v.requires_grad_(True)
+    for _ in range(steps):
+        loss = -sign * F.cross_entropy(functional_call(model, _noisy(params, deltas), (x,)), y)
+        grads = torch.autograd.grad(loss, list(deltas.values()))
+        with torch.no_grad():
+            for v, g in zip(deltas.values(), grads, strict=True):
+                v.sub_(eps / steps * 2 * g.sign()).clamp_(-eps, eps)
+
+
+def measure(wrapper: nn.Module, x: torch.Tensor, y: torch.Tensor, mode: str, eps_list: list[float], seed: int,
+            steps: int) -> list[dict[str, Any]]:
+    """One seed's runs on a model.
+
+    Args:
+        wrapper: the model, [0, 1] images in, logits out.
+        x: (N, C, H, W) clean images in [0, 1]; y: (N,) their classes.
+        mode: "untargeted" or "targeted" (module docstring).
+        eps_list: the noise bounds, one run each.
+        seed: draws the half split and (untargeted) the starting noise.
+        steps: signed-gradient steps.
+
+    Returns:
+        Per eps: untargeted ``{"eps", "acc", "conf"}`` (readout confusion matrix, true x predicted); targeted
+        ``{"eps", "rate", "ce"}`` (per class: flip rate into it and mean cross-entropy to it).
+    """
+    wrapper.eval()
+    for p in wrapper.parameters():
+        p.requires_grad_(False)
+    params = dict(wrapper.named_parameters())
+    names = noisy_names(wrapper)
+    k = wrapper.num_classes
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(y), generator=g)
+    half = len(y) // 2
+    xa, ya, xb, yb = x[perm[:half]], y[perm[:half]], x[perm[half:]], y[perm[half:]]
+    runs = []
+    for eps in eps_list:
+        if mode == "untargeted":
+            deltas = {n: (torch.rand(params[n].shape, generator=g) * 2 - 1) * eps for n in names}
+            _ascend(wrapper, params, deltas, xa, ya, eps, steps, +1.0)
+            with torch.no_grad():
+                pred = functional_call(wrapper, _noisy(params, deltas), (xb,)).argmax(1)
+            conf = torch.zeros(k, k, dtype=torch.long)
+            conf.index_put_((yb, pred), torch.ones_like(pred), accumulate=True)
+            runs.append({"eps": eps, "acc": float((pred == yb).float().mean()), "conf": conf.tolist()})
+        else:
+            rate, ce = [], []
+            for t in range(k):
+                xs, xr = xa[ya != t], xb[yb != t]
+                deltas = {n: torch.zeros_like(params[n]) for n in names}
+                _ascend(wrapper, params, deltas, xs, torch.full((len(xs),), t), eps, steps, -1.0)
+                with torch.no_grad():
+                    logits = functional_call(wrapper, _noisy(params, deltas), (xr,))
+                rate.append(float((logits.argmax(1) == t).float().mean()))
+                ce.append(float(F.cross_entropy(logits, torch.full((len(xr),), t))))
+            runs.append({"eps": eps, "rate": rate, "ce": ce})
+    return runs
+
+
+def untargeted_cell(run: dict[str, Any]) -> tuple[int, float, int]:
+    """An untargeted run's top class: the class most flips go to, its share of the images not of it, and how many
+    other true classes send most of their images to it."""
+    conf = torch.tensor(run["conf"])
+    off = conf.clone().fill_diagonal_(0)
+    not_of = (conf.sum() - conf.sum(1)).clamp(min=1)
+    share = off.sum(0) / not_of
+    top = int(share.argmax())
+    sources = sum(1 for s in range(len(conf)) if s != top and conf[s].sum() and int(conf[s].argmax()) == top)
+    return top, float(share[top]), sources
+
+
+def targeted_test(run: dict[str, Any], floor: float = 0.0) -> Any:
+    """A targeted run's suspect and p-value: Neural Cleanse's size test on the per-class mean cross-entropies."""
+    return min_size_test(dict(enumerate(run["ce"])), SpreadFloor(log_sd=floor))
+
+
+def _models(args: argparse.Namespace) -> list[dict[str, Any]]:
+    rows = [r for r in read_json(EVAL_ZOO, []) if r["split"] == args.split]
+    if args.cell:
+        rows = [r for r in rows if r["cell"] in args.cell]
+    if args.only:
+        rows = [r for r in rows if r["name"] in args.only]
+    return [r for r in rows if r["attack"] is None or (r.get("asr") or 0) >= 0.9]
+
+
+def summary(doc: dict[str, Any]) -> None:
+    for row in doc["rows"]:
+        t = row["target"]
+        cells = []
+        for run in row["runs"]:
+            if row["mode"] == "untargeted":
+                top, share, src = untargeted_cell(run)
+                mark = "*" if top == t else ""
+                cells.append(f"eps {run['eps']} s{run['seed']}: {top}{mark} {share:.2f} ({src} src, acc {run['acc']:.2f})")
+            else:
+                st = targeted_test(run)
+                mark = "*" if st.min_label == t else ""
+                cells.append(f"eps {run['eps']} s{run['seed']}: {st.min_label}{mark} p {st.p_value:.2g}")
+        print(f"| {row['model']} | {t} | " + " | ".join(cells) + " |")
+
+
+def run(args: argparse.Namespace) -> None:
+    doc = read_json(args.out, {"benchmark": "neuron-noise", "rows": []})
+    if args.summary:
+        summary(doc)
+        return
+    set_threads(1)
+    eps_list = [float(e) for e in (args.eps or ("0.05,0.1,0.2,0.3" if args.mode == "untargeted" else "0.05,0.1")).split(",")]
+    steps = args.steps or STEPS[args.mode]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    for r in _models(args):
+        for seed in seeds:
+            key = (r["name"], args.mode, seed, tuple(eps_list), steps)
+            if any((x["model"], x["mode"], x["seed"], tuple(x["eps"]), x["steps"]) == key for x in doc["rows"]):
+                continue
+            lm, data = load_with_samples(EVAL_ZOO.parent / r["file"])
+            t0 = time.perf_counter()
+            runs = measure(lm.wrapper, data.x, data.y, args.mode, eps_list, seed, steps)
+            row = {"model": r["name"], "target": r["target"], "attack": r["attack"], "clean_acc": r["clean_acc"],
+                   "mode": args.mode, "seed": seed, "eps": eps_list, "steps": steps,
+                   "runs": [dict(x, seed=seed) for x in runs], "seconds": round(time.perf_counter() - t0, 1),
+                   "machine": machine_line(), "when": utc_now()}
+            doc = read_json(args.out, {"benchmark": "neuron-noise", "rows": []})  # another run may have written
+            doc["rows"].append(row)
+            write_json(args.out, doc)
+            summary({"rows": [row]})
