@@ -113,6 +113,8 @@ def measure(wrapper: nn.Module, x: torch.Tensor, y: torch.Tensor, mode: str, eps
         seed: draws the half split and (untargeted) the starting noise.
         steps: signed-gradient steps.
 
+    The wrapper is put in eval mode with its parameters frozen (the noise is the only thing optimised).
+
     Returns:
         Per eps: untargeted ``{"eps", "acc", "conf"}`` (readout confusion matrix, true x predicted); targeted
         ``{"eps", "rate", "ce"}`` (per class: flip rate into it and mean cross-entropy to it).
@@ -174,6 +176,8 @@ def _models(args: argparse.Namespace) -> list[dict[str, Any]]:
         rows = [r for r in rows if r["cell"] in args.cell]
     if args.only:
         rows = [r for r in rows if r["name"] in args.only]
+    # as zoo-detect: built models only, and a backdoored row only when its backdoor works (attack success >= 90 %)
+    rows = [r for r in rows if (EVAL_ZOO.parent / r["file"]).exists()]
     return [r for r in rows if r["attack"] is None or (r.get("asr") or 0) >= 0.9]
 
 
