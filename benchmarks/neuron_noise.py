@@ -49,6 +49,7 @@ from benchmarks.common import (
     utc_now,
     write_json,
 )
+from benchmarks.zoo_detect import select
 
 #: the layers whose gain and shift carry the noise (BAN: BatchNorm only; LayerNorm for the token-grid models)
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
@@ -170,17 +171,6 @@ def targeted_test(run: dict[str, Any], floor: float = 0.0) -> Any:
     return min_size_test(dict(enumerate(run["ce"])), SpreadFloor(log_sd=floor))
 
 
-def _models(args: argparse.Namespace) -> list[dict[str, Any]]:
-    rows = [r for r in read_json(EVAL_ZOO, []) if r["split"] == args.split]
-    if args.cell:
-        rows = [r for r in rows if r["cell"] in args.cell]
-    if args.only:
-        rows = [r for r in rows if r["name"] in args.only]
-    # as zoo-detect: built models only, and a backdoored row only when its backdoor works (attack success >= 90 %)
-    rows = [r for r in rows if (EVAL_ZOO.parent / r["file"]).exists()]
-    return [r for r in rows if r["attack"] is None or (r.get("asr") or 0) >= 0.9]
-
-
 def summary(doc: dict[str, Any]) -> None:
     for row in doc["rows"]:
         t = row["target"]
@@ -206,7 +196,7 @@ def run(args: argparse.Namespace) -> None:
     eps_list = [float(e) for e in (args.eps or ("0.05,0.1,0.2,0.3" if args.mode == "untargeted" else "0.05,0.1")).split(",")]
     steps = args.steps or STEPS[args.mode]
     seeds = [int(s) for s in args.seeds.split(",")]
-    for r in _models(args):
+    for r in select(read_json(EVAL_ZOO, []), args, EVAL_ZOO.parent):  # the models zoo-detect scans
         for seed in seeds:
             key = (r["name"], args.mode, seed, tuple(eps_list), steps)
             if any((x["model"], x["mode"], x["seed"], tuple(x["eps"]), x["steps"]) == key for x in doc["rows"]):
