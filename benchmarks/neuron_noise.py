@@ -8,17 +8,21 @@ signed-gradient steps on a few clean images; a backdoor is a pathway the noise c
 BAN's own readout also masks the head's features, which on this zoo sent every model's predictions to one class
 whatever its backdoor (RESULTS-LOG, 2026-12-07 (19:00-)); here the noise is read alone, two ways:
 
-* ``--mode untargeted`` (BAN's noise): the noise raises the cross-entropy of the optimisation half of the bundled
-  images (starting from uniform noise); the readout half's predictions through the noisy model give a confusion
-  matrix. A backdoor shows as the errors collapsing onto its target. One run per ``--seeds`` value and ``--eps``.
+* ``--mode untargeted`` (BAN's noise; the ``neuron-noise`` detector's own measurement,
+  :func:`bdscan.detect.neuron_noise.measure`): the noise raises the cross-entropy of the optimisation half of the
+  bundled images (starting from uniform noise); the readout half's predictions through the noisy model give a
+  confusion matrix. A backdoor shows as the errors collapsing onto its target; the detector's test
+  (:func:`bdscan.detect.neuron_noise.inflow_test`) names the class and a p-value. One run per ``--seeds`` value and
+  ``--eps``, each with its own generator seeded by the seed (as the detector draws; files recorded before the
+  detector existed drew a seed's several eps from one generator, in ``--eps`` order).
 * ``--mode targeted``: per class t, the noise (starting at zero) lowers the cross-entropy to t of the optimisation
   half's images of the other classes; the readout half's images of the other classes give the flip rate into t
   and the mean cross-entropy to t: K numbers per model, like Neural Cleanse's K trigger sizes, and the same test
   (the smallest mean cross-entropy against the other classes', ``min_size_test``) names a suspect and a p-value.
 
-Each seed draws the half split of the 200 bundled images (``torch.randperm`` with ``torch.Generator(seed)``), then,
-untargeted, each eps's starting noise from the same generator in ``--eps`` order. One torch thread, so a run is
-deterministic on one machine. Only the calibration half is for choosing a rule (docs/verdict.md).
+Each seed draws the half split of the bundled images (``torch.randperm`` with ``torch.Generator(seed)``), then,
+untargeted, the starting noise from the same generator. One torch thread, so a run is deterministic on one
+machine. Only the calibration half is for choosing a rule (docs/verdict.md).
 
 Example::
 
@@ -31,11 +35,14 @@ import argparse
 import time
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.func import functional_call
 
+from bdscan.data import CleanData
+from bdscan.detect.neuron_noise import NeuronNoiseConfig, NoiseRun, inflow_test, noisy_names
+from bdscan.detect.neuron_noise import measure as noise_run
 from benchmarks.common import (
     EVAL_ZOO,
     SpreadFloor,
@@ -51,8 +58,6 @@ from benchmarks.common import (
 )
 from benchmarks.zoo_detect import select
 
-#: the layers whose gain and shift carry the noise (BAN: BatchNorm only; LayerNorm for the token-grid models)
-NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
 MODES = ("untargeted", "targeted")
 #: signed-gradient steps: each moves delta by 2 eps / steps, so the steps can cross the whole box
 STEPS = {"untargeted": 20, "targeted": 15}
@@ -74,22 +79,11 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
-def noisy_names(model: nn.Module) -> list[str]:
-    """The parameter names that carry noise: every normalisation layer's affine gain and shift, in module order."""
-    names = []
-    for mn, mod in model.named_modules():
-        if isinstance(mod, NORMS) and getattr(mod, "weight", None) is not None:
-            names.append(f"{mn}.weight")
-            if getattr(mod, "bias", None) is not None:
-                names.append(f"{mn}.bias")
-    return names
-
-
 def _noisy(params: dict[str, torch.Tensor], deltas: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {n: p * (1 + deltas[n]) if n in deltas else p for n, p in params.items()}
 
 
-def _ascend(model: nn.Module, params: dict[str, torch.Tensor], deltas: dict[str, torch.Tensor], x: torch.Tensor,
+def _ascend(model: Any, params: dict[str, torch.Tensor], deltas: dict[str, torch.Tensor], x: torch.Tensor,
             y: torch.Tensor, eps: float, steps: int, sign: float) -> None:
     """Signed-gradient steps on the noise: ``sign`` +1 raises the cross-entropy to ``y``, -1 lowers it."""
     for v in deltas.values():
@@ -102,7 +96,7 @@ def _ascend(model: nn.Module, params: dict[str, torch.Tensor], deltas: dict[str,
                 v.sub_(eps / steps * 2 * g.sign()).clamp_(-eps, eps)
 
 
-def measure(wrapper: nn.Module, x: torch.Tensor, y: torch.Tensor, mode: str, eps_list: list[float], seed: int,
+def measure(wrapper: Any, x: torch.Tensor, y: torch.Tensor, mode: str, eps_list: list[float], seed: int,
             steps: int) -> list[dict[str, Any]]:
     """One seed's runs on a model.
 
@@ -120,6 +114,12 @@ def measure(wrapper: nn.Module, x: torch.Tensor, y: torch.Tensor, mode: str, eps
         Per eps: untargeted ``{"eps", "acc", "conf"}`` (readout confusion matrix, true x predicted); targeted
         ``{"eps", "rate", "ce"}`` (per class: flip rate into it and mean cross-entropy to it).
     """
+    if mode == "untargeted":  # the detector's own measurement, one generator per eps
+        out = []
+        for eps in eps_list:
+            run = noise_run(wrapper, CleanData(x, y), NeuronNoiseConfig(eps=eps, steps=steps, seed=seed))
+            out.append({"eps": eps, "acc": run.noisy_accuracy, "conf": run.confusion.tolist()})
+        return out
     wrapper.eval()
     for p in wrapper.parameters():
         p.requires_grad_(False)
@@ -132,25 +132,16 @@ def measure(wrapper: nn.Module, x: torch.Tensor, y: torch.Tensor, mode: str, eps
     xa, ya, xb, yb = x[perm[:half]], y[perm[:half]], x[perm[half:]], y[perm[half:]]
     runs = []
     for eps in eps_list:
-        if mode == "untargeted":
-            deltas = {n: (torch.rand(params[n].shape, generator=g) * 2 - 1) * eps for n in names}
-            _ascend(wrapper, params, deltas, xa, ya, eps, steps, +1.0)
+        rate, ce = [], []
+        for t in range(k):
+            xs, xr = xa[ya != t], xb[yb != t]
+            deltas = {n: torch.zeros_like(params[n]) for n in names}
+            _ascend(wrapper, params, deltas, xs, torch.full((len(xs),), t), eps, steps, -1.0)
             with torch.no_grad():
-                pred = functional_call(wrapper, _noisy(params, deltas), (xb,)).argmax(1)
-            conf = torch.zeros(k, k, dtype=torch.long)
-            conf.index_put_((yb, pred), torch.ones_like(pred), accumulate=True)
-            runs.append({"eps": eps, "acc": float((pred == yb).float().mean()), "conf": conf.tolist()})
-        else:
-            rate, ce = [], []
-            for t in range(k):
-                xs, xr = xa[ya != t], xb[yb != t]
-                deltas = {n: torch.zeros_like(params[n]) for n in names}
-                _ascend(wrapper, params, deltas, xs, torch.full((len(xs),), t), eps, steps, -1.0)
-                with torch.no_grad():
-                    logits = functional_call(wrapper, _noisy(params, deltas), (xr,))
-                rate.append(float((logits.argmax(1) == t).float().mean()))
-                ce.append(float(F.cross_entropy(logits, torch.full((len(xr),), t))))
-            runs.append({"eps": eps, "rate": rate, "ce": ce})
+                logits = functional_call(wrapper, _noisy(params, deltas), (xr,))
+            rate.append(float((logits.argmax(1) == t).float().mean()))
+            ce.append(float(F.cross_entropy(logits, torch.full((len(xr),), t))))
+        runs.append({"eps": eps, "rate": rate, "ce": ce})
     return runs
 
 
@@ -166,6 +157,13 @@ def untargeted_cell(run: dict[str, Any]) -> tuple[int, float, int]:
     return top, float(share[top]), sources
 
 
+def detector_test(run: dict[str, Any]) -> Any:
+    """An untargeted run's test as the ``neuron-noise`` detector makes it (:func:`inflow_test` on its confusion
+    matrix): ``.target`` is the suspect, ``.p_value`` its p-value; None when too few classes."""
+    conf = np.asarray(run["conf"], dtype=np.int64)
+    return inflow_test(NoiseRun(conf, float("nan"), float(run["acc"]), np.zeros(0), (0, int(conf.sum())), 0))
+
+
 def targeted_test(run: dict[str, Any], floor: float = 0.0) -> Any:
     """A targeted run's suspect and p-value: Neural Cleanse's size test on the per-class mean cross-entropies."""
     return min_size_test(dict(enumerate(run["ce"])), SpreadFloor(log_sd=floor))
@@ -179,7 +177,9 @@ def summary(doc: dict[str, Any]) -> None:
             if row["mode"] == "untargeted":
                 top, share, src = untargeted_cell(run)
                 mark = "*" if top == t else ""
-                cells.append(f"eps {run['eps']} s{run['seed']}: {top}{mark} {share:.2f} ({src} src, acc {run['acc']:.2f})")
+                st = detector_test(run)
+                p = f", p {st.p_value:.2g}" if st is not None else ""
+                cells.append(f"eps {run['eps']} s{run['seed']}: {top}{mark} {share:.2f} ({src} src, acc {run['acc']:.2f}{p})")
             else:
                 st = targeted_test(run)
                 mark = "*" if st.min_label == t else ""

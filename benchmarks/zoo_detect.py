@@ -110,6 +110,10 @@ def parser() -> argparse.ArgumentParser:
                     help="offline modes (--summary, --replay, --replay-steps, --replay-two-look, --replay-trajectory): further recordings whose "
                          "scans join --out's, each judged under its own recording's schedule; a model and seed recorded "
                          "in several files is taken from the first given (--out first)")
+    ap.add_argument("--noise", nargs="+", type=Path, default=[], metavar="JSON",
+                    help="offline modes: `neuron-noise` benchmark recordings (untargeted, the detector's eps and steps) whose "
+                         "runs join each LayerNorm model's scan at the same seed as the neuron-noise detector's evidence "
+                         "(replay it with --replay pixel,patch,neuron-noise); a scan without such a run is left out and named")
     add_threads(ap, 1)
     return ap
 
@@ -132,7 +136,8 @@ def row_of(entry: dict, doc: dict, seed: int, wall: float) -> dict[str, Any]:
     status, suspect = v["status"], v.get("target")
     flagged = status == "backdoor"
     right = (flagged and suspect == target) if target is not None else not flagged
-    evidence = {e["detector"]: {"status": e["status"], "target": e.get("target"), "p": e.get("p_value")} for e in v.get("evidence", [])}
+    evidence = {e["detector"]: {"status": e["status"], "target": e.get("target"), "p": e.get("p_value"),
+                                "weight": e.get("weight", 1.0)} for e in v.get("evidence", [])}
     return {"model": entry["name"], "arch": entry["arch"], "dataset": entry["dataset"], "attack": entry.get("attack"),
             "split": entry.get("split"), "true_target": target, "seed": seed, "status": status, "suspect": suspect,
             "p": v.get("p_value"), "decided_by": (v.get("decided_by") or {}).get("detector"), "flagged": flagged, "right": right,
@@ -328,12 +333,12 @@ def _pct(v: float | None) -> str:
 def replay(row: dict, levels: Sequence[str], detectors: Sequence[str], alpha: float) -> dict[str, Any]:
     """The verdict ``row``'s scan would have given with only these Neural Cleanse ``levels`` and other ``detectors``,
     from the p-values it recorded, by the scan's own nested rule (docs/verdict.md): Neural Cleanse's p-value is its
-    smallest level p-value times the number of its levels; the combined one the smallest detector p-value times
-    the number of detectors, at most ``alpha`` to flag, naming the deciding one's class. Levels or detectors the
+    smallest level p-value times the number of its levels; the combined one the weighted Bonferroni over the
+    detectors (:func:`decide`), at most ``alpha`` to flag, naming the deciding one's class. Levels or detectors the
     scan did not run, or that had no p-value (inconclusive), are left out of both counts, as in a scan.
 
     Args:
-        row: a benchmark row (``levels``: level -> {p, min_label}; ``evidence``: detector -> {p, target}).
+        row: a benchmark row (``levels``: level -> {p, min_label}; ``evidence``: detector -> {p, target, weight}).
         levels: Neural Cleanse's levels to keep (none: Neural Cleanse left out).
         detectors: the other detectors to keep, e.g. ("mm-bd",).
         alpha: the verdict's level.
@@ -342,25 +347,42 @@ def replay(row: dict, levels: Sequence[str], detectors: Sequence[str], alpha: fl
         ``row`` with status, suspect, p, decided_by, flagged and right replaced.
     """
     lv = {m: v for m, v in (row.get("levels") or {}).items() if m in levels and v.get("p") is not None}
-    cands: dict[str, tuple[float, Any]] = {}
+    cands: dict[str, tuple[float, Any, float]] = {}
     nc = (row.get("evidence") or {}).get("neural-cleanse") or {}
     if "levels" not in row and set(levels) == set(DEFAULT_LEVELS) and nc.get("p") is not None:
         # recorded before rows kept their levels: the scan's own Neural Cleanse p-value is the default levels'
-        cands["neural-cleanse"] = (float(nc["p"]), nc.get("target"))
+        cands["neural-cleanse"] = (float(nc["p"]), nc.get("target"), 1.0)
     elif lv:
         best = min(lv, key=lambda m: lv[m]["p"])
-        cands["neural-cleanse"] = (min(1.0, len(lv) * lv[best]["p"]), lv[best].get("min_label"))
+        cands["neural-cleanse"] = (min(1.0, len(lv) * lv[best]["p"]), lv[best].get("min_label"), 1.0)
+    return decide(row, cands | others(row, detectors), alpha)
+
+
+def others(row: dict, detectors: Sequence[str]) -> dict[str, tuple[float, Any, float]]:
+    """The recorded (p-value, class, weight) of each of ``detectors`` that gave a p-value in ``row``'s scan."""
+    out: dict[str, tuple[float, Any, float]] = {}
     for d in detectors:
         e = (row.get("evidence") or {}).get(d) or {}
         if e.get("p") is not None:
-            cands[d] = (float(e["p"]), e.get("target"))
+            out[d] = (float(e["p"]), e.get("target"), float(e.get("weight") or 1.0))
+    return out
+
+
+def decide(row: dict, cands: dict[str, tuple[float, Any, float]], alpha: float) -> dict[str, Any]:
+    """The combined verdict over ``cands`` (detector -> (p-value, class, weight)) by the scan's weighted Bonferroni
+    (:func:`bdscan.detect.base.combine`): each p-value times the sum of the weights over its own (times their
+    number when the weights are equal), the smallest at most ``alpha`` to flag; ``row`` with the verdict's fields
+    replaced."""
     out = dict(row)
     if not cands:
         out.update(status="inconclusive", suspect=None, p=None, decided_by=None, flagged=False,
                    right=row["true_target"] is None)
         return out
-    by = min(cands, key=lambda d: cands[d][0])
-    p = min(1.0, len(cands) * cands[by][0])
+    total = math.fsum(w for _, _, w in cands.values())
+    equal = len({w for _, _, w in cands.values()}) == 1
+    corrected = {d: min(1.0, (len(cands) if equal else total / w) * p) for d, (p, _, w) in cands.items()}
+    by = min(corrected, key=lambda d: corrected[d])  # the first of equals, in the order given
+    p = corrected[by]
     flagged = p <= alpha
     suspect = cands[by][1] if flagged else None
     right = (flagged and suspect == row["true_target"]) if row["true_target"] is not None else not flagged
@@ -532,11 +554,50 @@ def recorded_rows(args: argparse.Namespace, option: str) -> tuple[dict, list[dic
     for r in current:
         first.setdefault((r["model"], r["seed"]), r)
     current = list(first.values())
+    if getattr(args, "noise", None):
+        current = with_noise(current, args.noise, read_json(args.manifest) or [])
     if args.also:
         counts = [sum(r["recorded_in"] == str(path) for r in current) for path, _ in docs]
         print("Recordings: " + "; ".join(f"{path} ({n} scans, {d['key']})" for (path, d), n in zip(docs, counts, strict=True))
               + "\n")
     return docs[0][1], current
+
+
+def with_noise(rows: list[dict], paths: Sequence[Path], manifest: Sequence[dict]) -> list[dict]:
+    """``rows`` with the neuron-noise detector's evidence added from ``neuron-noise`` benchmark recordings: for each
+    scan of a model with a LayerNorm (the detector's reach), the recorded run at the same seed with the detector's
+    own bound and steps, judged by the detector's test. Models without a LayerNorm keep their rows (the detector
+    reports "not applicable" there); a LayerNorm model's scan with no such run is left out and named."""
+    from bdscan.detect.neuron_noise import NeuronNoise, NeuronNoiseConfig
+    from benchmarks.neuron_noise import detector_test
+
+    cfg = NeuronNoiseConfig()
+    runs: dict[tuple[str, int], dict] = {}
+    for path in paths:
+        for r in (read_json(path) or {}).get("rows", []):
+            if r.get("mode") == "untargeted" and r.get("eps") == [cfg.eps] and r.get("steps") == cfg.steps:
+                runs.setdefault((r["model"], int(r["seed"])), r["runs"][0])
+    layer_norm = {e["name"] for e in manifest if e.get("arch") in LAYER_NORM_ARCHS}
+    out, missing = [], []
+    for row in rows:
+        if row["model"] not in layer_norm:
+            out.append(row)
+            continue
+        run = runs.get((row["model"], row["seed"]))
+        if run is None:
+            missing.append(f"{row['model']} (seed {row['seed']})")
+            continue
+        t = detector_test(run)
+        ev = {"status": "backdoor" if t.p_value <= cfg.alpha else "clean", "target": t.target, "p": t.p_value,
+              "weight": NeuronNoise.weight}
+        out.append(row | {"evidence": dict(row.get("evidence") or {}) | {"neuron-noise": ev}})
+    if missing:
+        print(f"({len(missing)} LayerNorm scans left out: no neuron-noise run at their seed: {', '.join(sorted(missing))})\n")
+    return out
+
+
+#: the zoo's architectures with a LayerNorm (the neuron-noise detector's reach; ``has_layer_norm`` on the built models)
+LAYER_NORM_ARCHS = ("bdscan_vit", "bdscan_deit", "bdscan_convit", "bdscan_cct", "hf_vit")
 
 
 def split_stale(rows: Sequence[dict], manifest: Sequence[dict]) -> tuple[list[dict], list[dict]]:
@@ -743,18 +804,32 @@ def two_look(row: dict, s1: int, s2: int, a1: float, c: float, alpha: float, lev
     lv1 = levels_at(row, s1, floors)
     if lv1 is None:
         return None
-    first = replay(row | {"levels": lv1}, levels, detectors, a1)
+    first = replay(row | {"levels": lv1}, levels, (), a1)
     p1 = first["p"]
     # as bdscan.detect.scan's SecondLook: an inconclusive first look is in doubt too; the reported p-value carries
     # the look's correction (alpha / a1, or alpha / (alpha - a1)), so that AUCs compare with one-look scans
     if p1 is not None and (first["flagged"] or p1 > c):
-        return first | {"p": min(1.0, p1 * alpha / a1), "looks": 1, "steps_run": s1}
+        return _with_others(row, first | {"p": min(1.0, p1 * alpha / a1), "looks": 1, "steps_run": s1}, lv1, detectors, alpha)
     lv2 = levels_at(row, s2, floors)
     if lv2 is None:
         return None
-    second = replay(row | {"levels": lv2}, levels, detectors, alpha - a1)
+    second = replay(row | {"levels": lv2}, levels, (), alpha - a1)
     p2 = second["p"]
-    return second | {"p": None if p2 is None else min(1.0, p2 * alpha / (alpha - a1)), "looks": 2, "steps_run": s2}
+    return _with_others(row, second | {"p": None if p2 is None else min(1.0, p2 * alpha / (alpha - a1)), "looks": 2,
+                                       "steps_run": s2}, lv2, detectors, alpha)
+
+
+def _with_others(row: dict, nc: dict, lv: dict, detectors: Sequence[str], alpha: float) -> dict:
+    """Neural Cleanse's verdict after its looks (its p-value carrying the looks' correction), combined with the other
+    detectors' recorded evidence as a scan combines them: the looks are Neural Cleanse's own (its detector runs
+    them), and the combined rule then weighs its final p-value against the others'."""
+    if not detectors:
+        return nc
+    cands: dict[str, tuple[float, Any, float]] = {}
+    if nc["p"] is not None:
+        ok = {m: v for m, v in lv.items() if v.get("p") is not None}
+        cands["neural-cleanse"] = (nc["p"], min(ok.values(), key=lambda v: v["p"]).get("min_label") if ok else None, 1.0)
+    return decide(row, cands | others(row, detectors), alpha) | {"looks": nc["looks"], "steps_run": nc["steps_run"]}
 
 
 def run_replay_trajectory(args: argparse.Namespace) -> None:

@@ -53,7 +53,7 @@ def test_a_backdoor_counts_as_found_only_with_its_true_target() -> None:
     missed = row_of(_entry("c", 3), _doc("clean", None, 0.4), seed=0, wall=13.0)
     assert (right["right"], wrong["right"], missed["right"]) == (True, False, False)
     assert wrong["flagged"] and not missed["flagged"]
-    assert right["evidence"]["neural-cleanse"] == {"status": "backdoor", "target": 3, "p": 0.0005}
+    assert right["evidence"]["neural-cleanse"] == {"status": "backdoor", "target": 3, "p": 0.0005, "weight": 1.0}
     assert right["evidence"]["mm-bd"]["target"] == 7
     assert right["levels"] == {"pixel": {"p": 0.2, "min_label": 9}}  # the level's smallest class even when not flagged
     assert right["detector_seconds"] == {"pixel_s": 6.0, "mm-bd_s": 4.0}
@@ -450,3 +450,49 @@ def test_seed_noise_is_each_class_log_size_sd_over_the_seeds_rms_over_the_classe
     # every pixel class's log size moves by log 1.2 a seed: its SD over the three seeds is log 1.2
     assert table[("m", "pixel")]["noise"] == pytest.approx(math.log(1.2)) and table[("m", "pixel")]["seeds"] == [0, 1, 2]
     assert seed_noise(rows, 2) == []  # not recorded that long
+
+
+def test_replay_weighs_the_detectors_as_a_scan_does() -> None:
+    row = _rec(4, {"pixel": (0.02, 4), "patch": (0.5, 6)})
+    row["evidence"]["neuron-noise"] = {"status": "clean", "target": 2, "p": 0.6, "weight": 0.1}
+    # Neural Cleanse 2 × 0.02 = 0.04, times (1 + 0.1) / 1 beside neuron noise: 0.044, still flagged
+    r = replay(row, ("pixel", "patch"), ("neuron-noise",), 0.05)
+    assert r["p"] == pytest.approx(0.044) and r["flagged"] and r["suspect"] == 4 and r["decided_by"] == "neural-cleanse"
+    row["evidence"]["neuron-noise"] = {"status": "backdoor", "target": 4, "p": 0.001, "weight": 0.1}
+    r = replay(row, ("pixel", "patch"), ("neuron-noise",), 0.05)
+    assert r["p"] == pytest.approx(0.011) and r["decided_by"] == "neuron-noise"  # 0.001 × 11 = 0.011 < 0.04 × 1.1
+    # in a two-look replay the looks are Neural Cleanse's own, then the detectors are weighed
+    conv = _converging_row(8.0)
+    conv["evidence"]["neuron-noise"] = {"status": "backdoor", "target": 7, "p": 1e-6, "weight": 0.1}
+    both = two_look(conv, 1, 4, 0.005, 0.9, 0.05, ("pixel",), ("neuron-noise",))
+    alone = two_look(conv, 1, 4, 0.005, 0.9, 0.05, ("pixel",), ())
+    assert both["looks"] == alone["looks"] == 2 and both["decided_by"] == "neuron-noise" and both["suspect"] == 7
+
+
+def test_noise_recordings_join_the_layer_norm_models_scans(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from benchmarks.common import write_json
+    from benchmarks.zoo_detect import LAYER_NORM_ARCHS, with_noise
+
+    conf = [[8 if i == j else 0 for j in range(4)] for i in range(4)]
+    for i in (0, 1, 3):
+        conf[i][2] += 6  # a collapse onto class 2
+    noise = tmp_path / "noise.json"
+    write_json(noise, {"rows": [{"model": "v", "seed": 0, "mode": "untargeted", "eps": [0.1], "steps": 20,
+                                 "runs": [{"eps": 0.1, "acc": 0.5, "conf": conf}]},
+                                {"model": "v", "seed": 1, "mode": "untargeted", "eps": [0.05, 0.1], "steps": 20,
+                                 "runs": [{"eps": 0.05, "acc": 0.5, "conf": conf}]}]})
+    manifest = [_entry("v", 2, "bdscan_vit"), _entry("c", 2, "bdscan_cnn6")]
+    rows = [_rec(2, {"pixel": (0.5, 1)}) | {"model": m, "seed": s} for m in ("v", "c") for s in (0, 1)]
+    out = with_noise(rows, [noise], manifest)
+    assert [(r["model"], r["seed"]) for r in out] == [("v", 0), ("c", 0), ("c", 1)]  # v at seed 1: another eps, left out
+    assert "v (seed 1)" in capsys.readouterr().out
+    ev = out[0]["evidence"]["neuron-noise"]
+    assert ev["target"] == 2 and ev["weight"] == 0.1 and "neuron-noise" not in out[1]["evidence"]
+    # the list of LayerNorm architectures is what the detector itself would find
+    import timm
+
+    from bdscan.detect.neuron_noise import has_layer_norm
+    for arch in ("bdscan_vit", "bdscan_deit", "bdscan_convit", "bdscan_cct", "bdscan_cnn6", "bdscan_resnet18"):
+        net = timm.create_model(arch, num_classes=4, img_size=32) if arch not in ("bdscan_cnn6", "bdscan_resnet18") else \
+            timm.create_model(arch, num_classes=4)
+        assert has_layer_norm(net) == (arch in LAYER_NORM_ARCHS), arch

@@ -40,8 +40,9 @@ __all__ = ["ALPHA_PROVISIONAL", "BUILTIN_DETECTORS", "COMBINE_RULE", "DEFAULT_AL
            "STATUSES", "CombinedVerdict", "Detector", "DetectorProgress", "DetectorResult", "Evidence",
            "ScanSettings", "combine", "detectors_in", "get_detector", "p_number", "parse_detectors", "register_detector"]
 
-#: the name of the rule :func:`combine` applies, as the scan document records it (docs/verdict.md)
-COMBINE_RULE = "bonferroni-min-p"
+#: the name of the rule :func:`combine` applies, as the scan document records it (docs/verdict.md). With equal
+#: weights it is the plain Bonferroni rule that documents of schema ``bdscan.scan/2`` name "bonferroni-min-p".
+COMBINE_RULE = "weighted-bonferroni-min-p"
 
 #: progress(task, done, total, stats): ``task`` names one unit of work (e.g. "pixel"), called from worker threads
 DetectorProgress = Callable[[str, int, int, dict[str, float]], None]
@@ -104,6 +105,7 @@ class Evidence:
         details: further JSON-able fields the verdict section carries when this detector decides it.
         p_value: the calibrated per-model score: the probability that a clean model of the same class count
             shows evidence at least this strong (None when the detector cannot calibrate, e.g. it did not run).
+        weight: the detector's weight in the combined verdict (:attr:`Detector.weight`; :func:`combine`).
     """
 
     detector: str
@@ -114,12 +116,15 @@ class Evidence:
     reason: str
     details: Mapping[str, Any] = field(default_factory=dict)
     p_value: float | None = None
+    weight: float = 1.0
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
             raise ValueError(f"unknown status {self.status!r}")
         if self.p_value is not None and not 0.0 <= self.p_value <= 1.0:
             raise ValueError(f"p_value {self.p_value!r} is not a probability")
+        if not (math.isfinite(self.weight) and self.weight > 0):
+            raise ValueError(f"weight {self.weight!r} is not a positive number")
 
 
 def p_number(p: float | None) -> float | None:
@@ -186,6 +191,10 @@ class Detector:
     reference: ClassVar[str] = ""
     #: the SARIF rule this detector's findings are reported under (id, name, descriptions, help)
     sarif_rule: ClassVar[dict[str, Any]] = {}
+    #: its weight in the combined verdict's weighted Bonferroni (:func:`combine`): its share of α is its weight over
+    #: the sum of the weights of the detectors that gave a p-value; chosen on the evaluation zoo's calibration half
+    #: (docs/verdict.md)
+    weight: ClassVar[float] = 1.0
 
     def configure(self, settings: ScanSettings) -> Any:
         """This detector's frozen configuration for ``settings`` (raises :class:`UsageError` when invalid)."""
@@ -208,19 +217,21 @@ class Detector:
             return None
         return Evidence(self.name, str(ev.get("status", "inconclusive")), ev.get("target"), float(ev.get("score") or 0.0),
                         float(ev.get("threshold") or 0.0), str(ev.get("reason") or ""), dict(ev.get("details") or {}),
-                        None if ev.get("p_value") is None else float(ev["p_value"]))
+                        None if ev.get("p_value") is None else float(ev["p_value"]), float(ev.get("weight") or 1.0))
 
 
 #: the built-in detectors' modules, in registry order (Neural Cleanse first, so that its SARIF rule BDS001 stays first).
 #: They are imported by the registry rather than by this package's ``__init__`` (modelscan names its scanners by
 #: module path the same way), so that reading a budget or the command line's help does not import torch's models.
-BUILTIN_DETECTORS: tuple[str, ...] = ("bdscan.detect.neural_cleanse", "bdscan.detect.mmbd")
+BUILTIN_DETECTORS: tuple[str, ...] = ("bdscan.detect.neural_cleanse", "bdscan.detect.mmbd", "bdscan.detect.neuron_noise")
 
 
 #: every registered detector, by name
 DETECTORS: LazyRegistry[Detector] = LazyRegistry(BUILTIN_DETECTORS, lambda d: type(d).__module__)
-#: the detectors a scan runs when none are named
-DEFAULT_DETECTORS: tuple[str, ...] = ("neural-cleanse",)
+#: the detectors a scan runs when none are named: Neural Cleanse, and neuron noise (which applies to models with a
+#: LayerNorm only, and says "not applicable" elsewhere), adopted on the evaluation zoo's calibration half
+#: (docs/verdict.md, "Neuron noise")
+DEFAULT_DETECTORS: tuple[str, ...] = ("neural-cleanse", "neuron-noise")
 
 
 def register_detector(cls: type[Detector]) -> type[Detector]:
@@ -271,14 +282,16 @@ class CombinedVerdict:
         target: the suspected target class, or None.
         decided_by: the evidence the verdict rests on (None when no detector ran).
         evidence: every detector's evidence, in the order they ran.
-        p_value: the deciding p-value corrected for the number of tests (None when no evidence is calibrated).
-        tests: how many detectors' p-values were compared (the Bonferroni factor).
+        p_value: the deciding p-value corrected for the tests (None when no evidence is calibrated).
+        tests: how many detectors' p-values were compared.
         alpha: the level the corrected p-value was compared with.
         calibrated: whether the verdict rests on p-values (False: no detector could calibrate, and the detectors'
             own statuses decided).
         disagree: other detectors that would flag on their own (corrected p <= alpha) but name another class:
             ``(detector, class)`` pairs.
         reason: one plain sentence.
+        factors: ``(detector, factor)`` for every test: what its p-value was multiplied by (the sum of the tests'
+            weights over its own; ``tests`` for each when the weights are equal).
     """
 
     status: str
@@ -291,18 +304,21 @@ class CombinedVerdict:
     calibrated: bool = False
     disagree: tuple[tuple[str, int], ...] = ()
     reason: str = "No detector ran."
+    factors: tuple[tuple[str, float], ...] = ()
 
 
 def combine(evidence: Iterable[Evidence], alpha: float = DEFAULT_ALPHA) -> CombinedVerdict:
     """The one rule that combines detectors (docs/verdict.md, "The combined verdict").
 
     Every detector that reached a verdict with a calibrated p-value (:attr:`Evidence.p_value`; a detector
-    corrects for its own tests inside it, e.g. Neural Cleanse for its levels) is one test. With ``m`` such
-    tests, the verdict rests on the smallest p-value (ties: the first detector in the order they ran); its
-    corrected p-value is ``min(1, m · p)`` (Bonferroni: valid however the detectors' evidence depends on each
-    other), and a backdoor is suspected when it is at most ``alpha``; the suspected class is that detector's.
-    When another detector would flag on its own (``m · p <= alpha``) but names another class, the verdict keeps
-    the deciding detector's class and lists the other in ``disagree``.
+    corrects for its own tests inside it, e.g. Neural Cleanse for its levels) is one test, with its weight
+    (:attr:`Evidence.weight`). With tests of weights ``w_1 .. w_m`` summing to ``W``, test i's corrected p-value is
+    ``min(1, p_i · W / w_i)`` (a weighted Bonferroni: test i is held to ``α · w_i / W``, and the shares sum to α,
+    so the rule is valid however the detectors' evidence depends on each other; with equal weights the factor is
+    ``m``). The verdict rests on the smallest corrected p-value (ties: the first detector in the order they ran);
+    a backdoor is suspected when it is at most ``alpha``, and the suspected class is that detector's. When another
+    detector would flag on its own (corrected p <= alpha) but names another class, the verdict keeps the deciding
+    detector's class and lists the other in ``disagree``.
 
     Evidence without a p-value (a detector that cannot calibrate, or one that was inconclusive) is not a test:
     it is reported beside the verdict and never overrules calibrated evidence. Only when no detector has a
@@ -322,16 +338,25 @@ def combine(evidence: Iterable[Evidence], alpha: float = DEFAULT_ALPHA) -> Combi
                 return CombinedVerdict(status, hit.target if status == "backdoor" else None, hit, ev, alpha=alpha, reason=hit.reason)
         return CombinedVerdict("inconclusive", None, None, ev, alpha=alpha)
     m = len(tests)
-    ps = [float(e.p_value) for e in tests]  # type: ignore[arg-type]
+    total = math.fsum(e.weight for e in tests)
+    # equal weights give exactly m (not W / w with its rounding), so that the plain rule's figures are reproduced
+    equal = len({e.weight for e in tests}) == 1
+    factor = [float(m) if equal else total / e.weight for e in tests]
+    ps = [min(1.0, f * float(e.p_value)) for e, f in zip(tests, factor, strict=True)]  # type: ignore[arg-type]
     i = ps.index(min(ps))  # the first of equals
-    best, p = tests[i], min(1.0, m * ps[i])
-    notes = [f"Corrected for {m} detectors: p = {p:.2g}."] if m > 1 else []
+    best, p = tests[i], ps[i]
+    factors = tuple((e.detector, f) for e, f in zip(tests, factor, strict=True))
+    if m > 1:
+        how = f"Corrected for {m} detectors" + ("" if equal else f" (weights {', '.join(f'{e.detector} {e.weight:g}' for e in tests)})")
+        notes = [f"{how}: p = {p:.2g}."]
+    else:
+        notes = []
     if p <= alpha and best.target is not None:
         disagree = tuple((e.detector, int(e.target)) for e, q in zip(tests, ps, strict=True)
-                         if e is not best and e.target is not None and m * q <= alpha and e.target != best.target)
+                         if e is not best and e.target is not None and q <= alpha and e.target != best.target)
         notes += [f"{d} suspects class {k} instead." for d, k in disagree]
-        return CombinedVerdict("backdoor", best.target, best, ev, p, m, alpha, True, disagree, " ".join([best.reason, *notes]))
+        return CombinedVerdict("backdoor", best.target, best, ev, p, m, alpha, True, disagree, " ".join([best.reason, *notes]), factors)
     notes += [f"{e.detector} (uncalibrated) suspects class {e.target}." for e in ev if e.p_value is None and e.status == "backdoor"]
     first = best.reason if best.status == "clean" else (
-        f"No detector's evidence is strong enough: the smallest p-value ({best.detector}) is {p:.2g} > α = {alpha:g}.")
-    return CombinedVerdict("clean", None, best, ev, p, m, alpha, True, (), " ".join([first, *notes]))
+        f"No detector's evidence is strong enough: the smallest corrected p-value ({best.detector}) is {p:.2g} > α = {alpha:g}.")
+    return CombinedVerdict("clean", None, best, ev, p, m, alpha, True, (), " ".join([first, *notes]), factors)

@@ -1,4 +1,4 @@
-"""The HTML report: one self-contained file rendered from the scan document (schema ``bdscan.scan/2``, and
+"""The HTML report: one self-contained file rendered from the scan document (schema ``bdscan.scan/3``, and
 schema-1 documents of older scan folders: what they lack, the p-values, is shown as absent).
 
 Everything the page shows comes from the document: images are the ``data:`` URIs it already holds, charts
@@ -414,7 +414,7 @@ def environment() -> jinja2.Environment:
 
 
 def render_html(doc: dict[str, Any]) -> str:
-    """The self-contained HTML report of a scan document (schema ``bdscan.scan/1``)."""
+    """The self-contained HTML report of a scan document (schema ``bdscan.scan/1`` to ``/3``)."""
     return environment().get_template("report.html.j2").render(v=view_model(doc))
 
 

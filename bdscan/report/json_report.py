@@ -1,7 +1,7 @@
 """The scan document: one JSON that the console, HTML and SARIF renderers all read.
 
-Schema ``bdscan.scan/2`` (documented in docs/scan-json.md; what changed from schema 1 is listed there, and
-``bdscan report`` still reads schema-1 documents). Everything that can differ between two runs
+Schema ``bdscan.scan/3`` (documented in docs/scan-json.md; what changed from schemas 1 and 2 is listed there, and
+``bdscan report`` still reads their documents). Everything that can differ between two runs
 with the same inputs and seed lives under ``timings`` (wall times) and ``invocation`` (the paths as the user
 gave them, and where the outputs went), so two runs compare equal once those keys are removed. Each detector's section is what its result returns
 (:meth:`bdscan.detect.base.DetectorResult.section`), stored under the detector's ``json_key``.
@@ -27,7 +27,7 @@ from bdscan.report.images import trigger_images
 if TYPE_CHECKING:
     from bdscan.repair.core import RepairResult
 
-SCHEMA = "bdscan.scan/2"
+SCHEMA = "bdscan.scan/3"
 
 
 def model_section(lm: LoadedModel) -> dict[str, Any]:
@@ -120,7 +120,7 @@ def evidence_dict(r: DetectorResult) -> dict[str, Any]:
     """A detector's evidence as its own section stores it (``<json_key>.evidence``)."""
     e = r.evidence
     return {"status": e.status, "target": e.target, "score": json_number(e.score), "threshold": e.threshold,
-            "p_value": p_number(e.p_value), "reason": e.reason, "details": dict(e.details)}
+            "p_value": p_number(e.p_value), "weight": e.weight, "reason": e.reason, "details": dict(e.details)}
 
 
 def evidence_row(e: Evidence, names: list[str]) -> dict[str, Any]:
@@ -128,7 +128,8 @@ def evidence_row(e: Evidence, names: list[str]) -> dict[str, Any]:
     title = DETECTORS[e.detector].title if e.detector in DETECTORS else e.detector
     return {"detector": e.detector, "title": title, "status": e.status, "target": e.target,
             "target_name": names[e.target] if e.target is not None and 0 <= e.target < len(names) else None,
-            "score": json_number(e.score), "threshold": e.threshold, "p_value": p_number(e.p_value), "reason": e.reason}
+            "score": json_number(e.score), "threshold": e.threshold, "p_value": p_number(e.p_value), "weight": e.weight,
+            "reason": e.reason}
 
 
 def verdict_section(v: CombinedVerdict, names: list[str], true_target: int | None, name_detector: bool) -> dict[str, Any]:
@@ -144,6 +145,7 @@ def verdict_section(v: CombinedVerdict, names: list[str], true_target: int | Non
     out.update({
         "rule": COMBINE_RULE if v.calibrated else "uncalibrated-status", "alpha": v.alpha, "alpha_provisional": ALPHA_PROVISIONAL,
         "p_value": p_number(v.p_value), "tests": v.tests, "calibrated": v.calibrated,
+        "factors": {det: json_number(f) for det, f in v.factors},
         "decided_by": {"detector": d.detector, "test": (d.details or {}).get("basis"), "p_value": p_number(d.p_value)} if d else None,
         "disagree": [{"detector": det, "target": k} for det, k in v.disagree],
         "evidence": [evidence_row(e, names) for e in v.evidence],

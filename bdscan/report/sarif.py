@@ -227,7 +227,7 @@ def to_sarif(doc: dict[str, Any], model_uri: str) -> dict[str, Any]:
     """The scan document as a SARIF 2.1.0 log (a JSON-able dict).
 
     Args:
-        doc: the scan document (schema ``bdscan.scan/1``).
+        doc: the scan document (schema ``bdscan.scan/1`` to ``/3``).
         model_uri: how the log names the model file: a path relative to the directory bdscan ran in (for code
             scanning: the repository root), an absolute path, or any URI; see the module docstring.
 

@@ -148,7 +148,7 @@ def test_one_model_keeps_the_in_process_scan(tiny_bd, tmp_path: Path, monkeypatc
     code, output = bdscan("scan", tiny_bd.model, "--data", tiny_bd.data, "--budget", "smoke", "--steps", "2", "--levels", "pixel",
                           "--no-activations", "-q", "--json", tmp_path / "s.json")
     assert code in (0, 1) and len(output.strip().splitlines()) == 1, output
-    assert json.loads((tmp_path / "s.json").read_text())["schema"] == "bdscan.scan/2"
+    assert json.loads((tmp_path / "s.json").read_text())["schema"] == "bdscan.scan/3"
 
 
 def test_each_task_declares_its_cpus_and_a_gpu_for_cuda_and_ships_plug_in_detectors(tmp_path: Path) -> None:

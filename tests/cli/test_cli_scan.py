@@ -34,7 +34,7 @@ def test_backdoor_exit_1_json_and_out_dir(tiny_bd, tmp_path: Path) -> None:
     assert code == 1, output
     assert "BACKDOOR SUSPECTED" in output
     doc = json.loads(js.read_text())
-    assert doc["schema"] == "bdscan.scan/2"
+    assert doc["schema"] == "bdscan.scan/3"
     assert doc["verdict"]["status"] == "backdoor" and doc["verdict"]["target"] == TARGET
     assert doc["verdict"]["true_target"] == TARGET  # the tiny model carries its original trigger
     assert doc["seed"] == 0 and doc["config"]["inversion"]["steps"] == 20 and doc["config"]["budget"] == "smoke"

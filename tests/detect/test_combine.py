@@ -1,5 +1,6 @@
 """The combined verdict's rule (bdscan.detect.base.combine, docs/verdict.md): the smallest calibrated p-value,
-times the number of detectors that gave one, against alpha; agreement, disagreement, evidence without a p-value."""
+corrected by a weighted Bonferroni (times the number of detectors that gave one when their weights are equal),
+against alpha; agreement, disagreement, evidence without a p-value."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import pytest
 from bdscan.detect import Evidence, combine
 
 
-def _ev(name: str, status: str, target: int | None = None, p: float | None = None) -> Evidence:
-    return Evidence(name, status, target, 1.0, 2.0, f"{name} says {status}", {}, p)
+def _ev(name: str, status: str, target: int | None = None, p: float | None = None, weight: float = 1.0) -> Evidence:
+    return Evidence(name, status, target, 1.0, 2.0, f"{name} says {status}", {}, p, weight)
 
 
 def test_one_calibrated_detector_decides_on_its_p_value() -> None:
@@ -64,3 +65,25 @@ def test_without_any_p_value_the_detectors_statuses_decide() -> None:
 def test_a_p_value_must_be_a_probability() -> None:
     with pytest.raises(ValueError):
         _ev("nc", "backdoor", 3, 1.5)
+
+
+def test_weights_share_alpha_between_the_detectors() -> None:
+    # Neural Cleanse (weight 1) near alpha keeps its flag beside a weight-0.1 detector: tested at alpha / 1.1
+    v = combine([_ev("nc", "backdoor", 3, 0.04), _ev("nn", "clean", 6, 0.5, 0.1)])
+    assert (v.status, v.target) == ("backdoor", 3) and v.p_value == pytest.approx(0.044)
+    assert dict(v.factors) == pytest.approx({"nc": 1.1, "nn": 11.0}) and "weights nc 1, nn 0.1" in v.reason
+    # the light detector flags on its own only below alpha / 11
+    v = combine([_ev("nc", "clean", 2, 0.6), _ev("nn", "backdoor", 6, 0.004, 0.1)])
+    assert (v.status, v.target, v.decided_by.detector) == ("backdoor", 6, "nn")  # type: ignore[union-attr]
+    assert v.p_value == pytest.approx(0.044)
+    assert combine([_ev("nc", "clean", 2, 0.6), _ev("nn", "backdoor", 6, 0.005, 0.1)]).status == "clean"  # 0.055
+    # the decision is on the corrected p-values: a smaller raw p-value of a light detector can lose to a heavier one
+    v = combine([_ev("nc", "backdoor", 3, 0.01), _ev("nn", "backdoor", 3, 0.002, 0.1)])
+    assert v.decided_by.detector == "nc" and v.p_value == pytest.approx(0.011)  # type: ignore[union-attr]
+    # equal weights are the plain rule (exactly m, whatever the weight)
+    eq = combine([_ev("a", "backdoor", 3, 0.01, 0.5), _ev("b", "clean", None, 0.5, 0.5)])
+    assert eq.p_value == 0.02 and dict(eq.factors) == {"a": 2.0, "b": 2.0}
+    # alone, a light detector has all of alpha
+    assert combine([_ev("nn", "backdoor", 6, 0.04, 0.1)]).status == "backdoor"
+    with pytest.raises(ValueError, match="weight"):
+        _ev("x", "clean", None, 0.5, 0.0)

@@ -1,4 +1,4 @@
-"""The scan document's verdict in schema bdscan.scan/2 (docs/scan-json.md, docs/verdict.md): each detector's
+"""The scan document's verdict in schema bdscan.scan/3 (docs/scan-json.md, docs/verdict.md): each detector's
 evidence beside the combined verdict, the rule, alpha, the corrected p-value and the deciding test; `bdscan report`
 renders it, re-derives the same evidence from the JSON alone, and still reads schema-1 documents."""
 
@@ -31,11 +31,11 @@ def scanned(tiny_bd, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str
     return out.doc, folder, out.detection
 
 
-def test_schema_2_verdict_keeps_each_detectors_evidence_beside_it(scanned) -> None:  # type: ignore[no-untyped-def]
+def test_schema_3_verdict_keeps_each_detectors_evidence_beside_it(scanned) -> None:  # type: ignore[no-untyped-def]
     doc, _, det = scanned
     v = doc["verdict"]
-    assert doc["schema"] == "bdscan.scan/2"
-    assert v["rule"] == "bonferroni-min-p" and v["alpha"] == DEFAULT_ALPHA and v["alpha_provisional"] is False
+    assert doc["schema"] == "bdscan.scan/3"
+    assert v["rule"] == "weighted-bonferroni-min-p" and v["alpha"] == DEFAULT_ALPHA and v["alpha_provisional"] is False
     assert v["calibrated"] is True and v["tests"] == 1 and v["decided_by"]["detector"] == "neural-cleanse"
     assert v["decided_by"]["test"] == v["basis"] and v["p_value"] == v["decided_by"]["p_value"]
     assert [e["detector"] for e in v["evidence"]] == ["neural-cleanse"]
@@ -62,13 +62,13 @@ def test_the_evidence_is_re_derived_from_the_json_alone(scanned) -> None:  # typ
     assert ev.p_value == pytest.approx(live.p_value, rel=1e-3)
 
 
-def test_bdscan_report_renders_schema_2(scanned, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_bdscan_report_renders_schema_3(scanned, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     _, folder, _ = scanned
     res = CliRunner().invoke(app, ["report", str(folder), "-o", str(tmp_path / "r.html"), "--sarif", str(tmp_path / "r.sarif")])
     assert res.exit_code == 0, res.output
     html = (tmp_path / "r.html").read_text(encoding="utf-8")
-    assert "p-value of the smallest trigger" in html and "bonferroni-min-p" in html and "provisional" not in html
-    assert "the null distribution" in html and "bdscan.scan/2" in html
+    assert "p-value of the smallest trigger" in html and "weighted-bonferroni-min-p" in html and "provisional" not in html
+    assert "the null distribution" in html and "bdscan.scan/3" in html
     # a document written before α was chosen on the calibration half still says that its α was provisional
     doc = json.loads((folder / "scan.json").read_text(encoding="utf-8"))
     doc["verdict"]["alpha_provisional"] = True
