@@ -234,6 +234,10 @@ def print_scan(doc: dict[str, Any], quiet: bool) -> None:
                   if a["conclusive"] else f"{mode}: inconclusive (fewer than 3 classes reachable)")
     if len(doc.get("modes") or {}) > 1:
         out.print("pixel and patch levels " + ("agree" if doc["verdict"].get("modes_agree") else "disagree") + " on the smallest class")
+    for e in doc["verdict"].get("evidence") or []:  # every other detector's conclusion, in one line each
+        if e.get("detector") != "neural-cleanse" and e.get("reason"):
+            pv = f" (p = {_p(e['p_value'])})" if e.get("p_value") is not None and "p = " not in e["reason"] else ""
+            out.print(f"{escape(str(e.get('title') or e['detector']))}: {escape(e['reason'])}{pv}")
     out.print(line)
     cmd = repair_command(doc) if doc["verdict"].get("status") == "backdoor" else None
     if cmd:

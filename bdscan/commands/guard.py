@@ -166,7 +166,9 @@ def guard_cmd(
             source.update(scan="(run by guard, on the fit and calibration images)", scan_verdict=v.get("status"),
                           scan_target=v.get("target"), budget=budget_name)
             _need_suspect(v.get("status"), label)
-            trig = reversed_trigger_from_findings(det.results["neural-cleanse"].findings, level, label=label)
+            # the combined verdict's class (another detector may have decided it): Neural Cleanse's trigger for that class
+            suspect = det.verdict.target if det.verdict.status == "backdoor" else None
+            trig = reversed_trigger_from_findings(det.results["neural-cleanse"].findings, level, label=label if label is not None else suspect)
         else:
             trig = trigger_from_file(Path(trigger))
         result = build_guard(lm.wrapper, clean, trig, cfg, original=lm.original_trigger)

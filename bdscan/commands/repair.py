@@ -128,7 +128,9 @@ def repair_cmd(
                 with progress_bar(not quiet) as bar:
                     doc, det = scan_loaded(lm, clean, data_path, settings, activations=False,
                                            events=ConsoleEvents(bar, quiet))
-                trig = reversed_trigger_from_findings(det.results["neural-cleanse"].findings, level, label=label)
+                # the combined verdict's class (another detector may have decided it): Neural Cleanse's trigger for that class
+                suspect = det.verdict.target if det.verdict.status == "backdoor" else None
+                trig = reversed_trigger_from_findings(det.results["neural-cleanse"].findings, level, label=label if label is not None else suspect)
         else:
             trig = trigger_from_file(Path(trigger))
         with progress_bar(not quiet) as bar:

@@ -43,6 +43,8 @@ def inflow_figure(shares: np.ndarray, suspect: int, p_value: float, critical: fl
     ax.plot([], [], "s", color=colours[suspect], label=f"class {name}: {v[suspect]:.0%}, p = {p_value:.2g}")
     if 0 < critical < 1:
         ax.axhline(critical, color="grey", ls="--", lw=1.2, label=f"flagged at {critical:.0%} or more (p ≤ {alpha:g})")
+    elif critical >= 1:  # the other classes' shares spread so widely that no share would stand out
+        ax.plot([], [], ls="--", color="grey", label=f"no share up to 100 % would be flagged here (p ≤ {alpha:g})")
     ax.set_xlabel("class")
     ax.set_ylabel("share of other classes' images")
     ax.set_ylim(0, max(1e-3, float(v.max()), critical if 0 < critical < 1 else 0.0) * 1.15)

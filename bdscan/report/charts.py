@@ -157,9 +157,10 @@ def _x_labels(s: _Svg, labels: list[int], left: float, bw: float, y: float) -> N
 
 def p_boundary(test: Any, alpha: Any, tests: Any) -> float | None:
     """The size below which a level's smallest trigger is flagged, the other classes as they are: where its
-    p-value times ``tests`` (the verdict's Bonferroni factor: levels × detectors) reaches ``alpha``
-    (:func:`bdscan.detect.anomaly.min_size_test`). None when the document lacks what it needs."""
-    if not isinstance(test, dict) or not isinstance(alpha, (int, float)) or not isinstance(tests, int) or tests < 1:
+    p-value times ``tests`` (the verdict's correction of that level: levels × Neural Cleanse's factor) reaches
+    ``alpha`` (:func:`bdscan.detect.anomaly.min_size_test`). None when the document lacks what it needs."""
+    if (not isinstance(test, dict) or not isinstance(alpha, (int, float)) or not isinstance(tests, (int, float))
+            or isinstance(tests, bool) or tests < 1):
         return None
     k, mean, sd, df = test.get("classes"), test.get("log_mean"), test.get("log_sd"), test.get("df")
     if not (isinstance(k, int) and k >= 3 and isinstance(df, int) and df >= 1 and all(isinstance(v, (int, float)) for v in (mean, sd))):

@@ -256,11 +256,14 @@ def _modes(doc: dict[str, Any], names: list[str]) -> list[dict[str, Any]]:
     return out
 
 
-def _level_tests(doc: dict[str, Any]) -> int | None:
-    """The Bonferroni factor of one Neural Cleanse level in the verdict: its levels × the detectors compared."""
+def _level_tests(doc: dict[str, Any]) -> float | None:
+    """The Bonferroni factor of one Neural Cleanse level in the verdict: its levels × Neural Cleanse's factor in the
+    combined rule (``verdict.factors``; schema 2: the number of detectors compared)."""
     levels = sum(1 for m in (doc.get("modes") or {}).values() if isinstance(dig(m, "anomaly", "test"), dict))
-    tests = dig(doc, "verdict", "tests")
-    return levels * tests if isinstance(tests, int) and tests > 0 and levels else None
+    factor = dig(doc, "verdict", "factors", "neural-cleanse")
+    if not isinstance(factor, (int, float)) or isinstance(factor, bool):
+        factor = dig(doc, "verdict", "tests")
+    return levels * float(factor) if isinstance(factor, (int, float)) and factor > 0 and levels else None
 
 
 SERIES_COLOURS = {"original": C_ORIG, "pixel": "#4a78a8", "patch": "#8e44ad"}

@@ -46,11 +46,11 @@ def test_budgets_and_repair_defaults_read_without_torch() -> None:
 
 
 @pytest.mark.parametrize("first", ["bdscan.detect.mmbd", "bdscan.detect.neural_cleanse", "bdscan.detect.base",
-                                   "bdscan.report.sarif"])
+                                   "bdscan.report.sarif", "bdscan.detect.neuron_noise"])
 def test_detector_registry_holds_the_builtins_in_order_whatever_was_imported_first(first: str) -> None:
     out = _run(f"import importlib\nimportlib.import_module({first!r})\n"
                "from bdscan.detect.base import DETECTORS\nprint(list(DETECTORS))")
-    assert out == "['neural-cleanse', 'mm-bd']"
+    assert out == "['neural-cleanse', 'mm-bd', 'neuron-noise']"
 
 
 @pytest.mark.parametrize("first", ["bdscan.repair.prune", "bdscan.repair.core", "bdscan.repair.config"])

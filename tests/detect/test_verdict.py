@@ -38,7 +38,10 @@ def test_schema_3_verdict_keeps_each_detectors_evidence_beside_it(scanned) -> No
     assert v["rule"] == "weighted-bonferroni-min-p" and v["alpha"] == DEFAULT_ALPHA and v["alpha_provisional"] is False
     assert v["calibrated"] is True and v["tests"] == 1 and v["decided_by"]["detector"] == "neural-cleanse"
     assert v["decided_by"]["test"] == v["basis"] and v["p_value"] == v["decided_by"]["p_value"]
-    assert [e["detector"] for e in v["evidence"]] == ["neural-cleanse"]
+    # the default runs neuron noise too; on this CNN (no LayerNorm) it is "not applicable": shown, not a test
+    assert [e["detector"] for e in v["evidence"]] == ["neural-cleanse", "neuron-noise"]
+    assert v["evidence"][1]["status"] == "inconclusive" and v["evidence"][1]["p_value"] is None
+    assert v["factors"] == {"neural-cleanse": 1.0}
     ev = v["evidence"][0]
     assert set(ev) >= {"status", "target", "score", "p_value", "reason"} and ev["p_value"] == v["p_value"]
     # the planted backdoor is found, and the p-value is what the verdict rests on

@@ -15,8 +15,10 @@ from bdscan.report.html import num, render_html, render_report_from_dir, safe_im
 from tests.conftest import TARGET
 from tests.report.scans import as_clean, as_inconclusive, unsafe_doc
 
-SECTIONS = ["Verdict", "Model card", "Norm per class", "Reversed triggers", "Pace of learning", "Activation statistics",
+SECTIONS = ["Verdict", "Detectors", "Model card", "Norm per class", "Reversed triggers", "Pace of learning", "Activation statistics",
             "Repair", "Configuration and reproducibility"]
+#: a document without detector sections (a refused file, an empty document) has no "Detectors" table
+NO_DETECTORS = [h for h in SECTIONS if h != "Detectors"]
 #: the brief's plain-text checks on the raw HTML (text from the document is escaped, so it cannot match these)
 EXTERNAL = [
     re.compile(r"""(src|href)=["']https?:""", re.I),
@@ -91,9 +93,13 @@ def test_flagged_report(flagged_doc: dict[str, Any]) -> None:
     # images: every reversed trigger's 4 images and the original's 3, all inline
     n_imgs = sum(len(t["images"]) for m in flagged_doc["modes"].values() for t in m["triggers"])
     n_imgs += len(flagged_doc["modes"]) * len(flagged_doc["model"]["original_trigger"]["images"])
-    assert html.count('<img src="data:image/png;base64,') == n_imgs
-    # charts: one norm chart per mode + 3 phase charts per mode + the layer chart
-    assert html.count("<svg ") == 2 + 2 * 3 + 1
+    # the Detectors table (the default's neuron noise is "not applicable" on this CNN, and listed) repeats the
+    # deciding level's smallest trigger (4 images) and its null chart
+    assert [d["detector"] for d in flagged_doc["verdict"]["evidence"]] == ["neural-cleanse", "neuron-noise"]
+    assert html.count('<img src="data:image/png;base64,') == n_imgs + 4
+    # charts: one norm chart per mode + 3 phase charts per mode + the layer chart + the Detectors table's null chart
+    assert html.count("<svg ") == 2 + 2 * 3 + 1 + 1
+    assert "not applicable" in section(html, "Detectors").lower()
     t = section(html, "Reversed triggers")
     assert "Original trigger" in t and "distance to original" in t and "badnets" in t
     a = section(html, "Activation statistics")
@@ -135,14 +141,14 @@ def test_pixel_only_scan_without_original_trigger(pixel_only_doc: dict[str, Any]
     t = section(html, "Reversed triggers")
     assert "Original trigger" not in t and "distance to original" not in t
     assert "were not computed" in section(html, "Activation statistics")
-    assert html.count("<svg ") == 1 + 3
+    assert html.count("<svg ") == 1 + 3 + 1  # and the Detectors table's null chart
     assert_self_contained(html)
 
 
 def test_unsafe_minimal_document() -> None:
     """The CLI's document for a refused pickle file has no modes, config or classes; it still renders."""
     html = render_html(unsafe_doc())
-    assert headings(html) == SECTIONS
+    assert headings(html) == NO_DETECTORS
     v = section(html, "Verdict")
     assert "Unsafe file" in v and "torch.load" in v
     m = section(html, "Model card")
@@ -152,7 +158,7 @@ def test_unsafe_minimal_document() -> None:
 
 def test_empty_document_renders() -> None:
     html = render_html({})
-    assert headings(html) == SECTIONS and "Inconclusive" in html
+    assert headings(html) == NO_DETECTORS and "Inconclusive" in html
     assert_self_contained(html)
 
 
