@@ -21,7 +21,7 @@ from typing import Any
 
 from bdscan import machine
 from bdscan.atomic import atomic_path
-from bdscan.data import load_clean_data
+from bdscan.data import CleanData, load_clean_data
 from bdscan.detect.anomaly import (
     LOG_SD_FLOOR,
     PATCH_MAD_FLOOR,
@@ -36,6 +36,8 @@ from bdscan.detect.base import combine as combine_detectors
 from bdscan.detect.config import DEFAULT_BUDGET, LEVELS, budget
 from bdscan.detect.config import MODES as DEFAULT_LEVELS
 from bdscan.detect.inversion import invert
+from bdscan.detect.neuron_noise import NeuronNoise, NeuronNoiseConfig, NoiseRun, inflow_test, noisy_names
+from bdscan.detect.neuron_noise import measure as noise_run
 from bdscan.detect.scan import ScanConfig, combine, params_for, resolve_second_look, scan
 from bdscan.guard import GuardConfig, build_guard, split_guard_data
 from bdscan.io import load_model
@@ -70,8 +72,12 @@ __all__ = [
     "ZOO_MANIFEST",
     "AttackConfig",
     "AugmentConfig",
+    "CleanData",
     "GuardConfig",
     "ModelFolderWriter",
+    "NeuronNoise",
+    "NeuronNoiseConfig",
+    "NoiseRun",
     "RepairConfig",
     "SpreadFloor",
     "Stopwatch",
@@ -93,6 +99,7 @@ __all__ = [
     "find_data_dir",
     "finetune",
     "finetune_recipe",
+    "inflow_test",
     "invert",
     "is_right",
     "judge",
@@ -110,6 +117,8 @@ __all__ = [
     "min_size_test",
     "nc_evidence",
     "new_parser",
+    "noise_run",
+    "noisy_names",
     "parse_overrides",
     "print_row",
     "read_json",

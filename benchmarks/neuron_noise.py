@@ -40,17 +40,20 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from bdscan.data import CleanData
-from bdscan.detect.neuron_noise import NeuronNoiseConfig, NoiseRun, inflow_test, noisy_names
-from bdscan.detect.neuron_noise import measure as noise_run
 from benchmarks.common import (
     EVAL_ZOO,
+    CleanData,
+    NeuronNoiseConfig,
+    NoiseRun,
     SpreadFloor,
     add_out,
+    inflow_test,
     load_with_samples,
     machine_line,
     min_size_test,
     new_parser,
+    noise_run,
+    noisy_names,
     read_json,
     set_threads,
     utc_now,

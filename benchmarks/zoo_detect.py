@@ -568,7 +568,7 @@ def with_noise(rows: list[dict], paths: Sequence[Path], manifest: Sequence[dict]
     scan of a model with a LayerNorm (the detector's reach), the recorded run at the same seed with the detector's
     own bound and steps, judged by the detector's test. Models without a LayerNorm keep their rows (the detector
     reports "not applicable" there); a LayerNorm model's scan with no such run is left out and named."""
-    from bdscan.detect.neuron_noise import NeuronNoise, NeuronNoiseConfig
+    from benchmarks.common import NeuronNoise, NeuronNoiseConfig
     from benchmarks.neuron_noise import detector_test
 
     cfg = NeuronNoiseConfig()

@@ -23,9 +23,12 @@ Differences from the reference, and why (measured on the evaluation zoo's calibr
   collapse onto and gives a p-value calibrated for K classes, with the other classes as the null (no clean
   models needed). The 0.5 keeps a class that received no error finite. When the noise causes few errors and
   they all go to one class, the other classes' sizes differ only by their exposures and that test would call
-  even one error an outlier; so the p-value is the larger of it and a count test (:func:`count_p`: could
-  evenly spread errors put this many into one class?). Either alone is valid, so their maximum is; on the
-  calibration half the count test never decided (docs/verdict.md).
+  even a handful of errors an outlier; an accurate clean model does that when the noise pushes one class onto
+  its nearest neighbour. A backdoor's collapse is different: *most classes'* errors go to the target. So the
+  p-value is the larger of the size test's and a count test over the classes that made errors (:func:`count_p`:
+  could that many of them, each sending its errors mainly to a random other class, pick the suspect?). Either
+  alone is valid, so their maximum is; on the calibration half the count test never changed a verdict
+  (docs/verdict.md).
 * Where it applies. On the BatchNorm CNNs of the zoo the noise sends the errors to one "sink" class whatever the
   backdoor (ε >= 0.05), and below that no target stands out; on LayerNorm models (every transformer) the
   backdoors' targets stand out at ε = 0.1 and clean models' sinks do not. So a model with no LayerNorm gets
@@ -309,12 +312,16 @@ class InflowTest:
     Attributes:
         size: Neural Cleanse's size test on the sizes ``N_c / (n_c + 0.5)`` (its ``min_label`` is the suspect).
         errors: the readout's errors (images predicted as another class than their own).
-        p_count: :func:`count_p` of the suspect's inflow.
+        erring: the classes with at least one image predicted as another class.
+        sources: how many of them send more of their errors to the suspect than to any other class.
+        p_count: :func:`count_p` of ``sources`` among ``erring``.
         p_value: ``max(size.p_value, p_count)``.
     """
 
     size: SizeTest
     errors: int
+    erring: int
+    sources: int
     p_count: float
     p_value: float
 
@@ -323,13 +330,14 @@ class InflowTest:
         return self.size.min_label
 
 
-def count_p(inflow: int, errors: int, classes: int) -> float:
-    """How likely the most-chosen of ``classes`` classes gets at least ``inflow`` of ``errors`` errors when each
-    error picks one of the K - 1 classes other than its own at random: ``min(1, K · P(Bin(E, 1 / (K - 1)) >= n))``.
-    A weak null (real errors cluster on similar classes), used only as a guard: one error cannot be a collapse."""
-    if errors <= 0 or inflow <= 0:
+def count_p(sources: int, erring: int, classes: int) -> float:
+    """How likely the most-chosen of ``classes`` classes is the main destination of at least ``sources`` of the
+    ``erring`` classes when each picks its main destination among the K - 1 other classes at random:
+    ``min(1, K · P(Bin(erring, 1 / (K - 1)) >= sources))``. Used only as a guard: errors that come from one class
+    (a class pushed onto its nearest neighbour) cannot be a collapse."""
+    if erring <= 0 or sources <= 0:
         return 1.0
-    return min(1.0, classes * float(stats.binom.sf(inflow - 1, errors, 1.0 / (classes - 1))))
+    return min(1.0, classes * float(stats.binom.sf(sources - 1, erring, 1.0 / (classes - 1))))
 
 
 def inflow_test(run: NoiseRun) -> InflowTest | None:
@@ -344,9 +352,14 @@ def inflow_test(run: NoiseRun) -> InflowTest | None:
     size = min_size_test(sizes, SpreadFloor(MIN_LOG_SD))
     if size is None:
         return None
-    errors = int(inflow.sum())
-    pc = count_p(int(inflow[size.min_label]), errors, size.classes)
-    return InflowTest(size, errors, pc, max(size.p_value, pc))
+    off = run.confusion.astype(np.float64)
+    np.fill_diagonal(off, 0.0)
+    c = size.min_label
+    erring = [s for s in range(len(off)) if off[s].sum() > 0]
+    # a source counts for the suspect only when it sends strictly more errors there than to any other class
+    sources = sum(1 for s in erring if s != c and off[s, c] > np.delete(off[s], c).max())
+    pc = count_p(sources, len(erring), size.classes)
+    return InflowTest(size, int(inflow.sum()), len(erring), sources, pc, max(size.p_value, pc))
 
 
 def critical_share(test: SizeTest, exposure: float, alpha: float) -> float:
@@ -410,7 +423,8 @@ class NeuronNoiseResult:
             sec["test"] = {"classes": t.classes, "max_label": t.min_label, "log_size": json_number(t.log_min),
                            "log_mean": json_number(t.log_mean), "log_sd": json_number(t.log_sd), "t": json_number(t.t),
                            "df": t.df, "p_class": p_number(t.p_class), "p_size": p_number(t.p_value),
-                           "errors": self.test.errors, "p_count": p_number(self.test.p_count),
+                           "errors": self.test.errors, "erring": self.test.erring, "sources": self.test.sources,
+                           "p_count": p_number(self.test.p_count),
                            "p_value": p_number(self.test.p_value)}
             fig = self.figure()
             if fig is not None:

@@ -1,5 +1,6 @@
-"""Neuron noise (BAN-style) as a detector: registry entry, the planted backdoor of a tiny transformer, determinism,
-the test's guard, where it applies, one-line errors, and every output of a scan."""
+"""Neuron noise (BAN-style) as a detector: registry entry, a dormant pathway to one class that the noise switches on
+(BAN's premise, built by hand), determinism, the test's guards, where it applies, one-line errors, and every output
+of a scan."""
 
 from __future__ import annotations
 
@@ -26,24 +27,49 @@ from bdscan.detect.neuron_noise import (
     split_halves,
 )
 from bdscan.errors import NumericalError, UsageError
-from bdscan.io.safetensors_io import save_safetensors
+from bdscan.io.base import LoadedModel
 from bdscan.models.wrapper import ModelInfo, ModelWrapper
-from tests.conftest import save_npz
-from tests.synth import Tiny, square_trigger, synthetic, train_tiny
+from bdscan.pipeline import Outputs, scan_loaded, write_scan_outputs
+from tests.synth import Tiny, synthetic, train_tiny
 
 runner = CliRunner()
-#: the tiny transformer's target: a 4×4 white square, 3 epochs (a model with errors for the noise to redirect)
+#: the class the trap sends every input to
 TARGET = 3
 
 
-@pytest.fixture(scope="module")
-def tiny_vit_bd() -> Tiny:
-    return train_tiny("bdscan_vit", classes=10, trigger=square_trigger(16, TARGET, box=4), epochs=3, n=400)
+class Trap(torch.nn.Module):
+    """A tiny ViT with a dormant pathway to :data:`TARGET`: units that a LayerNorm holds just below zero for every
+    input (its normalised output is the constant [1, -1]; gain 1, shift -1.01), each adding ``strength`` to the
+    target's logit once positive. Clean predictions are the ViT's own; a noise of a few per cent on the LayerNorm's
+    gains and shifts switches the units on for every input: the hidden pathway BAN looks for."""
+
+    def __init__(self, base: torch.nn.Module, units: int = 8, margin: float = 0.01, strength: float = 50.0) -> None:
+        super().__init__()
+        self.base, self.strength = base, strength
+        self.norm = torch.nn.LayerNorm((units, 2))
+        with torch.no_grad():
+            self.norm.bias.zero_()
+            self.norm.bias[:, 0] = -(1.0 + margin)
+        self.register_buffer("const", torch.tensor([1.0, -1.0]).repeat(units, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.base(x)
+        u = torch.relu(self.norm(self.const.expand(len(x), -1, -1))[..., 0]).sum(1)
+        bump = torch.zeros_like(z)
+        bump[:, TARGET] = self.strength * u
+        return z + bump
 
 
 @pytest.fixture(scope="module")
 def tiny_vit_clean() -> Tiny:
-    return train_tiny("bdscan_vit", classes=10, trigger=None, epochs=3, n=400)
+    """An accurate tiny ViT: a noise of 0.1 makes almost no errors."""
+    return train_tiny("bdscan_vit", classes=10, trigger=None, epochs=8, n=400)
+
+
+@pytest.fixture(scope="module")
+def tiny_vit_bd(tiny_vit_clean: Tiny) -> Tiny:
+    """The same ViT with the trap: the same clean predictions, a pathway to class 3 the noise can open."""
+    return Tiny(ModelWrapper(Trap(tiny_vit_clean.wrapper.net), tiny_vit_clean.wrapper.info), tiny_vit_clean.data, None)
 
 
 @pytest.fixture(scope="module")
@@ -70,11 +96,12 @@ def test_registered_with_its_weight_rule_and_key() -> None:
     assert code.exit_code == 0 and "neuron-noise" in code.output
 
 
-def test_it_finds_the_planted_backdoor_of_a_tiny_transformer_and_passes_its_clean_twin(tiny_vit_bd, tiny_vit_clean,
-                                                                                          held_out) -> None:
+def test_it_finds_the_dormant_pathway_and_passes_the_clean_twin(tiny_vit_bd, tiny_vit_clean, held_out) -> None:
+    assert torch.equal(tiny_vit_bd.wrapper(held_out.x).argmax(1), tiny_vit_clean.wrapper(held_out.x).argmax(1))
     bd = _noise(tiny_vit_bd.wrapper, held_out)
     assert bd.evidence.status == "backdoor" and bd.evidence.target == TARGET, bd.evidence.reason
-    assert bd.evidence.p_value is not None and bd.evidence.p_value < 0.01 and bd.evidence.weight == 0.1
+    assert bd.evidence.p_value is not None and bd.evidence.p_value < 1e-4 and bd.evidence.weight == 0.1
+    assert bd.test is not None and bd.test.sources >= 8  # images of (almost) every other class went to the target
     assert bd.evidence.score >= bd.evidence.threshold  # the suspect's share reaches the critical share
     assert f"class {TARGET}" in bd.evidence.reason and "p = " in bd.evidence.reason
     clean = _noise(tiny_vit_clean.wrapper, held_out)
@@ -88,7 +115,7 @@ def test_same_seed_same_noise_and_the_seed_draws_the_split_and_the_start(tiny_vi
     np.testing.assert_array_equal(a.confusion, b.confusion)
     np.testing.assert_array_equal(a.losses, b.losses)
     c = measure(tiny_vit_bd.wrapper, held_out, cfg.with_(seed=3))
-    assert not np.array_equal(a.losses, c.losses)
+    assert not np.array_equal(a.losses, c.losses) or not np.array_equal(a.confusion, c.confusion)
     # the optimisation raises the loss it follows, and the model's weights are left as they were
     before = {n: p.clone() for n, p in tiny_vit_bd.wrapper.named_parameters()}
     run = measure(tiny_vit_bd.wrapper, held_out, NeuronNoiseConfig(seed=0, steps=6))
@@ -110,7 +137,7 @@ def test_more_images_than_the_cap_are_a_balanced_draw() -> None:
     assert torch.bincount(torch.cat([a.y, b.y]), minlength=10).tolist() == [10] * 10
 
 
-def test_the_test_names_a_collapse_and_not_a_spread_or_a_single_error() -> None:
+def test_the_test_names_a_collapse_and_not_a_spread_or_one_class_pushed_onto_a_neighbour() -> None:
     k = 10
     spread = np.full((k, k), 1) + np.diag(np.full(k, 8))
     t = inflow_test(_run(spread.tolist()))
@@ -124,7 +151,12 @@ def test_the_test_names_a_collapse_and_not_a_spread_or_a_single_error() -> None:
     one[0, 7] = 1
     t = inflow_test(_run(one.tolist()))
     assert t is not None and t.size.p_value < 1e-3 and t.p_count == 1.0 and t.p_value == 1.0
-    assert count_p(0, 0, k) == 1.0 and count_p(30, 30, k) < 1e-20
+    # twelve errors, all of class 0 onto class 1 (an accurate clean model's nearest neighbour): one source, no collapse
+    near = np.diag(np.full(k, 10))
+    near[0, 1] = 12
+    t = inflow_test(_run(near.tolist()))
+    assert t is not None and t.target == 1 and t.size.p_value < 1e-3 and (t.sources, t.erring) == (1, 1) and t.p_value == 1.0
+    assert count_p(0, 0, k) == 1.0 and count_p(9, 9, k) < 1e-6
 
 
 def test_not_applicable_without_layer_norm_so_not_a_test(tiny_bd) -> None:
@@ -176,23 +208,22 @@ def test_configure_maps_budgets_and_refuses_bad_values() -> None:
 
 
 def test_a_scan_writes_json_sarif_html_and_the_picture(tiny_vit_bd, held_out, tmp_path: Path) -> None:
-    model = tmp_path / "vit.safetensors"
-    save_safetensors(tiny_vit_bd.wrapper, model)
-    data = save_npz(tmp_path / "clean.npz", held_out.x, held_out.y)
+    lm = LoadedModel(tiny_vit_bd.wrapper, "safetensors", tmp_path / "trap.safetensors", "0" * 64)
+    settings = ScanSettings(budget="smoke", levels=("pixel",), seed=0)
+    doc, det = scan_loaded(lm, held_out, tmp_path / "clean.npz", settings, ("neural-cleanse", "neuron-noise"), activations=False)
     out, js, sarif, html = tmp_path / "scan", tmp_path / "scan.json", tmp_path / "scan.sarif", tmp_path / "report.html"
-    r = runner.invoke(app, [str(a) for a in ("scan", model, "--data", data, "--detectors", "neuron-noise", "--no-activations",
-                                             "--out", out, "--json", js, "--sarif", sarif, "--report", html)])
-    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    write_scan_outputs(doc, det, held_out, Outputs(folder=out, json=js, sarif=sarif, html=html), "trap.safetensors")
     doc = json.loads(js.read_text())
     assert doc["schema"] == "bdscan.scan/3"
     sec = doc["neuron_noise"]
     assert sec["evidence"]["status"] == "backdoor" and sec["evidence"]["target"] == TARGET and sec["evidence"]["weight"] == 0.1
-    assert sec["config"]["eps"] == 0.1 and sec["config"]["steps"] == 20 and sec["config"]["seed"] == 0
+    assert sec["config"]["eps"] == 0.1 and sec["config"]["steps"] == 4 and sec["config"]["seed"] == 0
     assert [s["label"] for s in sec["scores"]] == list(range(10)) and sec["test"]["max_label"] == TARGET
     assert np.asarray(sec["confusion"]).sum() == 100 and sec["images"]["inflow"].startswith("data:image/png;base64,")
     v = doc["verdict"]
     assert (v["status"], v["target"], v["rule"]) == ("backdoor", TARGET, "weighted-bonferroni-min-p")
-    assert v["factors"] == {"neuron-noise": 1.0}  # the only test: its weight is all of α
+    assert v["factors"] == pytest.approx({"neural-cleanse": 1.1, "neuron-noise": 11.0})
+    assert v["decided_by"]["detector"] == "neuron-noise" and v["p_value"] == pytest.approx(11 * sec["evidence"]["p_value"], rel=1e-3)
     ev = DETECTORS["neuron-noise"].evidence_from_doc(doc)
     assert ev is not None and ev.weight == 0.1 and ev.target == TARGET
     with np.load(out / "triggers.npz") as z:
