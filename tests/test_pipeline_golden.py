@@ -5,7 +5,8 @@ given, which depend on where the scan ran).
 The recordings in tests/data/golden were made by ``bdscan scan MODEL --budget smoke --steps 3 --precision fp32
 --seed 0 -q --json FILE`` with one torch thread, before the scan moved from the CLI into ``bdscan.pipeline``, and
 re-recorded with the same settings (the call below, one torch thread) when the schema became ``bdscan.scan/2``
-(issue 24: p-value verdict); ``schema1_cifar10_cnn6_badnets.json`` keeps the schema-1 recording for the tests that
+(issue 24: p-value verdict) and ``bdscan.scan/3`` (neuron noise a default detector, weighted verdict: the AVX-512/AMX
+documents natively, the other two emulated); ``schema1_cifar10_cnn6_badnets.json`` keeps the schema-1 recording for the tests that
 ``bdscan report`` still reads old documents (tests/detect/test_verdict.py).
 Floating-point kernels differ between CPU generations, so there is one recording per kind of host the project's
 CI runs on (``versions.cpu_capability``, with ``-AMX`` where the CPU has AMX tiles, for which oneDNN picks other
