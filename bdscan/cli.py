@@ -123,15 +123,17 @@ def detectors_cmd(as_json: Annotated[bool, typer.Option("--json", help="Print JS
     """List the registered detectors (one line each); choose with `bdscan scan --detectors NAME[,NAME]`."""
 
     def body() -> int:
-        from bdscan.detect import DETECTORS
+        from bdscan.detect import DEFAULT_DETECTORS, DETECTORS
 
         rows = [{"name": d.name, "title": d.title, "summary": d.summary, "reference": d.reference,
-                 "sarif_rule": d.sarif_rule.get("id")} for d in DETECTORS.values()]
+                 "sarif_rule": d.sarif_rule.get("id"), "weight": d.weight, "default": d.name in DEFAULT_DETECTORS}
+                for d in DETECTORS.values()]
         if as_json:
             out.print_json(json.dumps(rows))
         else:
             for r in rows:
-                out.print(f"[bold]{r['name']}[/]: {r['summary']}")
+                tags = f"weight {r['weight']:g}" + (", default" if r["default"] else "")
+                out.print(f"[bold]{r['name']}[/] ({tags}): {r['summary']}")
         return EXIT_CLEAN
 
     run_guarded(body)

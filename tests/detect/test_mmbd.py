@@ -209,7 +209,7 @@ def _cli(*args: str | Path) -> tuple[int, str]:
 
 def test_listed_by_bdscan_detectors() -> None:
     code, out = _cli("detectors")
-    assert code == 0 and "mm-bd: per class, the largest logit margin" in out
+    assert code == 0 and "mm-bd (weight 1): per class, the largest logit margin" in out
     assert DETECTORS["mm-bd"].sarif_rule["id"] == "BDS004" and DETECTORS["mm-bd"].json_key == "mm_bd"
 
 

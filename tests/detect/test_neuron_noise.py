@@ -93,7 +93,8 @@ def test_registered_with_its_weight_rule_and_key() -> None:
     det = DETECTORS["neuron-noise"]
     assert det.weight == 0.1 and det.json_key == "neuron_noise" and det.sarif_rule["id"] == "BDS005"
     code = runner.invoke(app, ["detectors"])
-    assert code.exit_code == 0 and "neuron-noise" in code.output
+    assert code.exit_code == 0 and "neuron-noise (weight 0.1, default)" in code.output
+    assert "neural-cleanse (weight 1, default)" in code.output and "mm-bd (weight 1):" in code.output
 
 
 def test_it_finds_the_dormant_pathway_and_passes_the_clean_twin(tiny_vit_bd, tiny_vit_clean, held_out) -> None:

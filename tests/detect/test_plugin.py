@@ -87,7 +87,7 @@ def test_a_registered_detector_reaches_every_output(plugin, tiny_bd, tmp_path: P
     from bdscan.cli import app
 
     listed = CliRunner().invoke(app, ["detectors"]).output
-    assert "mean-score: the class with the highest mean softmax" in listed
+    assert "mean-score (weight 1): the class with the highest mean softmax" in listed
 
     doc = _scan(tiny_bd, tmp_path, ("mean-score", "neural-cleanse"))
     sec = doc["mean_score"]
