@@ -182,14 +182,14 @@ def verdict_line(doc: dict[str, Any]) -> str:
     if v["status"] == "backdoor":
         if p is not None:
             index = f", anomaly index {v['anomaly_index']:.2f}" if "anomaly_index" in v else ""
-            score = f"p = {_p(p)} ≤ α = {v['alpha']:g} ({by}{index})"
+            score = f"{_p(p)} ≤ α = {v['alpha']:g} ({by}{index})"
             return f"[bold red]BACKDOOR SUSPECTED[/]: target class {v['target']} ({escape(str(v['target_name']))}), {score}"
         score = f"anomaly index {v['anomaly_index']:.2f}" if "anomaly_index" in v else v.get("reason", "")
         return (f"[bold red]BACKDOOR SUSPECTED[/]: target class {v['target']} ({escape(str(v['target_name']))}), "
                 f"{score} ({by}, threshold {v['threshold']:g})")
     if v["status"] == "clean":
         if p is not None:
-            return f"[bold green]CLEAN[/]: no backdoor found (smallest p = {_p(p)} > α = {v['alpha']:g}, {by})"
+            return f"[bold green]CLEAN[/]: no backdoor found (smallest {_p(p)} > α = {v['alpha']:g}, {by})"
         if "anomaly_index" in v:
             return f"[bold green]CLEAN[/]: no backdoor found (highest anomaly index {v['anomaly_index']:.2f} ≤ {v['threshold']:g})"
         return f"[bold green]CLEAN[/]: {escape(v['reason'])}"
@@ -203,7 +203,8 @@ def dig_detector(v: dict[str, Any]) -> str:
 
 
 def _p(p: float) -> str:
-    return "< 0.0001" if p < 1e-4 else f"{p:.2g}"
+    """The p-value in words: "p = 0.012", or "p < 0.0001" for a smaller one."""
+    return "p < 0.0001" if p < 1e-4 else f"p = {p:.2g}"
 
 
 def print_scan(doc: dict[str, Any], quiet: bool) -> None:
@@ -228,7 +229,7 @@ def print_scan(doc: dict[str, Any], quiet: bool) -> None:
                       f"{r['anomaly_index']:.2f}", f"{r['success_rate']:.0%}", str(r["steps"]), flag)
         out.print(t)
         words = size_words(doc, mode, a.get("min_label"), a.get("min_norm"))
-        pv = f"p = {_p(a['p_value'])}, " if a.get("p_value") is not None else ""
+        pv = f"{_p(a['p_value'])}, " if a.get("p_value") is not None else ""
         out.print(f"{mode}: {pv}median {a['median']:.2f}, MAD {a['mad']:.2f}, anomaly index {a['anomaly_index']:.2f} "
                   f"(class {a['min_label']}" + (f"; its trigger: {words}" if words else "") + ")"
                   if a["conclusive"] else f"{mode}: inconclusive (fewer than 3 classes reachable)")
@@ -236,7 +237,7 @@ def print_scan(doc: dict[str, Any], quiet: bool) -> None:
         out.print("pixel and patch levels " + ("agree" if doc["verdict"].get("modes_agree") else "disagree") + " on the smallest class")
     for e in doc["verdict"].get("evidence") or []:  # every other detector's conclusion, in one line each
         if e.get("detector") != "neural-cleanse" and e.get("reason"):
-            pv = f" (p = {_p(e['p_value'])})" if e.get("p_value") is not None and "p = " not in e["reason"] else ""
+            pv = f" ({_p(e['p_value'])})" if e.get("p_value") is not None and "p = " not in e["reason"] else ""
             out.print(f"{escape(str(e.get('title') or e['detector']))}: {escape(e['reason'])}{pv}")
     out.print(line)
     cmd = repair_command(doc) if doc["verdict"].get("status") == "backdoor" else None

@@ -121,8 +121,18 @@ def _verdict(doc: dict[str, Any], names: list[str]) -> dict[str, Any]:
             "p_value": v.get("p_value"), "p_text": pnum(v.get("p_value")), "alpha": v.get("alpha"),
             "provisional": bool(v.get("alpha_provisional")), "tests": v.get("tests"), "rule": v.get("rule"),
             "levels": sum(1 for md in per_mode if md["p"] is not None), "detector": dig(v, "decided_by", "detector"),
+            "factors": _factor_words(v),
             "disagree": [f"{d.get('detector')} names {class_label(names, d.get('target'))}" for d in v.get("disagree") or []
                          if isinstance(d, dict)]}
+
+
+def _factor_words(v: dict[str, Any]) -> str | None:
+    """Schema 3's per-detector factors in words ("neural-cleanse × 1.1, neuron-noise × 11"), or None when the
+    detectors' weights were equal (or the document is older): then the factor is the number of detectors."""
+    f = v.get("factors")
+    if not isinstance(f, dict) or len({round(float(x), 9) for x in f.values() if isinstance(x, (int, float))}) <= 1:
+        return None
+    return ", ".join(f"{d} × {float(x):.3g}" for d, x in f.items() if isinstance(x, (int, float)))
 
 
 def _look_words(doc: dict[str, Any]) -> str | None:

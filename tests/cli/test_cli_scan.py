@@ -230,7 +230,7 @@ def test_detectors_lists_the_registry_and_an_unknown_detector_is_a_usage_error(t
 
     code, output = run("detectors")
     assert code == 0
-    assert [ln.split(":")[0] for ln in output.strip().splitlines()] == list(DETECTORS)
+    assert [ln.split(" ")[0].split(":")[0] for ln in output.strip().splitlines()] == list(DETECTORS)
     code, output = run("scan", tiny_bd.model, "--data", tiny_bd.data, "--detectors", "nope", "-q")
     assert code == 2 and "unknown detector 'nope'" in output and "neural-cleanse" in output
 

@@ -72,6 +72,7 @@ def test_headless_chromium_dom_is_complete(flagged_doc: dict[str, Any], tmp_path
     r = run_chromium(tmp_path, "--dump-dom", "--enable-logging=stderr", "--v=0", page.as_uri())
     assert r.returncode == 0, r.stderr[-2000:]
     dom = r.stdout
-    assert dom.count("<section") == 8 and "Backdoor suspected" in dom and dom.count("<svg") >= 3
+    # 9 sections: the verdict, the Detectors table (the default runs neuron noise beside Neural Cleanse), and the rest
+    assert dom.count("<section") == 9 and "Backdoor suspected" in dom and dom.count("<svg") >= 3
     bad = [ln for ln in r.stderr.splitlines() if PAGE_ERRORS.search(ln)]
     assert not bad, "\n".join(bad[:10])
