@@ -36,9 +36,28 @@ from bdscan.registry import LazyRegistry
 #: the verdicts a detector (and the combined scan) can reach
 STATUSES = ("backdoor", "clean", "inconclusive")
 
-__all__ = ["ALPHA_PROVISIONAL", "BUILTIN_DETECTORS", "COMBINE_RULE", "DEFAULT_ALPHA", "DEFAULT_DETECTORS", "DETECTORS",
-           "STATUSES", "CombinedVerdict", "Detector", "DetectorProgress", "DetectorResult", "Evidence",
-           "ScanSettings", "combine", "detectors_in", "get_detector", "p_number", "parse_detectors", "register_detector"]
+__all__ = [
+    "ALPHA_PROVISIONAL",
+    "BUILTIN_DETECTORS",
+    "COMBINE_RULE",
+    "DEFAULT_ALPHA",
+    "DEFAULT_DETECTORS",
+    "DETECTORS",
+    "STATUSES",
+    "CombinedVerdict",
+    "Detector",
+    "DetectorProgress",
+    "DetectorResult",
+    "Evidence",
+    "ScanSettings",
+    "backdoor_rule",
+    "combine",
+    "detectors_in",
+    "get_detector",
+    "p_number",
+    "parse_detectors",
+    "register_detector",
+]
 
 #: the name of the rule :func:`combine` applies, as the scan document records it (docs/verdict.md). With equal
 #: weights it is the plain Bonferroni rule that documents of schema ``bdscan.scan/2`` name "bonferroni-min-p".
@@ -232,6 +251,22 @@ DETECTORS: LazyRegistry[Detector] = LazyRegistry(BUILTIN_DETECTORS, lambda d: ty
 #: LayerNorm only, and says "not applicable" elsewhere), adopted on the evaluation zoo's calibration half
 #: (docs/verdict.md, "Neuron noise")
 DEFAULT_DETECTORS: tuple[str, ...] = ("neural-cleanse", "neuron-noise")
+
+
+def backdoor_rule(rule_id: str, name: str, short: str, full: str, help_text: str, steps: tuple[str, ...],
+                  note: str = "") -> dict[str, Any]:
+    """A detector's SARIF rule for a suspected backdoor (an error, security-tagged), with the advice every such
+    finding carries: do not deploy, the numbered ``steps`` (markdown), and a closing ``note`` (markdown)."""
+    markdown = "**Do not deploy this model.**\n\n" + "\n".join(f"{i}. {s}" for i, s in enumerate(steps, 1))
+    return {
+        "id": rule_id,
+        "name": name,
+        "shortDescription": {"text": short},
+        "fullDescription": {"text": full},
+        "help": {"text": help_text, "markdown": markdown + (f"\n\n{note}" if note else "")},
+        "defaultConfiguration": {"level": "error"},
+        "properties": {"tags": ["security", "machine-learning", "backdoor"], "precision": "medium", "security-severity": "8.8"},
+    }
 
 
 def register_detector(cls: type[Detector]) -> type[Detector]:

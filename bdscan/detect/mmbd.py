@@ -49,8 +49,8 @@ import numpy as np
 import torch
 
 from bdscan.data import CleanData
-from bdscan.detect.base import Detector, DetectorProgress, Evidence, ScanSettings, register_detector
-from bdscan.detect.config import BUDGETS
+from bdscan.detect.base import Detector, DetectorProgress, Evidence, ScanSettings, backdoor_rule, register_detector
+from bdscan.detect.config import BUDGETS, images_per_chunk
 from bdscan.detect.inversion import prepared
 from bdscan.detect.mmbd_stats import MIN_CLASSES, MaxTest, max_statistic_test
 from bdscan.errors import NumericalError, UsageError
@@ -164,10 +164,7 @@ class MMBDConfig:
         return self
 
     def resolved_chunk(self, input_size: tuple[int, ...]) -> int:
-        if self.chunk is not None:
-            return self.chunk
-        budget = GPU_CHUNK_PIXELS if str(self.device).startswith("cuda") else CPU_CHUNK_PIXELS
-        return max(1, budget // math.prod(input_size))
+        return images_per_chunk(self.chunk, self.device, input_size, CPU_CHUNK_PIXELS, GPU_CHUNK_PIXELS)
 
 
 # ---------------------------------------------------------------------------------------------- the statistic
@@ -505,28 +502,19 @@ class MMBD(Detector):
     json_key = "mm_bd"
     reference = ("Wang, Miller, Kesidis, MM-BD: Post-Training Detection of Backdoor Attacks with Arbitrary Backdoor Pattern "
                  "Types Using a Maximum Margin Statistic, IEEE S&P 2024")
-    sarif_rule: ClassVar[dict[str, Any]] = {
-        "id": "BDS004",
-        "name": "backdoor-suspected-max-margin",
-        "shortDescription": {"text": "Neural backdoor suspected: abnormally large maximum margin of one class"},
-        "fullDescription": {"text": (
-            "MM-BD found a class whose logit can be driven abnormally far above all others by an optimised input, "
-            "further than the other classes' distribution allows (calibrated p-value below 0.05). A backdoor trigger is "
-            "such a shortcut to its target class, whatever its shape (patch, blend, warp or whole-image pattern).")},
-        "help": {
-            "text": ("Do not deploy this model. Find the trigger (bdscan scan MODEL --detectors neural-cleanse shows reversed "
-                     "triggers), remove the backdoor (bdscan repair MODEL --data DATA) and scan again, or retrain from "
-                     "trusted data and find out where the checkpoint came from. The report shows every class's maximum "
-                     "margin against the fitted null distribution."),
-            "markdown": ("**Do not deploy this model.**\n\n"
-                         "1. See the reversed trigger: `bdscan scan MODEL --detectors neural-cleanse,mm-bd --report report.html`.\n"
-                         "2. Remove the backdoor: `bdscan repair MODEL --data DATA`, and scan the repaired model again.\n"
-                         "3. Or retrain from trusted data, and find out where this checkpoint came from.\n\n"
-                         "The scan folder's `mm-bd/null.png` shows every class's maximum margin against the fitted null."),
-        },
-        "defaultConfiguration": {"level": "error"},
-        "properties": {"tags": ["security", "machine-learning", "backdoor"], "precision": "medium", "security-severity": "8.8"},
-    }
+    sarif_rule: ClassVar[dict[str, Any]] = backdoor_rule(
+        "BDS004", "backdoor-suspected-max-margin", "Neural backdoor suspected: abnormally large maximum margin of one class",
+        "MM-BD found a class whose logit can be driven abnormally far above all others by an optimised input, "
+        "further than the other classes' distribution allows (calibrated p-value below 0.05). A backdoor trigger is "
+        "such a shortcut to its target class, whatever its shape (patch, blend, warp or whole-image pattern).",
+        "Do not deploy this model. Find the trigger (bdscan scan MODEL --detectors neural-cleanse shows reversed "
+        "triggers), remove the backdoor (bdscan repair MODEL --data DATA) and scan again, or retrain from "
+        "trusted data and find out where the checkpoint came from. The report shows every class's maximum "
+        "margin against the fitted null distribution.",
+        ("See the reversed trigger: `bdscan scan MODEL --detectors neural-cleanse,mm-bd --report report.html`.",
+         "Remove the backdoor: `bdscan repair MODEL --data DATA`, and scan the repaired model again.",
+         "Or retrain from trusted data, and find out where this checkpoint came from."),
+        "The scan folder's `mm-bd/null.png` shows every class's maximum margin against the fitted null.")
 
     def configure(self, settings: ScanSettings) -> MMBDConfig:
         """The budget's schedule (:data:`SCHEDULES`), ``--steps`` and ``--seed`` applied. ``--samples`` sets the

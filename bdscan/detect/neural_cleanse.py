@@ -20,7 +20,7 @@ import torch
 
 from bdscan.data import CleanData
 from bdscan.detect.anomaly import AnomalyResult, SizeTest
-from bdscan.detect.base import DEFAULT_ALPHA, Detector, DetectorProgress, Evidence, ScanSettings, p_number, register_detector
+from bdscan.detect.base import DEFAULT_ALPHA, Detector, DetectorProgress, Evidence, ScanSettings, backdoor_rule, p_number, register_detector
 from bdscan.detect.config import MODES, budget
 from bdscan.detect.inversion import LabelResult
 from bdscan.detect.scan import ModeResult, ScanConfig, ScanFindings, Verdict, combine, resolve_second_look, scan
@@ -158,29 +158,18 @@ class NeuralCleanse(Detector):
     reference = "Wang et al., Neural Cleanse, IEEE S&P 2019; Raj et al., We must protect the Transformers (patch level)"
     #: schema 1 keeps this detector's configuration at the document's top level
     config_key: ClassVar[str | None] = "config"
-    sarif_rule: ClassVar[dict[str, Any]] = {
-        "id": "BDS001",
-        "name": "backdoor-suspected",
-        "shortDescription": {"text": "Neural backdoor suspected in an image classifier"},
-        "fullDescription": {"text": (
-            "Neural Cleanse found a class that images of every other class can be sent to with an abnormally small "
-            "trigger (its p-value, corrected for the levels and detectors, is at most alpha): the signature of a "
-            "backdoor planted in the weights, "
-            "which makes the model misclassify any input carrying the trigger.")},
-        "help": {
-            "text": ("Do not deploy this model. Remove the backdoor by unlearning the reversed trigger "
-                     "(bdscan repair MODEL --data DATA) and scan the repaired model again, or retrain from trusted data "
-                     "and find out where the checkpoint came from. The HTML report shows the reversed trigger."),
-            "markdown": ("**Do not deploy this model.**\n\n"
-                         "1. Remove the backdoor by unlearning the reversed trigger: `bdscan repair MODEL --data DATA`.\n"
-                         "2. Scan the repaired model again: `bdscan scan REPAIRED --data DATA`.\n"
-                         "3. Or retrain from trusted data, and find out where this checkpoint came from.\n\n"
-                         "The HTML report (`report.html`) shows the reversed trigger and the norm of every class."),
-        },
-        "defaultConfiguration": {"level": "error"},
-        "properties": {"tags": ["security", "machine-learning", "backdoor"], "precision": "medium",
-                       "security-severity": "8.8"},
-    }
+    sarif_rule: ClassVar[dict[str, Any]] = backdoor_rule(
+        "BDS001", "backdoor-suspected", "Neural backdoor suspected in an image classifier",
+        "Neural Cleanse found a class that images of every other class can be sent to with an abnormally small "
+        "trigger (its p-value, corrected for the levels and detectors, is at most alpha): the signature of a "
+        "backdoor planted in the weights, which makes the model misclassify any input carrying the trigger.",
+        "Do not deploy this model. Remove the backdoor by unlearning the reversed trigger "
+        "(bdscan repair MODEL --data DATA) and scan the repaired model again, or retrain from trusted data "
+        "and find out where the checkpoint came from. The HTML report shows the reversed trigger.",
+        ("Remove the backdoor by unlearning the reversed trigger: `bdscan repair MODEL --data DATA`.",
+         "Scan the repaired model again: `bdscan scan REPAIRED --data DATA`.",
+         "Or retrain from trusted data, and find out where this checkpoint came from."),
+        "The HTML report (`report.html`) shows the reversed trigger and the norm of every class.")
 
     def configure(self, settings: ScanSettings) -> ScanConfig:
         if not settings.threshold > 0:

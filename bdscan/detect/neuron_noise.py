@@ -56,8 +56,8 @@ from torch.func import functional_call
 
 from bdscan.data import CleanData, balanced_sample
 from bdscan.detect.anomaly import MIN_CLASSES, SizeTest, SpreadFloor, min_size_test
-from bdscan.detect.base import Detector, DetectorProgress, Evidence, ScanSettings, p_number, register_detector
-from bdscan.detect.config import BUDGETS
+from bdscan.detect.base import Detector, DetectorProgress, Evidence, ScanSettings, backdoor_rule, p_number, register_detector
+from bdscan.detect.config import BUDGETS, images_per_chunk
 from bdscan.detect.inversion import prepared
 from bdscan.errors import NumericalError, UsageError
 from bdscan.jsonnum import json_number
@@ -126,10 +126,7 @@ class NeuronNoiseConfig:
         return self
 
     def resolved_chunk(self, input_size: tuple[int, ...]) -> int:
-        if self.chunk is not None:
-            return self.chunk
-        budget = GPU_CHUNK_PIXELS if str(self.device).startswith("cuda") else CPU_CHUNK_PIXELS
-        return max(1, budget // math.prod(input_size))
+        return images_per_chunk(self.chunk, self.device, input_size, CPU_CHUNK_PIXELS, GPU_CHUNK_PIXELS)
 
 
 # ---------------------------------------------------------------------------------------------- the noise
@@ -483,26 +480,18 @@ class NeuronNoise(Detector):
                  "NeurIPS 2024")
     #: chosen on the evaluation zoo's calibration half (docs/verdict.md, "Neuron noise")
     weight = 0.1
-    sarif_rule: ClassVar[dict[str, Any]] = {
-        "id": "BDS005",
-        "name": "backdoor-suspected-neuron-noise",
-        "shortDescription": {"text": "Neural backdoor suspected: a small noise on the network sends most inputs to one class"},
-        "fullDescription": {"text": (
-            "A small perturbation of the model's normalisation layers (at most 10 % of each gain and shift) makes the "
-            "model send the images of other classes to one class, far more than to any other (calibrated p-value at "
-            "most 0.05). A backdoor is such a hidden pathway to its target class, whatever its trigger looks like.")},
-        "help": {
-            "text": ("Do not deploy this model. Remove the backdoor (bdscan repair MODEL --data DATA) and scan again, or "
-                     "retrain from trusted data and find out where the checkpoint came from. The report shows where the "
-                     "noisy model's errors went, class by class."),
-            "markdown": ("**Do not deploy this model.**\n\n"
-                         "1. See the evidence: `bdscan scan MODEL --report report.html` (where the noisy model's errors went).\n"
-                         "2. Remove the backdoor: `bdscan repair MODEL --data DATA`, and scan the repaired model again.\n"
-                         "3. Or retrain from trusted data, and find out where this checkpoint came from."),
-        },
-        "defaultConfiguration": {"level": "error"},
-        "properties": {"tags": ["security", "machine-learning", "backdoor"], "precision": "medium", "security-severity": "8.8"},
-    }
+    sarif_rule: ClassVar[dict[str, Any]] = backdoor_rule(
+        "BDS005", "backdoor-suspected-neuron-noise",
+        "Neural backdoor suspected: a small noise on the network sends most inputs to one class",
+        "A small perturbation of the model's normalisation layers (at most 10 % of each gain and shift) makes the "
+        "model send the images of most other classes to one class, far more than to any other (calibrated p-value at "
+        "most 0.05). A backdoor is such a hidden pathway to its target class, whatever its trigger looks like.",
+        "Do not deploy this model. Remove the backdoor (bdscan repair MODEL --data DATA) and scan again, or "
+        "retrain from trusted data and find out where the checkpoint came from. The report shows where the "
+        "noisy model's errors went, class by class.",
+        ("See the evidence: `bdscan scan MODEL --report report.html` (where the noisy model's errors went).",
+         "Remove the backdoor: `bdscan repair MODEL --data DATA`, and scan the repaired model again.",
+         "Or retrain from trusted data, and find out where this checkpoint came from."))
 
     def configure(self, settings: ScanSettings) -> NeuronNoiseConfig:
         """The budget's steps (:data:`STEPS`), ``--seed``, ``--alpha`` and ``--device``. ``--steps`` and ``--samples``
