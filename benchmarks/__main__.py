@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from benchmarks import BENCHMARKS, load
@@ -28,7 +29,12 @@ def main(argv: list[str] | None = None) -> int:
     module = load(name)
     ap = module.parser()
     ap.prog = f"python -m benchmarks {name}"
-    module.run(ap.parse_args(rest))
+    try:
+        module.run(ap.parse_args(rest))
+    except BrokenPipeError:  # the reader went away (``| head``): stop quietly, as a shell tool does
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so that the interpreter's final flush does not fail again
+        return 0
     return 0
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -92,3 +93,22 @@ def test_a_zoo_model_is_measured_on_its_data_sets_bundled_samples(tmp_path: Path
     assert DATASET_SAMPLES["cifar10"].exists() and DATASET_SAMPLES["gtsrb"].exists()
     with pytest.raises(SystemExit, match="neither samples nor a data set"):
         samples_of(tmp_path / "m.safetensors", {"dataset": "imagenet"})
+
+
+def test_a_reader_that_goes_away_stops_a_listing_quietly(tmp_path: Path) -> None:
+    """``python -m benchmarks NAME --summary | head``: no BrokenPipeError traceback, exit status 0."""
+    import subprocess
+    import sys
+
+    conf = [[5, 1], [1, 5]]
+    rows = [{"model": f"m{i}", "target": None, "mode": "untargeted", "seed": 0, "eps": [0.1], "steps": 20,
+             "runs": [{"eps": 0.1, "seed": 0, "acc": 0.8, "conf": [[*r, 0] for r in conf] + [[0, 0, 6]]}]} for i in range(3000)]
+    out = tmp_path / "nn.json"
+    out.write_text(json.dumps({"rows": rows}), encoding="utf-8")
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks", "neuron-noise", "--summary", "--out", str(out)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.readline().startswith(b"| m0 |")
+    proc.stdout.close()  # the reader goes away with most of the listing unwritten
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0 and "Traceback" not in err, err
