@@ -100,6 +100,7 @@ def test_flagged_report(flagged_doc: dict[str, Any]) -> None:
     # charts: one norm chart per mode + 3 phase charts per mode + the layer chart + the Detectors table's null chart
     assert html.count("<svg ") == 2 + 2 * 3 + 1 + 1
     assert "not applicable" in section(html, "Detectors").lower()
+    assert '<a href="#detectors">Detectors</a>' in html  # the table of contents names it too
     t = section(html, "Reversed triggers")
     assert "Original trigger" in t and "distance to original" in t and "badnets" in t
     a = section(html, "Activation statistics")
