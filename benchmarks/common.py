@@ -36,7 +36,15 @@ from bdscan.detect.base import combine as combine_detectors
 from bdscan.detect.config import DEFAULT_BUDGET, LEVELS, budget
 from bdscan.detect.config import MODES as DEFAULT_LEVELS
 from bdscan.detect.inversion import invert
-from bdscan.detect.neuron_noise import NeuronNoise, NeuronNoiseConfig, NoiseRun, inflow_test, noisy_names
+from bdscan.detect.neuron_noise import (
+    NeuronNoise,
+    NeuronNoiseConfig,
+    NoiseRun,
+    collapsed_without_noise,
+    inflow_test,
+    noisy_names,
+    split_halves,
+)
 from bdscan.detect.neuron_noise import measure as noise_run
 from bdscan.detect.scan import ScanConfig, combine, params_for, resolve_second_look, scan
 from bdscan.guard import GuardConfig, build_guard, split_guard_data
@@ -95,6 +103,7 @@ __all__ = [
     "budget_config",
     "build_guard",
     "cached_reversed_trigger",
+    "collapsed_without_noise",
     "combined_verdict",
     "find_data_dir",
     "finetune",
@@ -136,6 +145,7 @@ __all__ = [
     "sha16",
     "smin",
     "split_guard_data",
+    "split_halves",
     "table_header",
     "trigger_param",
     "true_target",

@@ -47,6 +47,7 @@ from benchmarks.common import (
     NoiseRun,
     SpreadFloor,
     add_out,
+    collapsed_without_noise,
     inflow_test,
     load_with_samples,
     machine_line,
@@ -56,6 +57,7 @@ from benchmarks.common import (
     noisy_names,
     read_json,
     set_threads,
+    split_halves,
     utc_now,
     write_json,
 )
@@ -78,6 +80,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--seeds", default="0", help="comma-separated seeds (default: %(default)s)")
     ap.add_argument("--steps", type=int, default=None, help="signed-gradient steps (default: 20 untargeted, 15 targeted)")
     ap.add_argument("--summary", action="store_true", help="measure nothing: print the tables of --out")
+    ap.add_argument("--add-clean", action="store_true",
+                    help="measure no noise: add each recorded run's readout without noise (a forward pass) to --out")
     add_out(ap, "neuron_noise.json")
     return ap
 
@@ -121,7 +125,8 @@ def measure(wrapper: Any, x: torch.Tensor, y: torch.Tensor, mode: str, eps_list:
         out = []
         for eps in eps_list:
             run = noise_run(wrapper, CleanData(x, y), NeuronNoiseConfig(eps=eps, steps=steps, seed=seed))
-            out.append({"eps": eps, "acc": run.noisy_accuracy, "conf": run.confusion.tolist()})
+            out.append({"eps": eps, "acc": run.noisy_accuracy, "conf": run.confusion.tolist(),
+                        "clean_acc": run.clean_accuracy, "clean_conf": run.clean_confusion.tolist()})
         return out
     wrapper.eval()
     for p in wrapper.parameters():
@@ -160,11 +165,52 @@ def untargeted_cell(run: dict[str, Any]) -> tuple[int, float, int]:
     return top, float(share[top]), sources
 
 
+def noise_run_of(run: dict[str, Any]) -> Any:
+    """A recorded untargeted run as the detector's :class:`NoiseRun` (its readout without noise when recorded)."""
+    conf = np.asarray(run["conf"], dtype=np.int64)
+    clean = np.asarray(run["clean_conf"], dtype=np.int64) if run.get("clean_conf") is not None else None
+    return NoiseRun(conf, float(run.get("clean_acc", float("nan"))), float(run["acc"]), np.zeros(0), (0, int(conf.sum())), 0, clean)
+
+
 def detector_test(run: dict[str, Any]) -> Any:
     """An untargeted run's test as the ``neuron-noise`` detector makes it (:func:`inflow_test` on its confusion
     matrix): ``.target`` is the suspect, ``.p_value`` its p-value; None when too few classes."""
-    conf = np.asarray(run["conf"], dtype=np.int64)
-    return inflow_test(NoiseRun(conf, float("nan"), float(run["acc"]), np.zeros(0), (0, int(conf.sum())), 0))
+    return inflow_test(noise_run_of(run))
+
+
+def detector_evidence(run: dict[str, Any]) -> tuple[float | None, int | None]:
+    """What the detector reports for a recorded run: (p-value, suspect), or (None, None) when it reports none (too few
+    classes, or the readout already collapsed without noise: :func:`collapsed_without_noise`). A run recorded
+    without its readout without noise is judged without that guard."""
+    r = noise_run_of(run)
+    t = inflow_test(r)
+    if t is None or collapsed_without_noise(r) is not None:
+        return None, None
+    return t.p_value, t.target
+
+
+def add_clean(path: Any) -> None:
+    """``--add-clean``: each recorded untargeted run of ``path`` without its readout without noise gets it
+    (``clean_conf``, ``clean_acc``): the same split of the model's bundled images by the run's seed, the readout half
+    classified without noise (a forward pass; the noise itself is not run again)."""
+    doc = read_json(path, {"rows": []})
+    man = {e["name"]: e for e in read_json(EVAL_ZOO, [])}
+    for row in doc["rows"]:
+        todo = [run for run in row["runs"] if row["mode"] == "untargeted" and run.get("clean_conf") is None]
+        if not todo:
+            continue
+        lm, data = load_with_samples(EVAL_ZOO.parent / man[row["model"]]["file"])
+        g = torch.Generator().manual_seed(int(row["seed"]))
+        _, read = split_halves(data, NeuronNoiseConfig(seed=int(row["seed"])), g)
+        lm.wrapper.eval()
+        with torch.no_grad():
+            pred = torch.cat([lm.wrapper(read.x[i : i + 256]).argmax(1) for i in range(0, len(read), 256)])
+        k = lm.wrapper.num_classes
+        conf = np.zeros((k, k), dtype=np.int64)
+        np.add.at(conf, (read.y.numpy(), pred.numpy()), 1)
+        for run in todo:
+            run["clean_conf"], run["clean_acc"] = conf.tolist(), float((pred == read.y).float().mean())
+    write_json(path, doc)
 
 
 def targeted_test(run: dict[str, Any], floor: float = 0.0) -> Any:
@@ -191,6 +237,10 @@ def summary(doc: dict[str, Any]) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    if args.add_clean:
+        set_threads(1)
+        add_clean(args.out)
+        return
     doc = read_json(args.out, {"benchmark": "neuron-noise", "rows": []})
     if args.summary:
         summary(doc)

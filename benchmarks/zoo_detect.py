@@ -569,7 +569,7 @@ def with_noise(rows: list[dict], paths: Sequence[Path], manifest: Sequence[dict]
     own bound and steps, judged by the detector's test. Models without a LayerNorm keep their rows (the detector
     reports "not applicable" there); a LayerNorm model's scan with no such run is left out and named."""
     from benchmarks.common import NeuronNoise, NeuronNoiseConfig
-    from benchmarks.neuron_noise import detector_test
+    from benchmarks.neuron_noise import detector_evidence
 
     cfg = NeuronNoiseConfig()
     runs: dict[tuple[str, int], dict] = {}
@@ -587,9 +587,9 @@ def with_noise(rows: list[dict], paths: Sequence[Path], manifest: Sequence[dict]
         if run is None:
             missing.append(f"{row['model']} (seed {row['seed']})")
             continue
-        t = detector_test(run)
-        ev = {"status": "backdoor" if t.p_value <= cfg.alpha else "clean", "target": t.target, "p": t.p_value,
-              "weight": NeuronNoise.weight}
+        p, target = detector_evidence(run)
+        status = "inconclusive" if p is None else "backdoor" if p <= cfg.alpha else "clean"
+        ev = {"status": status, "target": target, "p": p, "weight": NeuronNoise.weight}
         out.append(row | {"evidence": dict(row.get("evidence") or {}) | {"neuron-noise": ev}})
     if missing:
         print(f"({len(missing)} LayerNorm scans left out: no neuron-noise run at their seed: {', '.join(sorted(missing))})\n")

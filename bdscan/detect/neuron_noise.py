@@ -215,6 +215,8 @@ class NoiseRun:
         losses: (steps,) the optimisation half's cross-entropy before each step.
         images: how many images each half had (optimisation, readout).
         noisy_layers: how many parameters carried noise.
+        clean_confusion: (K, K) the same readout images by true class and prediction without noise (None when not
+            measured, e.g. a recording made before it was kept).
     """
 
     confusion: np.ndarray
@@ -223,6 +225,13 @@ class NoiseRun:
     losses: np.ndarray
     images: tuple[int, int]
     noisy_layers: int
+    clean_confusion: np.ndarray | None = None
+
+    def without_noise(self) -> NoiseRun | None:
+        """The readout as the model gives it without noise (its clean errors), or None when not measured."""
+        if self.clean_confusion is None:
+            return None
+        return NoiseRun(self.clean_confusion, self.clean_accuracy, self.clean_accuracy, np.zeros(0), self.images, 0)
 
     @property
     def inflow(self) -> np.ndarray:
@@ -298,8 +307,10 @@ def measure(model: ModelWrapper, data: CleanData, cfg: NeuronNoiseConfig,
         noisy = _predict(model, _noisy(params, {n: v.detach() for n, v in deltas.items()}), xb, chunk)
     conf = np.zeros((k, k), dtype=np.int64)
     np.add.at(conf, (yb.numpy(), noisy.numpy()), 1)
+    clean_conf = np.zeros((k, k), dtype=np.int64)
+    np.add.at(clean_conf, (yb.numpy(), clean.numpy()), 1)
     return NoiseRun(conf, float((clean == yb).float().mean()), float((noisy == yb).float().mean()),
-                    np.asarray(losses, dtype=np.float64), (len(ya), len(yb)), len(names))
+                    np.asarray(losses, dtype=np.float64), (len(ya), len(yb)), len(names), clean_conf)
 
 
 @dataclass(frozen=True)
@@ -359,6 +370,28 @@ def inflow_test(run: NoiseRun) -> InflowTest | None:
     return InflowTest(size, int(inflow.sum()), len(erring), sources, pc, max(size.p_value, pc))
 
 
+#: a model that sends at least this share of the other classes' images to one class *without* noise is not a working
+#: classifier (an untrained or broken one answers one class for everything); the zoo's models stay at or below 0.11
+DEGENERATE_SHARE = 0.5
+
+
+def collapsed_without_noise(run: NoiseRun) -> tuple[int, float] | None:
+    """``(class, share)`` when the readout *without* noise already sends at least :data:`DEGENERATE_SHARE` of the other
+    classes' images to one class, else None (or when the readout without noise was not measured).
+
+    Such a model collapses under any noise too, onto that class or another, and the noise is not what made it:
+    neuron noise cannot tell it from a backdoor, so it reports no p-value then. This only ever removes a flag. (A
+    backdoor's own leak into clean predictions is far smaller: at most 0.11 of the images on the zoo, and a test
+    at α there would have silenced eight of its real detections.)
+    """
+    clean = run.without_noise()
+    if clean is None:
+        return None
+    shares = clean.shares
+    k = int(np.argmax(shares))
+    return (k, float(shares[k])) if shares[k] >= DEGENERATE_SHARE else None
+
+
 def critical_share(test: SizeTest, exposure: float, alpha: float) -> float:
     """The share of a class's non-own images that would give the size test p = ``alpha`` (others unchanged)."""
     k = test.classes
@@ -414,6 +447,7 @@ class NeuronNoiseResult:
                         "score": json_number(float(shares[k]), 4), "inflow": int(inflow[k]), "exposure": int(exposure[k])}
                        for k in range(len(shares))],
             "confusion": run.confusion.tolist(),
+            "clean_confusion": None if run.clean_confusion is None else run.clean_confusion.tolist(),
         }
         if self.test is not None:
             t = self.test.size
@@ -526,11 +560,35 @@ class NeuronNoise(Detector):
         test = inflow_test(run)
         if test is None:
             return self._inconclusive("Too few classes had images of other classes in the readout half to test.", config, t0, names, run)
+        already = collapsed_without_noise(run)
+        if already is not None:
+            return self._inconclusive(
+                f"Inconclusive: without any noise the model already sends {already[1]:.0%} of the images of other classes "
+                f"to {_name(names, already[0])}, so a collapse under noise says nothing about a backdoor (an untrained or "
+                "broken model does this).", config, t0, names, run)
         ev = noise_evidence(test, run, names, config)
         log.info("neuron-noise: class %d takes %.3f of the other classes' images, p = %.3g", test.target,
                  float(run.shares[test.target]), test.p_value)
         return NeuronNoiseResult(ev, config, time.perf_counter() - t0, run, test, names)
 
 
-__all__ = ["NORM_LAYERS", "STEPS", "InflowTest", "NeuronNoise", "NeuronNoiseConfig", "NeuronNoiseResult", "NoiseRun", "ascend",
-           "count_p", "critical_share", "has_layer_norm", "inflow_test", "measure", "noise_evidence", "noisy_names", "split_halves"]
+__all__ = [
+    "DEGENERATE_SHARE",
+    "NORM_LAYERS",
+    "STEPS",
+    "InflowTest",
+    "NeuronNoise",
+    "NeuronNoiseConfig",
+    "NeuronNoiseResult",
+    "NoiseRun",
+    "ascend",
+    "collapsed_without_noise",
+    "count_p",
+    "critical_share",
+    "has_layer_norm",
+    "inflow_test",
+    "measure",
+    "noise_evidence",
+    "noisy_names",
+    "split_halves",
+]

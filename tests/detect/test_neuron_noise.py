@@ -235,3 +235,16 @@ def test_a_scan_writes_json_sarif_html_and_the_picture(tiny_vit_bd, held_out, tm
     assert "BDS005" in [r["id"] for r in log["tool"]["driver"]["rules"]]
     page = html.read_text()
     assert "Neuron noise (BAN)" in page and "</html>" in page
+
+
+def test_a_model_that_collapses_without_noise_gets_no_p_value(tiny_vit_clean, held_out) -> None:
+    """An open pathway (margin below zero: every input already goes to class 3) is no evidence the noise found: an
+    untrained or broken model answers one class for everything too."""
+    broken = ModelWrapper(Trap(tiny_vit_clean.wrapper.net, margin=-0.1), tiny_vit_clean.wrapper.info)
+    assert bool((broken(held_out.x).argmax(1) == TARGET).all())
+    r = _noise(broken, held_out)
+    assert r.evidence.status == "inconclusive" and r.evidence.p_value is None, r.evidence.reason
+    assert "without any noise" in r.evidence.reason and f"class {TARGET}" in r.evidence.reason
+    assert r.run is not None and r.run.clean_confusion is not None and r.run.clean_confusion[:, TARGET].sum() == 100
+    sec = r.section([f"class{k}" for k in range(10)], None, None)
+    assert np.asarray(sec["clean_confusion"]).sum() == 100 and "test" not in sec
