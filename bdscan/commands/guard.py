@@ -127,7 +127,7 @@ def guard_cmd(
         from bdscan.guard.report import guard_document, write_html, write_json
         from bdscan.io import load_model
         from bdscan.pipeline import check_device, load_data, scan_loaded
-        from bdscan.repair import reversed_trigger_from_findings, reversed_trigger_from_scan, trigger_from_file
+        from bdscan.repair import reversed_trigger_from_detection, reversed_trigger_from_scan, trigger_from_file
 
         opts = load_options(arch, num_classes, input_size, mean, std, scale, patch_size, trust_pickle)
         scan_levels = levels_of(levels, mode)
@@ -167,8 +167,7 @@ def guard_cmd(
                           scan_target=v.get("target"), budget=budget_name)
             _need_suspect(v.get("status"), label)
             # the combined verdict's class (another detector may have decided it): Neural Cleanse's trigger for that class
-            suspect = det.verdict.target if det.verdict.status == "backdoor" else None
-            trig = reversed_trigger_from_findings(det.results["neural-cleanse"].findings, level, label=label if label is not None else suspect)
+            trig = reversed_trigger_from_detection(det, level, label=label)
         else:
             trig = trigger_from_file(Path(trigger))
         result = build_guard(lm.wrapper, clean, trig, cfg, original=lm.original_trigger)

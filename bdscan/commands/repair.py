@@ -90,7 +90,7 @@ def repair_cmd(
         from bdscan.repair import (
             export_repaired,
             repair,
-            reversed_trigger_from_findings,
+            reversed_trigger_from_detection,
             reversed_trigger_from_scan,
             trigger_from_file,
         )
@@ -129,8 +129,7 @@ def repair_cmd(
                     doc, det = scan_loaded(lm, clean, data_path, settings, activations=False,
                                            events=ConsoleEvents(bar, quiet))
                 # the combined verdict's class (another detector may have decided it): Neural Cleanse's trigger for that class
-                suspect = det.verdict.target if det.verdict.status == "backdoor" else None
-                trig = reversed_trigger_from_findings(det.results["neural-cleanse"].findings, level, label=label if label is not None else suspect)
+                trig = reversed_trigger_from_detection(det, level, label=label)
         else:
             trig = trigger_from_file(Path(trigger))
         with progress_bar(not quiet) as bar:

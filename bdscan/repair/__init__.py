@@ -28,7 +28,12 @@ if TYPE_CHECKING:
     from bdscan.repair.core import RepairResult, repair, split_data, trigger_summary
     from bdscan.repair.export import SUFFIXES, ExportError, OutOfToleranceError, export_repaired, provenance
     from bdscan.repair.prune import find_classifier, prune_neurons
-    from bdscan.repair.triggers import reversed_trigger_from_findings, reversed_trigger_from_scan, trigger_from_file
+    from bdscan.repair.triggers import (
+        reversed_trigger_from_detection,
+        reversed_trigger_from_findings,
+        reversed_trigger_from_scan,
+        trigger_from_file,
+    )
     from bdscan.repair.unlearn import unlearn
 
 #: where each public name lives
@@ -40,7 +45,8 @@ _WHERE = {
     "SUFFIXES": "export", "ExportError": "export", "OutOfToleranceError": "export", "export_repaired": "export",
     "provenance": "export",
     "find_classifier": "prune", "prune_neurons": "prune",
-    "reversed_trigger_from_findings": "triggers", "reversed_trigger_from_scan": "triggers",
+    "reversed_trigger_from_detection": "triggers", "reversed_trigger_from_findings": "triggers",
+    "reversed_trigger_from_scan": "triggers",
     "trigger_from_file": "triggers",
     "unlearn": "unlearn",
 }
@@ -64,6 +70,7 @@ __all__ = [
     "register_method",
     "repair",
     "repair_methods",
+    "reversed_trigger_from_detection",
     "reversed_trigger_from_findings",
     "reversed_trigger_from_scan",
     "split_data",

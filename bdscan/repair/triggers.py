@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -22,6 +23,9 @@ from bdscan.detect.scan import ScanFindings
 from bdscan.errors import LoadError, NoSuspectError, UsageError
 from bdscan.report.scandir import read_arrays, read_document, read_npz, scan_paths
 from bdscan.trigger import Trigger
+
+if TYPE_CHECKING:
+    from bdscan.pipeline import Detection
 
 
 def _pick(target: int | None, mode: str | None, basis: str | None, available: list[str], what: str) -> tuple[int, str]:
@@ -117,6 +121,26 @@ def reversed_trigger_from_findings(findings: ScanFindings, mode: str | None = No
               "verdict": v.status, "anomaly_index": v.anomaly_index}
     return Trigger(r.mask.detach().float().cpu().clone(), r.pattern.detach().float().cpu().clone(), target,
                    f"reversed-{chosen}", params)
+
+
+def reversed_trigger_from_detection(det: Detection, mode: str | None = None, *, label: int | None = None) -> Trigger:
+    """Neural Cleanse's reversed trigger for the class the *combined* verdict suspects (another detector, e.g. neuron
+    noise, may have decided it while Neural Cleanse alone found nothing), or for ``label`` when given.
+
+    Raises:
+        UsageError: the scan ran no Neural Cleanse (there is no reversed trigger), or as
+            :func:`reversed_trigger_from_findings`.
+        NoSuspectError: no detector suspects a class and no ``label`` was given.
+    """
+    nc = det.results.get("neural-cleanse")
+    findings = getattr(nc, "findings", None)
+    if findings is None:
+        raise UsageError("the scan ran no Neural Cleanse, so there is no reversed trigger to unlearn",
+                         "scan with Neural Cleanse among the detectors, or repair with a trigger file (--trigger FILE)")
+    if label is None and (det.verdict.status != "backdoor" or det.verdict.target is None):
+        # the combined verdict, not Neural Cleanse's own: its flag alone may not survive the other detectors' share of α
+        _pick(None, mode, None, list(findings.modes), f"the scan (verdict: {det.verdict.status})")
+    return reversed_trigger_from_findings(findings, mode, label=label if label is not None else det.verdict.target)
 
 
 def trigger_from_file(path: Path, target: int | None = None) -> Trigger:

@@ -70,3 +70,25 @@ def test_trigger_file(tmp_path: Path) -> None:
         trigger_from_file(tmp_path / "half.npz")
     with pytest.raises(UsageError, match="npz"):
         trigger_from_file(tmp_path / "mask.png")
+
+
+def test_the_combined_verdicts_class_picks_neural_cleanses_trigger(smoke_scan) -> None:  # type: ignore[no-untyped-def]
+    """A backdoor that another detector found (neural cleanse alone clean, or naming another class) is repaired with
+    Neural Cleanse's reversed trigger for the combined verdict's class; without a suspect there is none."""
+    from types import SimpleNamespace
+
+    from bdscan.detect.base import CombinedVerdict
+    from bdscan.errors import NoSuspectError
+    from bdscan.repair import reversed_trigger_from_detection
+
+    nc = SimpleNamespace(findings=smoke_scan.findings)
+    other = (TARGET + 2) % 10
+    det = SimpleNamespace(results={"neural-cleanse": nc}, verdict=CombinedVerdict("backdoor", other, None, ()))
+    t = reversed_trigger_from_detection(det)  # type: ignore[arg-type]
+    assert t.target == other and torch.equal(t.mask, smoke_scan.findings.modes["pixel"].label(other).mask)
+    assert reversed_trigger_from_detection(det, label=TARGET).target == TARGET  # type: ignore[arg-type]  # --label wins
+    clean = SimpleNamespace(results={"neural-cleanse": nc}, verdict=CombinedVerdict("clean", None, None, ()))
+    with pytest.raises(NoSuspectError):
+        reversed_trigger_from_detection(clean)  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match="no Neural Cleanse"):
+        reversed_trigger_from_detection(SimpleNamespace(results={}, verdict=det.verdict))  # type: ignore[arg-type]
