@@ -47,6 +47,7 @@ from benchmarks.common import (
     NoiseRun,
     SpreadFloor,
     add_out,
+    ascend,
     collapsed_without_noise,
     inflow_test,
     load_with_samples,
@@ -55,6 +56,7 @@ from benchmarks.common import (
     new_parser,
     noise_run,
     noisy_names,
+    noisy_params,
     read_json,
     set_threads,
     split_halves,
@@ -84,23 +86,6 @@ def parser() -> argparse.ArgumentParser:
                     help="measure no noise: add each recorded run's readout without noise (a forward pass) to --out")
     add_out(ap, "neuron_noise.json")
     return ap
-
-
-def _noisy(params: dict[str, torch.Tensor], deltas: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {n: p * (1 + deltas[n]) if n in deltas else p for n, p in params.items()}
-
-
-def _ascend(model: Any, params: dict[str, torch.Tensor], deltas: dict[str, torch.Tensor], x: torch.Tensor,
-            y: torch.Tensor, eps: float, steps: int, sign: float) -> None:
-    """Signed-gradient steps on the noise: ``sign`` +1 raises the cross-entropy to ``y``, -1 lowers it."""
-    for v in deltas.values():
-        v.requires_grad_(True)
-    for _ in range(steps):
-        loss = -sign * F.cross_entropy(functional_call(model, _noisy(params, deltas), (x,)), y)
-        grads = torch.autograd.grad(loss, list(deltas.values()))
-        with torch.no_grad():
-            for v, g in zip(deltas.values(), grads, strict=True):
-                v.sub_(eps / steps * 2 * g.sign()).clamp_(-eps, eps)
 
 
 def measure(wrapper: Any, x: torch.Tensor, y: torch.Tensor, mode: str, eps_list: list[float], seed: int,
@@ -144,9 +129,9 @@ def measure(wrapper: Any, x: torch.Tensor, y: torch.Tensor, mode: str, eps_list:
         for t in range(k):
             xs, xr = xa[ya != t], xb[yb != t]
             deltas = {n: torch.zeros_like(params[n]) for n in names}
-            _ascend(wrapper, params, deltas, xs, torch.full((len(xs),), t), eps, steps, -1.0)
+            ascend(wrapper, params, deltas, xs, torch.full((len(xs),), t), eps, steps, len(xs), sign=-1.0)
             with torch.no_grad():
-                logits = functional_call(wrapper, _noisy(params, deltas), (xr,))
+                logits = functional_call(wrapper, noisy_params(params, deltas), (xr,))
             rate.append(float((logits.argmax(1) == t).float().mean()))
             ce.append(float(F.cross_entropy(logits, torch.full((len(xr),), t))))
         runs.append({"eps": eps, "rate": rate, "ce": ce})
@@ -202,9 +187,7 @@ def add_clean(path: Any) -> None:
         lm, data = load_with_samples(EVAL_ZOO.parent / man[row["model"]]["file"])
         g = torch.Generator().manual_seed(int(row["seed"]))
         _, read = split_halves(data, NeuronNoiseConfig(seed=int(row["seed"])), g)
-        lm.wrapper.eval()
-        with torch.no_grad():
-            pred = torch.cat([lm.wrapper(read.x[i : i + 256]).argmax(1) for i in range(0, len(read), 256)])
+        pred = lm.wrapper.predict(read.x)
         k = lm.wrapper.num_classes
         conf = np.zeros((k, k), dtype=np.int64)
         np.add.at(conf, (read.y.numpy(), pred.numpy()), 1)

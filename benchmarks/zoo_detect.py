@@ -42,11 +42,13 @@ from benchmarks.common import (
     LEVELS,
     LOG_SD_FLOOR,
     PATCH_MAD_FLOOR,
+    Evidence,
     SpreadFloor,
     add_budget,
     add_out,
     add_threads,
     budget_config,
+    combine_detectors,
     level_anomaly,
     machine_line,
     new_parser,
@@ -378,11 +380,10 @@ def decide(row: dict, cands: dict[str, tuple[float, Any, float]], alpha: float) 
         out.update(status="inconclusive", suspect=None, p=None, decided_by=None, flagged=False,
                    right=row["true_target"] is None)
         return out
-    total = math.fsum(w for _, _, w in cands.values())
-    equal = len({w for _, _, w in cands.values()}) == 1
-    corrected = {d: min(1.0, (len(cands) if equal else total / w) * p) for d, (p, _, w) in cands.items()}
-    by = min(corrected, key=lambda d: corrected[d])  # the first of equals, in the order given
-    p = corrected[by]
+    # the scan's own rule decides which detector's corrected p-value counts (the flag below keeps the replay's
+    # reading: a p-value at most alpha flags, whether or not the detector named a class)
+    v = combine_detectors([Evidence(d, "clean", None, 0.0, 0.0, "", {}, p, w) for d, (p, _, w) in cands.items()], alpha)
+    by, p = v.decided_by.detector, float(v.p_value)  # type: ignore[union-attr, arg-type]
     flagged = p <= alpha
     suspect = cands[by][1] if flagged else None
     right = (flagged and suspect == row["true_target"]) if row["true_target"] is not None else not flagged

@@ -148,7 +148,8 @@ def has_layer_norm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.LayerNorm) for m in model.modules())
 
 
-def _noisy(params: dict[str, torch.Tensor], deltas: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def noisy_params(params: dict[str, torch.Tensor], deltas: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``params`` with each one named in ``deltas`` multiplied by ``1 + δ`` (for :func:`torch.func.functional_call`)."""
     return {n: p * (1 + deltas[n]) if n in deltas else p for n, p in params.items()}
 
 
@@ -158,8 +159,10 @@ def _chunks(n: int, size: int) -> Iterator[slice]:
 
 
 def ascend(model: nn.Module, params: dict[str, torch.Tensor], deltas: dict[str, torch.Tensor], x: torch.Tensor,
-           y: torch.Tensor, eps: float, steps: int, chunk: int, progress: DetectorProgress | None = None) -> list[float]:
-    """Signed-gradient ascent of the mean cross-entropy of ``(x, y)`` over the noise ``deltas`` (in place).
+           y: torch.Tensor, eps: float, steps: int, chunk: int, progress: DetectorProgress | None = None,
+           sign: float = 1.0) -> list[float]:
+    """Signed-gradient ascent of the mean cross-entropy of ``(x, y)`` over the noise ``deltas`` (in place), or with
+    ``sign`` -1 descent (a noise that sends the images *to* ``y``: the benchmark's per-class mode).
 
     Args:
         model: the wrapper, eval mode, parameters frozen.
@@ -170,6 +173,7 @@ def ascend(model: nn.Module, params: dict[str, torch.Tensor], deltas: dict[str, 
         steps: signed-gradient steps of ``2 · eps / steps``.
         chunk: images per forward; the gradient is accumulated over chunks (one chunk: the plain mean).
         progress: called after every step.
+        sign: +1 raises the cross-entropy (the detector's noise), -1 lowers it.
 
     Returns:
         the cross-entropy before each step.
@@ -186,7 +190,7 @@ def ascend(model: nn.Module, params: dict[str, torch.Tensor], deltas: dict[str, 
         total = 0.0
         for sl in _chunks(n, chunk):
             # weighted so that the chunks' gradients add up to the mean's (a weight of exactly 1.0 for one chunk)
-            loss = F.cross_entropy(functional_call(model, _noisy(params, deltas), (x[sl],)).float(), y[sl]) * ((sl.stop - sl.start) / n)
+            loss = F.cross_entropy(functional_call(model, noisy_params(params, deltas), (x[sl],)).float(), y[sl]) * ((sl.stop - sl.start) / n)
             if not torch.isfinite(loss):
                 raise NumericalError("the model's loss under neuron noise is NaN or infinite",
                                      "check the model's weights (bdscan inspect MODEL); neuron noise cannot be measured")
@@ -196,7 +200,7 @@ def ascend(model: nn.Module, params: dict[str, torch.Tensor], deltas: dict[str, 
         losses.append(total)
         with torch.no_grad():
             for v, g in zip(deltas.values(), grads, strict=True):
-                v.add_(eps / steps * 2 * g.sign()).clamp_(-eps, eps)
+                v.add_(eps / steps * 2 * sign * g.sign()).clamp_(-eps, eps)
         if progress is not None:
             progress("neuron-noise", step + 1, steps, {"loss": total})
     for v in deltas.values():
@@ -304,7 +308,7 @@ def measure(model: ModelWrapper, data: CleanData, cfg: NeuronNoiseConfig,
         xb, yb = read.x.to(dev).float(), read.y.long()
         losses = ascend(model, params, deltas, xa, ya, cfg.eps, cfg.steps, chunk, progress)
         clean = _predict(model, None, xb, chunk)
-        noisy = _predict(model, _noisy(params, {n: v.detach() for n, v in deltas.items()}), xb, chunk)
+        noisy = _predict(model, noisy_params(params, {n: v.detach() for n, v in deltas.items()}), xb, chunk)
     conf = np.zeros((k, k), dtype=np.int64)
     np.add.at(conf, (yb.numpy(), noisy.numpy()), 1)
     clean_conf = np.zeros((k, k), dtype=np.int64)
@@ -590,5 +594,6 @@ __all__ = [
     "measure",
     "noise_evidence",
     "noisy_names",
+    "noisy_params",
     "split_halves",
 ]
