@@ -177,7 +177,8 @@ def scan_loaded(lm: LoadedModel, data: CleanData, data_path: Path, settings: Sca
         ev.warning("this CPU has no native bf16 instructions (AVX512-BF16 or AMX), so --precision bf16 runs emulated, "
                    "about 10× slower than fp32; use --precision auto")
     nc_config = configs.get("neural-cleanse")
-    estimate = estimate_seconds(lm.wrapper, nc_config) if nc_config is not None and settings.device == "cpu" else None
+    others = sum(get_detector(d).passes(lm.wrapper, len(data), configs[d]) for d in detectors)
+    estimate = estimate_seconds(lm.wrapper, nc_config, other_passes=others) if settings.device == "cpu" else None
     ev.planned(ScanPlan(lm, data, data_path, settings, tuple(detectors), configs, precision, estimate))
     det = detect(lm, data, settings, detectors, ev, configs)
     doc = scan_document(lm, data, det.results, det.verdict, settings.seed, example_image(data, det.verdict.target),

@@ -66,6 +66,8 @@ from benchmarks.common import (
 from benchmarks.zoo_detect import select
 
 MODES = ("untargeted", "targeted")
+#: ``cross_fit_below`` that cross-fits whatever the number of images
+CROSS_FIT_ALWAYS = 1 << 30
 #: signed-gradient steps: each moves delta by 2 eps / steps, so the steps can cross the whole box
 STEPS = {"untargeted": 20, "targeted": 15}
 
@@ -81,6 +83,9 @@ def parser() -> argparse.ArgumentParser:
                                                 "untargeted; 0.05,0.1 targeted)")
     ap.add_argument("--seeds", default="0", help="comma-separated seeds (default: %(default)s)")
     ap.add_argument("--steps", type=int, default=None, help="signed-gradient steps (default: 20 untargeted, 15 targeted)")
+    ap.add_argument("--cross-fit", action="store_true",
+                    help="untargeted: the detector's cross-fit (a second noise found on the readout half reads the "
+                         "first half; both readouts pooled)")
     ap.add_argument("--summary", action="store_true", help="measure nothing: print the tables of --out")
     ap.add_argument("--add-clean", action="store_true",
                     help="measure no noise: add each recorded run's readout without noise (a forward pass) to --out")
@@ -89,7 +94,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def measure(wrapper: Any, x: torch.Tensor, y: torch.Tensor, mode: str, eps_list: list[float], seed: int,
-            steps: int) -> list[dict[str, Any]]:
+            steps: int, cross_fit: bool = False) -> list[dict[str, Any]]:
     """One seed's runs on a model.
 
     Args:
@@ -99,6 +104,8 @@ def measure(wrapper: Any, x: torch.Tensor, y: torch.Tensor, mode: str, eps_list:
         eps_list: the noise bounds, one run each.
         seed: draws the half split and (untargeted) the starting noise.
         steps: signed-gradient steps.
+        cross_fit: untargeted: the detector's cross-fit (:attr:`NeuronNoiseConfig.cross_fit_below`) whatever the
+            number of images.
 
     The wrapper is put in eval mode with its parameters frozen (the noise is the only thing optimised).
 
@@ -109,7 +116,8 @@ def measure(wrapper: Any, x: torch.Tensor, y: torch.Tensor, mode: str, eps_list:
     if mode == "untargeted":  # the detector's own measurement, one generator per eps
         out = []
         for eps in eps_list:
-            run = noise_run(wrapper, CleanData(x, y), NeuronNoiseConfig(eps=eps, steps=steps, seed=seed))
+            run = noise_run(wrapper, CleanData(x, y), NeuronNoiseConfig(eps=eps, steps=steps, seed=seed,
+                                                                                 cross_fit_below=CROSS_FIT_ALWAYS if cross_fit else 0))
             out.append({"eps": eps, "acc": run.noisy_accuracy, "conf": run.confusion.tolist(),
                         "clean_acc": run.clean_accuracy, "clean_conf": run.clean_confusion.tolist()})
         return out
@@ -234,14 +242,15 @@ def run(args: argparse.Namespace) -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     for r in select(read_json(EVAL_ZOO, []), args, EVAL_ZOO.parent):  # the models zoo-detect scans
         for seed in seeds:
-            key = (r["name"], args.mode, seed, tuple(eps_list), steps)
-            if any((x["model"], x["mode"], x["seed"], tuple(x["eps"]), x["steps"]) == key for x in doc["rows"]):
+            key = (r["name"], args.mode, seed, tuple(eps_list), steps, args.cross_fit)
+            if any((x["model"], x["mode"], x["seed"], tuple(x["eps"]), x["steps"], x.get("cross_fit", False)) == key
+                   for x in doc["rows"]):
                 continue
             lm, data = load_with_samples(EVAL_ZOO.parent / r["file"])
             t0 = time.perf_counter()
-            runs = measure(lm.wrapper, data.x, data.y, args.mode, eps_list, seed, steps)
+            runs = measure(lm.wrapper, data.x, data.y, args.mode, eps_list, seed, steps, args.cross_fit)
             row = {"model": r["name"], "target": r["target"], "attack": r["attack"], "clean_acc": r["clean_acc"],
-                   "mode": args.mode, "seed": seed, "eps": eps_list, "steps": steps,
+                   "mode": args.mode, "seed": seed, "eps": eps_list, "steps": steps, "cross_fit": args.cross_fit,
                    "runs": [dict(x, seed=seed) for x in runs], "seconds": round(time.perf_counter() - t0, 1),
                    "machine": machine_line(), "when": utc_now()}
             doc = read_json(args.out, {"benchmark": "neuron-noise", "rows": []})  # another run may have written

@@ -34,6 +34,12 @@ def test_without_noise_the_readout_is_the_clean_model(tiny_bd: TinyFiles) -> Non
     conf = torch.zeros(10, 10, dtype=torch.long)
     conf.index_put_((yb, logits.argmax(1)), torch.ones_like(yb), accumulate=True)
     assert un["conf"] == conf.tolist()
+    # --cross-fit: the detector's cross-fit whatever the number of images; without noise every image is read as is
+    (cf,) = measure(w, data.x, data.y, "untargeted", [0.0], seed=3, steps=2, cross_fit=True)
+    with torch.no_grad():
+        every = torch.zeros(10, 10, dtype=torch.long).index_put_((data.y, w(data.x).argmax(1)), torch.ones_like(data.y),
+                                                                 accumulate=True)
+    assert cf["conf"] == cf["clean_conf"] == every.tolist()
     for t in range(10):
         other = yb != t
         ce = F.cross_entropy(logits[other], torch.full((int(other.sum()),), t))

@@ -488,6 +488,13 @@ def test_noise_recordings_join_the_layer_norm_models_scans(tmp_path, capsys) -> 
     assert "v (seed 1)" in capsys.readouterr().out
     ev = out[0]["evidence"]["neuron-noise"]
     assert ev["target"] == 2 and ev["weight"] == 0.1 and "neuron-noise" not in out[1]["evidence"]
+    # a cross-fit recording joins the same way, but never beside a plain one of the same scan
+    cross = tmp_path / "cross.json"
+    write_json(cross, {"rows": [{"model": "v", "seed": 0, "mode": "untargeted", "eps": [0.1], "steps": 20, "cross_fit": True,
+                                 "runs": [{"eps": 0.1, "acc": 0.5, "conf": conf}]}]})
+    assert with_noise(rows, [cross], manifest)[0]["evidence"]["neuron-noise"]["target"] == 2
+    with pytest.raises(SystemExit, match="both with and without the cross-fit"):
+        with_noise(rows, [noise, cross], manifest)
     # the list of LayerNorm architectures is what the detector itself would find
     import timm
 

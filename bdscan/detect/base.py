@@ -224,6 +224,13 @@ class Detector:
         """Runs the detector on ``model`` with ``data`` (clean images of its classes)."""
         raise NotImplementedError
 
+    def passes(self, model: ModelWrapper, images: int, config: Any) -> float:
+        """At most how many images this detector puts through ``model`` forward and backward (a forward alone counts
+        a third) with ``images`` clean images: the scan's time estimate (:func:`bdscan.models.cost.estimate_seconds`)
+        adds it to Neural Cleanse's, whose own arithmetic (two looks, parallel levels) the estimate models itself,
+        so Neural Cleanse leaves this at 0."""
+        return 0.0
+
     def evidence_from_doc(self, doc: Mapping[str, Any]) -> Evidence | None:
         """This detector's evidence as a saved scan document holds it (None when it did not run).
 

@@ -529,6 +529,10 @@ class MMBD(Detector):
             cfg = cfg.with_(steps=settings.steps)
         return cfg.validate()
 
+    def passes(self, model: ModelWrapper, images: int, config: MMBDConfig) -> float:
+        """Every class's starts, each through every step (clean starts counted in full)."""
+        return float(model.num_classes * (config.random_starts + config.clean_starts) * config.steps)
+
     def detect(self, model: ModelWrapper, data: CleanData | None, config: MMBDConfig,
                progress: DetectorProgress | None = None) -> MMBDResult:
         t0 = time.perf_counter()

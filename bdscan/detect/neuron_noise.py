@@ -98,6 +98,10 @@ class NeuronNoiseConfig:
         chunk: images per forward; None = automatic (:data:`CPU_CHUNK_PIXELS`, :data:`GPU_CHUNK_PIXELS`).
         layer_norm_only: report "not applicable" (no p-value) for a model without a LayerNorm (the calibrated
             default); False measures any model with a normalisation layer, uncalibrated there.
+        cross_fit_below: with fewer images than this (after the cap), also find a second noise on the readout half
+            (from its own random start) and read the first half through it, pooling both readouts (a cross-fit):
+            every image is read once, by a noise that did not see it, for twice the readout at twice the cost. The
+            test's power grows with the readout (docs/scanning.md), and a small one is where it is short. 0: never.
     """
 
     budget: str = "fast"
@@ -109,6 +113,7 @@ class NeuronNoiseConfig:
     device: str = "cpu"
     chunk: int | None = None
     layer_norm_only: bool = True
+    cross_fit_below: int = 0
 
     def with_(self, **changes: Any) -> NeuronNoiseConfig:
         return replace(self, **changes)
@@ -216,8 +221,9 @@ class NoiseRun:
         confusion: (K, K) readout images by true class (rows) and prediction under the noise (columns).
         clean_accuracy: the readout half's accuracy without noise.
         noisy_accuracy: its accuracy under the noise.
-        losses: (steps,) the optimisation half's cross-entropy before each step.
-        images: how many images each half had (optimisation, readout).
+        losses: (steps,) the optimisation half's cross-entropy before each step (cross-fit: (2 · steps,), the first
+            noise's then the second's).
+        images: how many images found the noise and how many were read (cross-fit: every image both).
         noisy_layers: how many parameters carried noise.
         clean_confusion: (K, K) the same readout images by true class and prediction without noise (None when not
             measured, e.g. a recording made before it was kept).
@@ -279,12 +285,36 @@ def _predict(model: nn.Module, params: dict[str, torch.Tensor] | None, x: torch.
     return torch.cat(outs)
 
 
+def _one_noise(model: ModelWrapper, params: dict[str, torch.Tensor], names: list[str], find: CleanData, read: CleanData,
+               cfg: NeuronNoiseConfig, g: torch.Generator, chunk: int, dev: torch.device,
+               progress: DetectorProgress | None) -> tuple[np.ndarray, np.ndarray, list[float]]:
+    """A noise found on ``find`` (its start drawn from ``g``), and ``read`` classified through it and without it.
+
+    Returns:
+        (K, K) confusion under the noise, (K, K) confusion without it (true class × prediction), the losses.
+    """
+    k = model.num_classes
+    deltas = {n: ((torch.rand(params[n].shape, generator=g) * 2 - 1) * cfg.eps).to(dev) for n in names}
+    losses = ascend(model, params, deltas, find.x.to(dev).float(), find.y.to(dev).long(), cfg.eps, cfg.steps, chunk,
+                    progress)
+    xb, yb = read.x.to(dev).float(), read.y.long()
+    clean = _predict(model, None, xb, chunk)
+    noisy = _predict(model, noisy_params(params, {n: v.detach() for n, v in deltas.items()}), xb, chunk)
+    conf = np.zeros((k, k), dtype=np.int64)
+    np.add.at(conf, (yb.numpy(), noisy.numpy()), 1)
+    clean_conf = np.zeros((k, k), dtype=np.int64)
+    np.add.at(clean_conf, (yb.numpy(), clean.numpy()), 1)
+    return conf, clean_conf, losses
+
+
 def measure(model: ModelWrapper, data: CleanData, cfg: NeuronNoiseConfig,
             progress: DetectorProgress | None = None) -> NoiseRun:
-    """One noise on ``model`` and its readout (see the module docstring).
+    """The noise on ``model`` and its readout (see the module docstring); with fewer images than
+    ``cfg.cross_fit_below``, two noises, each read on the half the other was found on, their readouts pooled.
 
     The seed's generator draws, in this order, the split into halves and then each noisy parameter's starting δ
-    (uniform in [-eps, eps], in :func:`noisy_names` order), so that a run is reproducible on one machine.
+    (uniform in [-eps, eps], in :func:`noisy_names` order; for the cross-fit's second noise, again), so that a run
+    is reproducible on one machine and the cross-fit's first noise is the plain run's.
 
     Args:
         model: the wrapper ([0, 1] images in, logits out).
@@ -297,24 +327,28 @@ def measure(model: ModelWrapper, data: CleanData, cfg: NeuronNoiseConfig,
     """
     g = torch.Generator().manual_seed(cfg.seed)
     opt, read = split_halves(data, cfg, g)
-    k = model.num_classes
     dev = torch.device(cfg.device)
     chunk = cfg.resolved_chunk(tuple(data.x.shape[1:]))
+    cross = len(opt) + len(read) < cfg.cross_fit_below
+    rounds = [(opt, read), (read, opt)] if cross else [(opt, read)]
+    total = cfg.steps * len(rounds)
+
+    def step_progress(i: int) -> DetectorProgress | None:
+        if progress is None:
+            return None
+        return lambda task, done, _n, stats: progress(task, i * cfg.steps + done, total, stats)
+
     with prepared(model, "fp32", dev):
         params = dict(model.named_parameters())
         names = noisy_names(model)
-        deltas = {n: ((torch.rand(params[n].shape, generator=g) * 2 - 1) * cfg.eps).to(dev) for n in names}
-        xa, ya = opt.x.to(dev).float(), opt.y.to(dev).long()
-        xb, yb = read.x.to(dev).float(), read.y.long()
-        losses = ascend(model, params, deltas, xa, ya, cfg.eps, cfg.steps, chunk, progress)
-        clean = _predict(model, None, xb, chunk)
-        noisy = _predict(model, noisy_params(params, {n: v.detach() for n, v in deltas.items()}), xb, chunk)
-    conf = np.zeros((k, k), dtype=np.int64)
-    np.add.at(conf, (yb.numpy(), noisy.numpy()), 1)
-    clean_conf = np.zeros((k, k), dtype=np.int64)
-    np.add.at(clean_conf, (yb.numpy(), clean.numpy()), 1)
-    return NoiseRun(conf, float((clean == yb).float().mean()), float((noisy == yb).float().mean()),
-                    np.asarray(losses, dtype=np.float64), (len(ya), len(yb)), len(names), clean_conf)
+        runs = [_one_noise(model, params, names, find, rd, cfg, g, chunk, dev, step_progress(i))
+                for i, (find, rd) in enumerate(rounds)]
+    conf = sum(r[0] for r in runs)
+    clean_conf = sum(r[1] for r in runs)
+    n = float(conf.sum())
+    images = (len(opt) + len(read), len(opt) + len(read)) if cross else (len(opt), len(read))
+    return NoiseRun(conf, float(np.trace(clean_conf)) / n, float(np.trace(conf)) / n,
+                    np.asarray([x for r in runs for x in r[2]], dtype=np.float64), images, len(names), clean_conf)
 
 
 @dataclass(frozen=True)
@@ -538,6 +572,15 @@ class NeuronNoise(Detector):
             raise UsageError(f"unknown budget {settings.budget!r}", f"use one of: {', '.join(STEPS)}")
         return NeuronNoiseConfig(budget=settings.budget, steps=STEPS[settings.budget], alpha=settings.alpha,
                                  seed=settings.seed, device=settings.device).validate()
+
+    def passes(self, model: ModelWrapper, images: int, config: NeuronNoiseConfig) -> float:
+        """Per noise: its steps over the half it is found on, and two forwards (with and without noise) of the half it
+        reads; two noises with a cross-fit. 0 where the detector does not apply."""
+        if (config.layer_norm_only and not has_layer_norm(model)) or images < 4:
+            return 0.0
+        n = min(images, config.max_images)
+        rounds = 2 if n < config.cross_fit_below else 1
+        return rounds * (config.steps * (n // 2) + 2 / 3 * (n - n // 2))
 
     def _inconclusive(self, reason: str, config: NeuronNoiseConfig, t0: float, names: list[str],
                       run: NoiseRun | None = None) -> NeuronNoiseResult:

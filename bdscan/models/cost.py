@@ -9,7 +9,8 @@ runs it: the inversions side by side, each on its share of the threads, with the
 scan holds (fewer for a large model, so that the probe stays near a second). It counts the model's passes only: on
 a 32×32 CCT it was within a few per cent of the measured scan, at 224×224 (inputs resized on every step) 9-24 % under
 (benchmarks/README.md, "224×224 inputs"). With a two-look schedule the scan usually ends at its first look; the
-estimate gives both.
+estimate gives both. The other detectors say how many images they put through the model
+(:meth:`bdscan.detect.base.Detector.passes`), counted at the same measured rate.
 """
 
 from __future__ import annotations
@@ -107,38 +108,49 @@ def probe_batch(flop_per_image: float, scan_batch: int) -> int:
     return int(max(PROBE_BATCH, min(scan_batch, PROBE_PASS_FLOP // max(flop_per_image, 1.0))))
 
 
-def estimate_seconds(wrapper: ModelWrapper, config: Any, threads: int | None = None) -> ScanEstimate | None:
+def estimate_seconds(wrapper: ModelWrapper, config: Any | None, threads: int | None = None,
+                     other_passes: float = 0.0) -> ScanEstimate | None:
     """How long a scan with ``config`` (its ScanConfig) should take on this machine, or None when it is short anyway.
 
     Args:
         wrapper: the model, on the CPU.
-        config: the Neural Cleanse scan configuration (levels, labels, inversion schedule, second look, workers).
+        config: the Neural Cleanse scan configuration (levels, labels, inversion schedule, second look, workers), or
+            None when Neural Cleanse does not run.
         threads: torch threads the scan will run on (None: torch's current setting).
+        other_passes: the other detectors' forward+backward images (their ``Detector.passes``), which run after
+            Neural Cleanse on all the threads, at any look.
 
     Returns:
         :class:`ScanEstimate`, or None for a scan of under :data:`PROBE_ABOVE_FLOP` or when the probe fails.
     """
     try:
-        images = scan_images(config, wrapper.num_classes)
+        images = scan_images(config, wrapper.num_classes) if config is not None else 0
         per_image = 3.0 * forward_flops(wrapper)
-        if per_image * images < PROBE_ABOVE_FLOP:
+        if images + other_passes <= 0 or per_image * (images + other_passes) < PROBE_ABOVE_FLOP:
             return None
         threads = threads or torch.get_num_threads()
-        # the scan's own arrangement (bdscan.detect.scan.scan): its workers side by side, each on its share of the
-        # threads, each putting a chunk of labels × batch through one forward
-        workers = config.resolved_workers(inversions(config), threads)
+        if config is not None:
+            # the scan's own arrangement (bdscan.detect.scan.scan): its workers side by side, each on its share of
+            # the threads, each putting a chunk of labels × batch through one forward
+            workers = config.resolved_workers(inversions(config), threads)
+            inv = config.inversion
+            scan_batch = inv.resolved_label_chunk("cpu", max(1, threads // workers)) * inv.batch_size
+        else:
+            workers, scan_batch = 1, PROBE_BATCH
         per_worker = max(1, threads // workers)
-        inv = config.inversion
-        batch = probe_batch(per_image, inv.resolved_label_chunk("cpu", per_worker) * inv.batch_size)
+        batch = probe_batch(per_image, scan_batch)
         with torch.enable_grad(), torch_threads(per_worker):
             rate = workers * images_per_second(wrapper, batch)
         wrapper.zero_grad(set_to_none=True)
-        full = images / rate
+        nc_full = images / rate
+        # the other detectors are counted at the rate of Neural Cleanse's workers together (on all the threads)
+        other = other_passes / rate
         look = getattr(config, "second_look", None)
-        first = full * look.first_steps / inv.steps if look is not None else None
-        log.info("scan estimate: %d images at most, %.3g FLOP, %.1f images/s (%d workers × %d threads, probe batch %d)",
-                 images, per_image * images, rate, workers, per_worker, batch)
-        return ScanEstimate(full, first)
+        first = nc_full * look.first_steps / config.inversion.steps + other if look is not None else None
+        log.info("scan estimate: %d images at most (and %.0f for the other detectors), %.3g FLOP, %.1f images/s "
+                 "(%d workers × %d threads, probe batch %d)", images, other_passes, per_image * (images + other_passes),
+                 rate, workers, per_worker, batch)
+        return ScanEstimate(nc_full + other, first)
     except Exception as e:  # an estimate must never stop a scan
         log.info("no scan estimate: %s", e)
         return None

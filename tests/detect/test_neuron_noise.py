@@ -130,6 +130,33 @@ def test_chunked_forwards_follow_the_same_loss(tiny_vit_bd, held_out) -> None:
     assert chunked.losses[0] == pytest.approx(one.losses[0], rel=1e-5)  # the same start, the loss summed in chunks
 
 
+def test_a_cross_fit_reads_every_image_once_with_a_noise_that_did_not_see_it(tiny_vit_bd, held_out) -> None:
+    plain = measure(tiny_vit_bd.wrapper, held_out, NeuronNoiseConfig(seed=1, steps=3))
+    ticks: list[tuple[int, int]] = []
+    cross = measure(tiny_vit_bd.wrapper, held_out, NeuronNoiseConfig(seed=1, steps=3, cross_fit_below=201),
+                    lambda _task, done, total, _stats: ticks.append((done, total)))
+    assert ticks == [(i, 6) for i in range(1, 7)]  # one progress bar over both noises
+    assert plain.images == (100, 100) and cross.images == (200, 200)
+    # every image read once: the pooled rows count each class's images, with and without noise
+    counts = torch.bincount(held_out.y, minlength=10).numpy()
+    np.testing.assert_array_equal(cross.confusion.sum(1), counts)
+    np.testing.assert_array_equal(cross.clean_confusion.sum(1), counts)
+    # its first noise is the plain run's (same draws, in the same order); the second is read on the other half
+    np.testing.assert_array_equal(cross.losses[:3], plain.losses)
+    assert len(cross.losses) == 6 and not np.array_equal(cross.losses[3:], plain.losses)
+    second = cross.confusion - plain.confusion
+    assert (second >= 0).all() and second.sum() == 100
+    opt_half, _ = split_halves(held_out, NeuronNoiseConfig(seed=1), torch.Generator().manual_seed(1))
+    np.testing.assert_array_equal(second.sum(1), torch.bincount(opt_half.y, minlength=10).numpy())
+    assert cross.clean_accuracy == pytest.approx(float((tiny_vit_bd.wrapper(held_out.x).argmax(1) == held_out.y).float().mean()))
+    # at the threshold and above: one noise, as before
+    at = measure(tiny_vit_bd.wrapper, held_out, NeuronNoiseConfig(seed=1, steps=3, cross_fit_below=200))
+    np.testing.assert_array_equal(at.confusion, plain.confusion)
+    # the detector reports the pooled readout, and still finds the pathway
+    res = _noise(tiny_vit_bd.wrapper, held_out, cross_fit_below=512)
+    assert res.run.images == (200, 200) and res.evidence.status == "backdoor" and res.evidence.target == TARGET
+
+
 def test_more_images_than_the_cap_are_a_balanced_draw() -> None:
     data = synthetic(300, 10, 8, 0)
     cfg = NeuronNoiseConfig(max_images=100, seed=1)

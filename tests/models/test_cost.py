@@ -49,6 +49,37 @@ def test_the_estimate_probes_each_worker_on_its_share_of_the_threads(tiny_bd, mo
     assert est.likely_s == est.first_look_s
 
 
+def test_the_other_detectors_passes_are_added_to_both_looks(tiny_bd, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    lm = load_model(tiny_bd.model)
+    monkeypatch.setattr(cost, "PROBE_ABOVE_FLOP", 0.0)
+    monkeypatch.setattr(cost, "images_per_second", lambda wrapper, batch: 100.0)
+    cfg = _config(levels=("pixel",), steps=9, second_look=(3, 0.01, 0.5))
+    images = scan_images(cfg, lm.wrapper.num_classes)
+    est = estimate_seconds(lm.wrapper, cfg, threads=1, other_passes=500.0)
+    assert est is not None and est.full_s == pytest.approx(images / 100 + 5) and est.first_look_s == pytest.approx(images / 300 + 5)
+    # without Neural Cleanse: the other detectors alone, on every thread
+    assert estimate_seconds(lm.wrapper, None, threads=2, other_passes=500.0) == ScanEstimate(5.0)
+    assert estimate_seconds(lm.wrapper, None, threads=2) is None  # nothing to do: nothing to say
+
+
+def test_each_detector_counts_its_own_passes(tiny_bd) -> None:  # type: ignore[no-untyped-def]
+    from bdscan.detect import get_detector
+    from tests.synth import train_tiny
+
+    cnn = load_model(tiny_bd.model).wrapper  # no LayerNorm: neuron noise does not run there
+    vit = train_tiny("bdscan_vit", classes=4, size=16, epochs=1, n=32).wrapper
+    nn, nc, mm = get_detector("neuron-noise"), get_detector("neural-cleanse"), get_detector("mm-bd")
+    settings = ScanSettings(budget="fast")
+    nn_cfg = nn.configure(settings)
+    assert nn.passes(cnn, 200, nn_cfg) == 0.0 and nc.passes(vit, 200, nc.configure(settings)) == 0.0
+    one = nn_cfg.steps * 100 + 2 / 3 * 100  # 20 steps over one half, two forwards of the other
+    assert nn.passes(vit, 200, nn_cfg) == pytest.approx(one)
+    assert nn.passes(vit, 200, nn_cfg.with_(cross_fit_below=201)) == pytest.approx(2 * one)
+    assert nn.passes(vit, 5000, nn_cfg) == pytest.approx(nn_cfg.steps * 512 + 2 / 3 * 512)  # the cap
+    mm_cfg = mm.configure(settings)
+    assert mm.passes(vit, 200, mm_cfg) == 4 * (mm_cfg.random_starts + mm_cfg.clean_starts) * mm_cfg.steps
+
+
 def test_one_look_has_no_first_look_and_a_failing_probe_gives_no_estimate(tiny_bd, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     lm = load_model(tiny_bd.model)
     monkeypatch.setattr(cost, "PROBE_ABOVE_FLOP", 0.0)
