@@ -66,8 +66,8 @@ from benchmarks.common import (
 from benchmarks.zoo_detect import select
 
 MODES = ("untargeted", "targeted")
-#: ``cross_fit_below`` that cross-fits whatever the number of images
-CROSS_FIT_ALWAYS = 1 << 30
+#: ``cross_fit_below`` or ``no_split_below`` that applies whatever the number of images
+ALWAYS = 1 << 30
 #: signed-gradient steps: each moves delta by 2 eps / steps, so the steps can cross the whole box
 STEPS = {"untargeted": 20, "targeted": 15}
 
@@ -86,6 +86,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--cross-fit", action="store_true",
                     help="untargeted: the detector's cross-fit (a second noise found on the readout half reads the "
                          "first half; both readouts pooled)")
+    ap.add_argument("--no-split", action="store_true",
+                    help="untargeted: the noise found on every image and every image read (the detector's "
+                         "no_split_below, whatever the number of images)")
     ap.add_argument("--summary", action="store_true", help="measure nothing: print the tables of --out")
     ap.add_argument("--add-clean", action="store_true",
                     help="measure no noise: add each recorded run's readout without noise (a forward pass) to --out")
@@ -94,7 +97,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def measure(wrapper: Any, x: torch.Tensor, y: torch.Tensor, mode: str, eps_list: list[float], seed: int,
-            steps: int, cross_fit: bool = False) -> list[dict[str, Any]]:
+            steps: int, cross_fit: bool = False, no_split: bool = False) -> list[dict[str, Any]]:
     """One seed's runs on a model.
 
     Args:
@@ -106,6 +109,7 @@ def measure(wrapper: Any, x: torch.Tensor, y: torch.Tensor, mode: str, eps_list:
         steps: signed-gradient steps.
         cross_fit: untargeted: the detector's cross-fit (:attr:`NeuronNoiseConfig.cross_fit_below`) whatever the
             number of images.
+        no_split: untargeted: no halves (:attr:`NeuronNoiseConfig.no_split_below`) whatever the number of images.
 
     The wrapper is put in eval mode with its parameters frozen (the noise is the only thing optimised).
 
@@ -117,7 +121,8 @@ def measure(wrapper: Any, x: torch.Tensor, y: torch.Tensor, mode: str, eps_list:
         out = []
         for eps in eps_list:
             run = noise_run(wrapper, CleanData(x, y), NeuronNoiseConfig(eps=eps, steps=steps, seed=seed,
-                                                                                 cross_fit_below=CROSS_FIT_ALWAYS if cross_fit else 0))
+                                                                                 cross_fit_below=ALWAYS if cross_fit else 0,
+                                                                                 no_split_below=ALWAYS if no_split else 0))
             out.append({"eps": eps, "acc": run.noisy_accuracy, "conf": run.confusion.tolist(),
                         "clean_acc": run.clean_accuracy, "clean_conf": run.clean_confusion.tolist()})
         return out
@@ -242,15 +247,16 @@ def run(args: argparse.Namespace) -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     for r in select(read_json(EVAL_ZOO, []), args, EVAL_ZOO.parent):  # the models zoo-detect scans
         for seed in seeds:
-            key = (r["name"], args.mode, seed, tuple(eps_list), steps, args.cross_fit)
-            if any((x["model"], x["mode"], x["seed"], tuple(x["eps"]), x["steps"], x.get("cross_fit", False)) == key
-                   for x in doc["rows"]):
+            key = (r["name"], args.mode, seed, tuple(eps_list), steps, args.cross_fit, args.no_split)
+            if any((x["model"], x["mode"], x["seed"], tuple(x["eps"]), x["steps"], x.get("cross_fit", False),
+                    x.get("no_split", False)) == key for x in doc["rows"]):
                 continue
             lm, data = load_with_samples(EVAL_ZOO.parent / r["file"])
             t0 = time.perf_counter()
-            runs = measure(lm.wrapper, data.x, data.y, args.mode, eps_list, seed, steps, args.cross_fit)
+            runs = measure(lm.wrapper, data.x, data.y, args.mode, eps_list, seed, steps, args.cross_fit, args.no_split)
             row = {"model": r["name"], "target": r["target"], "attack": r["attack"], "clean_acc": r["clean_acc"],
                    "mode": args.mode, "seed": seed, "eps": eps_list, "steps": steps, "cross_fit": args.cross_fit,
+                   "no_split": args.no_split,
                    "runs": [dict(x, seed=seed) for x in runs], "seconds": round(time.perf_counter() - t0, 1),
                    "machine": machine_line(), "when": utc_now()}
             doc = read_json(args.out, {"benchmark": "neuron-noise", "rows": []})  # another run may have written

@@ -567,7 +567,7 @@ def recorded_rows(args: argparse.Namespace, option: str) -> tuple[dict, list[dic
 def with_noise(rows: list[dict], paths: Sequence[Path], manifest: Sequence[dict]) -> list[dict]:
     """``rows`` with the neuron-noise detector's evidence added from ``neuron-noise`` benchmark recordings: for each
     scan of a model with a LayerNorm (the detector's reach), the recorded run at the same seed with the detector's
-    own bound and steps (cross-fit or not, as recorded: the files must not give a scan both), judged by the
+    own bound and steps (halves, cross-fit or no split, as recorded: the files must give a scan one kind), judged by the
     detector's test. Models without a LayerNorm keep their rows (the detector
     reports "not applicable" there); a LayerNorm model's scan with no such run is left out and named."""
     from benchmarks.common import NeuronNoise, NeuronNoiseConfig
@@ -575,14 +575,14 @@ def with_noise(rows: list[dict], paths: Sequence[Path], manifest: Sequence[dict]
 
     cfg = NeuronNoiseConfig()
     runs: dict[tuple[str, int], dict] = {}
-    kinds: dict[tuple[str, int], bool] = {}
+    kinds: dict[tuple[str, int], tuple[bool, bool]] = {}
     for path in paths:
         for r in (read_json(path) or {}).get("rows", []):
             if r.get("mode") == "untargeted" and r.get("eps") == [cfg.eps] and r.get("steps") == cfg.steps:
-                key, cross = (r["model"], int(r["seed"])), bool(r.get("cross_fit", False))
-                if kinds.setdefault(key, cross) != cross:
-                    raise SystemExit(f"--noise: {key[0]} at seed {key[1]} is recorded both with and without the cross-fit; "
-                                     "give the files of one kind")
+                key, kind = (r["model"], int(r["seed"])), (bool(r.get("cross_fit", False)), bool(r.get("no_split", False)))
+                if kinds.setdefault(key, kind) != kind:
+                    raise SystemExit(f"--noise: {key[0]} at seed {key[1]} is recorded more than one way (halves, cross-fit, "
+                                     "no split); give the files of one kind")
                 runs.setdefault(key, r["runs"][0])
     layer_norm = {e["name"] for e in manifest if e.get("arch") in LAYER_NORM_ARCHS}
     out, missing = [], []

@@ -40,6 +40,8 @@ def test_without_noise_the_readout_is_the_clean_model(tiny_bd: TinyFiles) -> Non
         every = torch.zeros(10, 10, dtype=torch.long).index_put_((data.y, w(data.x).argmax(1)), torch.ones_like(data.y),
                                                                  accumulate=True)
     assert cf["conf"] == cf["clean_conf"] == every.tolist()
+    (ns,) = measure(w, data.x, data.y, "untargeted", [0.0], seed=3, steps=2, no_split=True)  # --no-split: the same
+    assert ns["conf"] == ns["clean_conf"] == every.tolist()
     for t in range(10):
         other = yb != t
         ce = F.cross_entropy(logits[other], torch.full((int(other.sum()),), t))

@@ -102,6 +102,8 @@ class NeuronNoiseConfig:
             (from its own random start) and read the first half through it, pooling both readouts (a cross-fit):
             every image is read once, by a noise that did not see it, for twice the readout at twice the cost. The
             test's power grows with the readout (docs/scanning.md), and a small one is where it is short. 0: never.
+        no_split_below: with fewer images than this (after the cap), the noise is found on all of them and all of
+            them are read (no halves): the search has every image and the readout is twice as large. 0: never.
     """
 
     budget: str = "fast"
@@ -114,6 +116,7 @@ class NeuronNoiseConfig:
     chunk: int | None = None
     layer_norm_only: bool = True
     cross_fit_below: int = 0
+    no_split_below: int = 0
 
     def with_(self, **changes: Any) -> NeuronNoiseConfig:
         return replace(self, **changes)
@@ -285,6 +288,11 @@ def _predict(model: nn.Module, params: dict[str, torch.Tensor] | None, x: torch.
     return torch.cat(outs)
 
 
+def _join(a: CleanData, b: CleanData) -> CleanData:
+    """Both halves again as one set (in the split's order)."""
+    return CleanData(torch.cat([a.x, b.x]), torch.cat([a.y, b.y]), a.source)
+
+
 def _one_noise(model: ModelWrapper, params: dict[str, torch.Tensor], names: list[str], find: CleanData, read: CleanData,
                cfg: NeuronNoiseConfig, g: torch.Generator, chunk: int, dev: torch.device,
                progress: DetectorProgress | None) -> tuple[np.ndarray, np.ndarray, list[float]]:
@@ -309,7 +317,8 @@ def _one_noise(model: ModelWrapper, params: dict[str, torch.Tensor], names: list
 
 def measure(model: ModelWrapper, data: CleanData, cfg: NeuronNoiseConfig,
             progress: DetectorProgress | None = None) -> NoiseRun:
-    """The noise on ``model`` and its readout (see the module docstring); with fewer images than
+    """The noise on ``model`` and its readout (see the module docstring). With fewer images than
+    ``cfg.no_split_below``, one noise found on every image and read on every image; else with fewer than
     ``cfg.cross_fit_below``, two noises, each read on the half the other was found on, their readouts pooled.
 
     The seed's generator draws, in this order, the split into halves and then each noisy parameter's starting δ
@@ -329,8 +338,14 @@ def measure(model: ModelWrapper, data: CleanData, cfg: NeuronNoiseConfig,
     opt, read = split_halves(data, cfg, g)
     dev = torch.device(cfg.device)
     chunk = cfg.resolved_chunk(tuple(data.x.shape[1:]))
-    cross = len(opt) + len(read) < cfg.cross_fit_below
-    rounds = [(opt, read), (read, opt)] if cross else [(opt, read)]
+    n = len(opt) + len(read)
+    if n < cfg.no_split_below:  # every image finds the noise and is read (the split's draw keeps the start's)
+        both = _join(opt, read)
+        rounds = [(both, both)]
+    elif n < cfg.cross_fit_below:
+        rounds = [(opt, read), (read, opt)]
+    else:
+        rounds = [(opt, read)]
     total = cfg.steps * len(rounds)
 
     def step_progress(i: int) -> DetectorProgress | None:
@@ -345,9 +360,10 @@ def measure(model: ModelWrapper, data: CleanData, cfg: NeuronNoiseConfig,
                 for i, (find, rd) in enumerate(rounds)]
     conf = sum(r[0] for r in runs)
     clean_conf = sum(r[1] for r in runs)
-    n = float(conf.sum())
-    images = (len(opt) + len(read), len(opt) + len(read)) if cross else (len(opt), len(read))
-    return NoiseRun(conf, float(np.trace(clean_conf)) / n, float(np.trace(conf)) / n,
+    read_n = float(conf.sum())
+    # one noise on the halves: (found on, read); otherwise every image did both
+    images = (len(opt), len(read)) if rounds[0][1] is read and len(rounds) == 1 else (n, n)
+    return NoiseRun(conf, float(np.trace(clean_conf)) / read_n, float(np.trace(conf)) / read_n,
                     np.asarray([x for r in runs for x in r[2]], dtype=np.float64), images, len(names), clean_conf)
 
 
@@ -574,11 +590,13 @@ class NeuronNoise(Detector):
                                  seed=settings.seed, device=settings.device).validate()
 
     def passes(self, model: ModelWrapper, images: int, config: NeuronNoiseConfig) -> float:
-        """Per noise: its steps over the half it is found on, and two forwards (with and without noise) of the half it
+        """Per noise: its steps over the images it is found on, and two forwards (with and without noise) of those it
         reads; two noises with a cross-fit. 0 where the detector does not apply."""
         if (config.layer_norm_only and not has_layer_norm(model)) or images < 4:
             return 0.0
         n = min(images, config.max_images)
+        if n < config.no_split_below:
+            return config.steps * n + 2 / 3 * n
         rounds = 2 if n < config.cross_fit_below else 1
         return rounds * (config.steps * (n // 2) + 2 / 3 * (n - n // 2))
 

@@ -157,6 +157,25 @@ def test_a_cross_fit_reads_every_image_once_with_a_noise_that_did_not_see_it(tin
     assert res.run.images == (200, 200) and res.evidence.status == "backdoor" and res.evidence.target == TARGET
 
 
+def test_below_no_split_every_image_finds_the_noise_and_is_read(tiny_vit_bd, held_out) -> None:
+    whole = measure(tiny_vit_bd.wrapper, held_out, NeuronNoiseConfig(seed=1, steps=3, no_split_below=201))
+    assert whole.images == (200, 200) and all(type(i) is int for i in whole.images) and len(whole.losses) == 3
+    np.testing.assert_array_equal(whole.confusion.sum(1), torch.bincount(held_out.y, minlength=10).numpy())
+    # the same start as the halves' run, its loss taken over every image
+    x = held_out.x
+    with torch.no_grad():
+        full_ce = float(torch.nn.functional.cross_entropy(tiny_vit_bd.wrapper(x), held_out.y))
+    no_noise = measure(tiny_vit_bd.wrapper, held_out, NeuronNoiseConfig(seed=1, steps=1, eps=1e-9, no_split_below=201))
+    assert no_noise.losses[0] == pytest.approx(full_ce, rel=1e-4)
+    # at the threshold: halves, as before; the seed still draws the start
+    halves = measure(tiny_vit_bd.wrapper, held_out, NeuronNoiseConfig(seed=1, steps=3, no_split_below=200))
+    assert halves.images == (100, 100)
+    again = measure(tiny_vit_bd.wrapper, held_out, NeuronNoiseConfig(seed=1, steps=3, no_split_below=201))
+    np.testing.assert_array_equal(again.confusion, whole.confusion)
+    res = _noise(tiny_vit_bd.wrapper, held_out, no_split_below=512)
+    assert res.run.images == (200, 200) and res.evidence.status == "backdoor" and res.evidence.target == TARGET
+
+
 def test_more_images_than_the_cap_are_a_balanced_draw() -> None:
     data = synthetic(300, 10, 8, 0)
     cfg = NeuronNoiseConfig(max_images=100, seed=1)
