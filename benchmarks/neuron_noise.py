@@ -176,12 +176,12 @@ def detector_test(run: dict[str, Any]) -> Any:
     return inflow_test(noise_run_of(run))
 
 
-def detector_evidence(run: dict[str, Any]) -> tuple[float | None, int | None]:
+def detector_evidence(run: dict[str, Any], rule: str = "larger") -> tuple[float | None, int | None]:
     """What the detector reports for a recorded run: (p-value, suspect), or (None, None) when it reports none (too few
     classes, or the readout already collapsed without noise: :func:`collapsed_without_noise`). A run recorded
-    without its readout without noise is judged without that guard."""
+    without its readout without noise is judged without that guard. ``rule``: the detector's ``p_rule``."""
     r = noise_run_of(run)
-    t = inflow_test(r)
+    t = inflow_test(r, rule)
     if t is None or collapsed_without_noise(r) is not None:
         return None, None
     return t.p_value, t.target

@@ -112,6 +112,9 @@ def parser() -> argparse.ArgumentParser:
                     help="offline modes (--summary, --replay, --replay-steps, --replay-two-look, --replay-trajectory): further recordings whose "
                          "scans join --out's, each judged under its own recording's schedule; a model and seed recorded "
                          "in several files is taken from the first given (--out first)")
+    ap.add_argument("--noise-p", choices=("larger", "count"), default="larger",
+                    help="with --noise: how the neuron-noise detector's p-value joins its size and count tests "
+                         "(its p_rule; default: %(default)s)")
     ap.add_argument("--noise", nargs="+", type=Path, default=[], metavar="JSON",
                     help="offline modes: `neuron-noise` benchmark recordings (untargeted, the detector's eps and steps) whose "
                          "runs join each LayerNorm model's scan at the same seed as the neuron-noise detector's evidence "
@@ -556,7 +559,7 @@ def recorded_rows(args: argparse.Namespace, option: str) -> tuple[dict, list[dic
         first.setdefault((r["model"], r["seed"]), r)
     current = list(first.values())
     if getattr(args, "noise", None):
-        current = with_noise(current, args.noise, read_json(args.manifest) or [])
+        current = with_noise(current, args.noise, read_json(args.manifest) or [], args.noise_p)
     if args.also:
         counts = [sum(r["recorded_in"] == str(path) for r in current) for path, _ in docs]
         print("Recordings: " + "; ".join(f"{path} ({n} scans, {d['key']})" for (path, d), n in zip(docs, counts, strict=True))
@@ -564,11 +567,11 @@ def recorded_rows(args: argparse.Namespace, option: str) -> tuple[dict, list[dic
     return docs[0][1], current
 
 
-def with_noise(rows: list[dict], paths: Sequence[Path], manifest: Sequence[dict]) -> list[dict]:
+def with_noise(rows: list[dict], paths: Sequence[Path], manifest: Sequence[dict], rule: str = "larger") -> list[dict]:
     """``rows`` with the neuron-noise detector's evidence added from ``neuron-noise`` benchmark recordings: for each
     scan of a model with a LayerNorm (the detector's reach), the recorded run at the same seed with the detector's
     own bound and steps (halves, cross-fit or no split, as recorded: the files must give a scan one kind), judged by the
-    detector's test. Models without a LayerNorm keep their rows (the detector
+    detector's test (its p-value joined by ``rule``, the detector's ``p_rule``). Models without a LayerNorm keep their rows (the detector
     reports "not applicable" there); a LayerNorm model's scan with no such run is left out and named."""
     from benchmarks.common import NeuronNoise, NeuronNoiseConfig
     from benchmarks.neuron_noise import detector_evidence
@@ -594,7 +597,7 @@ def with_noise(rows: list[dict], paths: Sequence[Path], manifest: Sequence[dict]
         if run is None:
             missing.append(f"{row['model']} (seed {row['seed']})")
             continue
-        p, target = detector_evidence(run)
+        p, target = detector_evidence(run, rule)
         status = "inconclusive" if p is None else "backdoor" if p <= cfg.alpha else "clean"
         ev = {"status": status, "target": target, "p": p, "weight": NeuronNoise.weight}
         out.append(row | {"evidence": dict(row.get("evidence") or {}) | {"neuron-noise": ev}})

@@ -493,6 +493,9 @@ def test_noise_recordings_join_the_layer_norm_models_scans(tmp_path, capsys) -> 
     write_json(cross, {"rows": [{"model": "v", "seed": 0, "mode": "untargeted", "eps": [0.1], "steps": 20, "cross_fit": True,
                                  "runs": [{"eps": 0.1, "acc": 0.5, "conf": conf}]}]})
     assert with_noise(rows, [cross], manifest)[0]["evidence"]["neuron-noise"]["target"] == 2
+    # the count rule replays the same runs with the count test's p-value
+    count = with_noise(rows, [noise], manifest, "count")[0]["evidence"]["neuron-noise"]
+    assert count["target"] == 2 and count["p"] <= ev["p"]
     with pytest.raises(SystemExit, match="more than one way"):
         with_noise(rows, [noise, cross], manifest)
     # the list of LayerNorm architectures is what the detector itself would find

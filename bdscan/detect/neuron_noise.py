@@ -43,7 +43,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, ClassVar
 
@@ -104,6 +104,7 @@ class NeuronNoiseConfig:
             test's power grows with the readout (docs/scanning.md), and a small one is where it is short. 0: never.
         no_split_below: with fewer images than this (after the cap), the noise is found on all of them and all of
             them are read (no halves): the search has every image and the readout is twice as large. 0: never.
+        p_rule: how the p-value joins the size test and the count test (:data:`P_RULES`).
     """
 
     budget: str = "fast"
@@ -117,6 +118,7 @@ class NeuronNoiseConfig:
     layer_norm_only: bool = True
     cross_fit_below: int = 0
     no_split_below: int = 0
+    p_rule: str = "larger"
 
     def with_(self, **changes: Any) -> NeuronNoiseConfig:
         return replace(self, **changes)
@@ -131,6 +133,9 @@ class NeuronNoiseConfig:
             raise UsageError("neuron noise needs at least one step, four images and a positive chunk", "check --budget")
         if not (0 < self.alpha < 1):
             raise UsageError(f"alpha {self.alpha:g} is not in (0, 1)", "use e.g. 0.05")
+        if self.p_rule not in P_RULES:
+            raise UsageError(f"neuron noise's p-value rule {self.p_rule!r} is not one of {', '.join(P_RULES)}",
+                             "use \"larger\"")
         return self
 
     def resolved_chunk(self, input_size: tuple[int, ...]) -> int:
@@ -377,7 +382,8 @@ class InflowTest:
         erring: the classes with at least one image predicted as another class.
         sources: how many of them send more of their errors to the suspect than to any other class.
         p_count: :func:`count_p` of ``sources`` among ``erring``.
-        p_value: ``max(size.p_value, p_count)``.
+        p_value: the detector's p-value by its rule (:data:`P_RULES`): ``max(size.p_value, p_count)`` ("larger"), or
+            ``p_count`` ("count").
     """
 
     size: SizeTest
@@ -402,10 +408,15 @@ def count_p(sources: int, erring: int, classes: int) -> float:
     return min(1.0, classes * float(stats.binom.sf(sources - 1, erring, 1.0 / (classes - 1))))
 
 
-def inflow_test(run: NoiseRun) -> InflowTest | None:
+#: how the detector's p-value comes from the size test's and the count test's (size p, count p): "larger" is valid
+#: whenever either is (the default, docs/verdict.md); "count" is the count test alone
+P_RULES: dict[str, Callable[[float, float], float]] = {"larger": max, "count": lambda _size, count: count}
+
+
+def inflow_test(run: NoiseRun, rule: str = "larger") -> InflowTest | None:
     """The calibrated test of the class the errors collapse onto: :func:`min_size_test` on ``N_c / (n_c + 0.5)``
     over the classes with images not of them (no spread floor: the sizes' spread comes from counts, not from a
-    measurement's noise), guarded by :func:`count_p`. None when fewer than
+    measurement's noise), guarded by :func:`count_p`, the two joined by ``rule`` (:data:`P_RULES`). None when fewer than
     :data:`bdscan.detect.anomaly.MIN_CLASSES` classes qualify."""
     inflow, exposure = run.inflow, run.exposure
     sizes = {c: float(exposure[c] / (inflow[c] + SMOOTHING)) for c in range(len(inflow)) if exposure[c] > 0}
@@ -421,7 +432,7 @@ def inflow_test(run: NoiseRun) -> InflowTest | None:
     # a source counts for the suspect only when it sends strictly more errors there than to any other class
     sources = sum(1 for s in erring if s != c and off[s, c] > np.delete(off[s], c).max())
     pc = count_p(sources, len(erring), size.classes)
-    return InflowTest(size, int(inflow.sum()), len(erring), sources, pc, max(size.p_value, pc))
+    return InflowTest(size, int(inflow.sum()), len(erring), sources, pc, P_RULES[rule](size.p_value, pc))
 
 
 #: a model that sends at least this share of the other classes' images to one class *without* noise is not a working
@@ -622,7 +633,7 @@ class NeuronNoise(Detector):
             return self._inconclusive("Neuron noise needs clean images (at least 4, with their classes); give them with --data.",
                                       config, t0, names)
         run = measure(model, data, config, progress)
-        test = inflow_test(run)
+        test = inflow_test(run, config.p_rule)
         if test is None:
             return self._inconclusive("Too few classes had images of other classes in the readout half to test.", config, t0, names, run)
         already = collapsed_without_noise(run)

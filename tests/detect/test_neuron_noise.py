@@ -204,6 +204,10 @@ def test_the_test_names_a_collapse_and_not_a_spread_or_one_class_pushed_onto_a_n
     t = inflow_test(_run(near.tolist()))
     assert t is not None and t.target == 1 and t.size.p_value < 1e-3 and (t.sources, t.erring) == (1, 1) and t.p_value == 1.0
     assert count_p(0, 0, k) == 1.0 and count_p(9, 9, k) < 1e-6
+    # the "count" rule (measured, not adopted) takes the count test alone: one error is still p 1, a collapse smaller
+    assert inflow_test(_run(one.tolist()), "count").p_value == 1.0
+    t, c = inflow_test(_run(collapse.tolist())), inflow_test(_run(collapse.tolist()), "count")
+    assert c.p_value == c.p_count <= t.p_value == max(t.size.p_value, t.p_count)
 
 
 def test_not_applicable_without_layer_norm_so_not_a_test(tiny_bd) -> None:
@@ -249,7 +253,7 @@ def test_configure_maps_budgets_and_refuses_bad_values() -> None:
     assert det.configure(ScanSettings(budget="fast", steps=90)).steps == 20
     with pytest.raises(UsageError):
         det.configure(ScanSettings(budget="nope"))
-    for bad in ({"eps": 0.0}, {"eps": 1.5}, {"steps": 0}, {"max_images": 2}, {"alpha": 1.0}):
+    for bad in ({"eps": 0.0}, {"eps": 1.5}, {"steps": 0}, {"max_images": 2}, {"alpha": 1.0}, {"p_rule": "min"}):
         with pytest.raises(UsageError):
             NeuronNoiseConfig(**bad).validate()  # type: ignore[arg-type]
 
