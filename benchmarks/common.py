@@ -31,7 +31,7 @@ from bdscan.detect.anomaly import (
     level_floor,
     min_size_test,
 )
-from bdscan.detect.base import DETECTORS, Evidence
+from bdscan.detect.base import DEFAULT_DETECTORS, DETECTORS, Evidence, ScanSettings
 from bdscan.detect.base import combine as combine_detectors
 from bdscan.detect.config import DEFAULT_BUDGET, LEVELS, budget
 from bdscan.detect.config import MODES as DEFAULT_LEVELS
@@ -68,6 +68,7 @@ __all__ = [
     "BDSCAN_ARCHS",
     "DATASET_SAMPLES",
     "DEFAULT_BUDGET",
+    "DEFAULT_DETECTORS",
     "DEFAULT_LEVELS",
     "DETECTORS",
     "EVAL_ZOO",
@@ -90,6 +91,7 @@ __all__ = [
     "NeuronNoiseConfig",
     "NoiseRun",
     "RepairConfig",
+    "ScanSettings",
     "SpreadFloor",
     "Stopwatch",
     "Trigger",

@@ -3,7 +3,9 @@
 For each model, in one run:
 
 * the bdscan scan (both levels, labels batched) with ``--budget`` (default ``fast``, the scan's default);
-  ``--precision`` overrides its precision (default: the budget's, ``auto``);
+  ``--precision`` overrides its precision (default: the budget's, ``auto``); then the scan's other default detectors
+  (neuron noise, which says "not applicable" at once on a model without a LayerNorm), each timed on its own: the
+  default scan's seconds are their sum;
 * the original schedule (budget ``original``: 1000 samples, batch 32, up to 1000 epochs, early stop 25), run
   label by label as the original does, at the pixel level, always in float32 as Neural Cleanse does. It takes
   hours on a CPU, so by default it runs on a sample of ``--labels-sample`` labels (the true target among them)
@@ -29,7 +31,10 @@ from dataclasses import astuple
 from pathlib import Path
 
 from benchmarks.common import (
+    DEFAULT_DETECTORS,
+    DETECTORS,
     RESULTS,
+    ScanSettings,
     Stopwatch,
     add_budget,
     add_out,
@@ -70,9 +75,22 @@ def child(model: str, which: str, labels: list[int] | None, threads: int, device
     load_before = os.getloadavg()[0]
     with Stopwatch() as sw:
         f = scan(lm.wrapper, data, cfg)
+    seconds = {"neural-cleanse": sw.seconds}
+    others: dict[str, dict] = {}
+    if which == "default":
+        settings = ScanSettings(budget=budget_name, seed=cfg.inversion.seed, device=device)
+        for name in DEFAULT_DETECTORS:
+            if name == "neural-cleanse":
+                continue
+            det = DETECTORS[name]
+            with Stopwatch() as ds:
+                res = det.detect(lm.wrapper, data, det.configure(settings))
+            seconds[name] = ds.seconds
+            others[name] = {"status": res.evidence.status, "target": res.evidence.target, "p": res.evidence.p_value}
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     per_label = {m: {r.label: {"norm": r.norm, "steps": r.steps} for r in mr.labels} for m, mr in f.modes.items()}
-    return {"which": which, "budget": cfg.budget, "seconds": sw.seconds, "measured_at": utc_now(),
+    return {"which": which, "budget": cfg.budget, "seconds": sum(seconds.values()), "detector_seconds": seconds,
+            "other_detectors": others, "measured_at": utc_now(),
             "loadavg_before": round(load_before, 2), "loadavg_after": round(os.getloadavg()[0], 2), "per_label": per_label,
             "labels": len(cfg.labels) if cfg.labels else info.num_classes,
             "num_classes": info.num_classes, "peak_rss_mb": round(rss_mb), "verdict": f.verdict.status,
@@ -158,13 +176,14 @@ def run(args: argparse.Namespace) -> None:
     machine = machine_line(device=args.device, budget=args.budget, precision=precision, second_look=args.second_look)
     write_json(args.out, {"machine": machine, "rows": rows})
     print(f"\nmachine: {machine}\n")
-    table_header("model", "classes", "default scan s", "precision", "looks", "default verdict (target)", "default peak MB",
-                 "original s (all labels)", "original verdict (target)", "speed-up")
+    table_header("model", "classes", "default scan s", "per detector s", "precision", "looks", "default verdict (target)",
+                 "default peak MB", "original s (all labels)", "original verdict (target)", "speed-up")
     for r in rows:
         d, o = r["default"], r["original"]
         ext = f" (extrapolated from {o['labels']} labels)" if r["original_extrapolated"] else ""
         ov = "n/a (label sample)" if r["original_extrapolated"] else f"{o['verdict']} ({o['target']})"
-        print(f"| {r['model']} | {r['classes']} | {d['seconds']:.0f} | {d.get('precision', 'fp32')} | {d.get('looks', 1)} | "
+        per = ", ".join(f"{k} {v:.0f}" for k, v in d.get("detector_seconds", {"neural-cleanse": d["seconds"]}).items())
+        print(f"| {r['model']} | {r['classes']} | {d['seconds']:.0f} | {per} | {d.get('precision', 'fp32')} | {d.get('looks', 1)} | "
               f"{d['verdict']} ({d['target']}) | "
               f"{d['peak_rss_mb']} | "
               f"{r['original_seconds_all_labels']:.0f}{ext} | {ov} | {r['speedup']}× |")
