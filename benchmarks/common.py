@@ -37,6 +37,7 @@ from bdscan.detect.config import DEFAULT_BUDGET, LEVELS, budget
 from bdscan.detect.config import MODES as DEFAULT_LEVELS
 from bdscan.detect.inversion import invert
 from bdscan.detect.neuron_noise import (
+    P_RULES,
     NeuronNoise,
     NeuronNoiseConfig,
     NoiseRun,
@@ -76,6 +77,7 @@ __all__ = [
     "LEVELS",
     "LOG_SD_FLOOR",
     "PATCH_MAD_FLOOR",
+    "P_RULES",
     "RESULTS",
     "ROOT",
     "SAMPLE_MODELS",

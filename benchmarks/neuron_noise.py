@@ -120,9 +120,9 @@ def measure(wrapper: Any, x: torch.Tensor, y: torch.Tensor, mode: str, eps_list:
     if mode == "untargeted":  # the detector's own measurement, one generator per eps
         out = []
         for eps in eps_list:
-            run = noise_run(wrapper, CleanData(x, y), NeuronNoiseConfig(eps=eps, steps=steps, seed=seed,
-                                                                                 cross_fit_below=ALWAYS if cross_fit else 0,
-                                                                                 no_split_below=ALWAYS if no_split else 0))
+            cfg = NeuronNoiseConfig(eps=eps, steps=steps, seed=seed, cross_fit_below=ALWAYS if cross_fit else 0,
+                                    no_split_below=ALWAYS if no_split else 0)
+            run = noise_run(wrapper, CleanData(x, y), cfg)
             out.append({"eps": eps, "acc": run.noisy_accuracy, "conf": run.confusion.tolist(),
                         "clean_acc": run.clean_accuracy, "clean_conf": run.clean_confusion.tolist()})
         return out

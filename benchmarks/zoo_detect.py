@@ -41,6 +41,7 @@ from benchmarks.common import (
     EVAL_ZOO,
     LEVELS,
     LOG_SD_FLOOR,
+    P_RULES,
     PATCH_MAD_FLOOR,
     Evidence,
     SpreadFloor,
@@ -112,7 +113,7 @@ def parser() -> argparse.ArgumentParser:
                     help="offline modes (--summary, --replay, --replay-steps, --replay-two-look, --replay-trajectory): further recordings whose "
                          "scans join --out's, each judged under its own recording's schedule; a model and seed recorded "
                          "in several files is taken from the first given (--out first)")
-    ap.add_argument("--noise-p", choices=("larger", "count"), default="larger",
+    ap.add_argument("--noise-p", choices=tuple(P_RULES), default="larger",
                     help="with --noise: how the neuron-noise detector's p-value joins its size and count tests "
                          "(its p_rule; default: %(default)s)")
     ap.add_argument("--noise", nargs="+", type=Path, default=[], metavar="JSON",
@@ -570,9 +571,10 @@ def recorded_rows(args: argparse.Namespace, option: str) -> tuple[dict, list[dic
 def with_noise(rows: list[dict], paths: Sequence[Path], manifest: Sequence[dict], rule: str = "larger") -> list[dict]:
     """``rows`` with the neuron-noise detector's evidence added from ``neuron-noise`` benchmark recordings: for each
     scan of a model with a LayerNorm (the detector's reach), the recorded run at the same seed with the detector's
-    own bound and steps (halves, cross-fit or no split, as recorded: the files must give a scan one kind), judged by the
-    detector's test (its p-value joined by ``rule``, the detector's ``p_rule``). Models without a LayerNorm keep their rows (the detector
-    reports "not applicable" there); a LayerNorm model's scan with no such run is left out and named."""
+    own bound and steps (halves, cross-fit or no split, as recorded: the files must give a scan one kind), judged by
+    the detector's test (its p-value joined by ``rule``, the detector's ``p_rule``). Models without a LayerNorm keep
+    their rows (the detector reports "not applicable" there); a LayerNorm model's scan with no such run is left out
+    and named."""
     from benchmarks.common import NeuronNoise, NeuronNoiseConfig
     from benchmarks.neuron_noise import detector_evidence
 
