@@ -47,6 +47,7 @@ from bdscan.detect.neuron_noise import (
     noisy_names,
     noisy_params,
     split_halves,
+    split_seeds,
 )
 from bdscan.detect.neuron_noise import measure as noise_run
 from bdscan.detect.scan import ScanConfig, combine, params_for, resolve_second_look, scan
@@ -156,6 +157,7 @@ __all__ = [
     "smin",
     "split_guard_data",
     "split_halves",
+    "split_seeds",
     "table_header",
     "trigger_param",
     "true_target",

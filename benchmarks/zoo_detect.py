@@ -32,6 +32,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from benchmarks.common import (
     BDSCAN_ARCHS,
     DATASET_SAMPLES,
@@ -116,6 +118,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--noise-p", choices=tuple(P_RULES), default="larger",
                     help="with --noise: how the neuron-noise detector's p-value joins its size and count tests "
                          "(its p_rule; default: %(default)s)")
+    ap.add_argument("--noise-splits-below", type=int, default=0, metavar="N",
+                    help="with --noise: the neuron-noise detector's splits_below (a model whose data set's bundled "
+                         "images are fewer takes every split's recorded run: the smallest p-value times the splits)")
     ap.add_argument("--noise", nargs="+", type=Path, default=[], metavar="JSON",
                     help="offline modes: `neuron-noise` benchmark recordings (untargeted, the detector's eps and steps) whose "
                          "runs join each LayerNorm model's scan at the same seed as the neuron-noise detector's evidence "
@@ -560,7 +565,8 @@ def recorded_rows(args: argparse.Namespace, option: str) -> tuple[dict, list[dic
         first.setdefault((r["model"], r["seed"]), r)
     current = list(first.values())
     if getattr(args, "noise", None):
-        current = with_noise(current, args.noise, read_json(args.manifest) or [], args.noise_p)
+        current = with_noise(current, args.noise, read_json(args.manifest) or [], args.noise_p,
+                             args.noise_splits_below)
     if args.also:
         counts = [sum(r["recorded_in"] == str(path) for r in current) for path, _ in docs]
         print("Recordings: " + "; ".join(f"{path} ({n} scans, {d['key']})" for (path, d), n in zip(docs, counts, strict=True))
@@ -568,17 +574,20 @@ def recorded_rows(args: argparse.Namespace, option: str) -> tuple[dict, list[dic
     return docs[0][1], current
 
 
-def with_noise(rows: list[dict], paths: Sequence[Path], manifest: Sequence[dict], rule: str = "larger") -> list[dict]:
+def with_noise(rows: list[dict], paths: Sequence[Path], manifest: Sequence[dict], rule: str = "larger",
+               splits_below: int = 0) -> list[dict]:
     """``rows`` with the neuron-noise detector's evidence added from ``neuron-noise`` benchmark recordings: for each
     scan of a model with a LayerNorm (the detector's reach), the recorded run at the same seed with the detector's
     own bound and steps (halves, cross-fit or no split, as recorded: the files must give a scan one kind), judged by
-    the detector's test (its p-value joined by ``rule``, the detector's ``p_rule``). Models without a LayerNorm keep
-    their rows (the detector reports "not applicable" there); a LayerNorm model's scan with no such run is left out
-    and named."""
-    from benchmarks.common import NeuronNoise, NeuronNoiseConfig
+    the detector's test (its p-value joined by ``rule``, the detector's ``p_rule``). With ``splits_below`` (the
+    detector's), a model whose data set's bundled images are fewer takes the runs at every split's seed
+    (:func:`split_seeds`) and the smallest p-value times their number. Models without a LayerNorm keep their rows
+    (the detector reports "not applicable" there); a LayerNorm model's scan with no such run is left out and named."""
+    from benchmarks.common import NeuronNoise, NeuronNoiseConfig, split_seeds
     from benchmarks.neuron_noise import detector_evidence
 
-    cfg = NeuronNoiseConfig()
+    cfg = NeuronNoiseConfig(p_rule=rule, splits_below=splits_below)
+    images = {e["name"]: _bundled_images(e.get("dataset")) for e in manifest}
     runs: dict[tuple[str, int], dict] = {}
     kinds: dict[tuple[str, int], tuple[bool, bool]] = {}
     for path in paths:
@@ -595,17 +604,28 @@ def with_noise(rows: list[dict], paths: Sequence[Path], manifest: Sequence[dict]
         if row["model"] not in layer_norm:
             out.append(row)
             continue
-        run = runs.get((row["model"], row["seed"]))
-        if run is None:
+        seeds = split_seeds(cfg.with_(seed=row["seed"]), images.get(row["model"]) or 0)
+        found = [runs.get((row["model"], s)) for s in seeds]
+        if any(run is None for run in found):
             missing.append(f"{row['model']} (seed {row['seed']})")
             continue
-        p, target = detector_evidence(run, rule)
+        p, target = min((detector_evidence(run, rule) for run in found), key=lambda e: 2.0 if e[0] is None else e[0])
+        p = None if p is None else min(1.0, p * len(seeds))
         status = "inconclusive" if p is None else "backdoor" if p <= cfg.alpha else "clean"
         ev = {"status": status, "target": target, "p": p, "weight": NeuronNoise.weight}
         out.append(row | {"evidence": dict(row.get("evidence") or {}) | {"neuron-noise": ev}})
     if missing:
         print(f"({len(missing)} LayerNorm scans left out: no neuron-noise run at their seed: {', '.join(sorted(missing))})\n")
     return out
+
+
+def _bundled_images(dataset: str | None) -> int | None:
+    """How many images the data set's bundled samples hold (what a zoo model is scanned with), or None."""
+    path = DATASET_SAMPLES.get(dataset or "")
+    if path is None or not Path(path).exists():
+        return None
+    with np.load(path) as d:
+        return len(d["y"])
 
 
 #: the zoo's architectures with a LayerNorm (the neuron-noise detector's reach; ``has_layer_norm`` on the built models)

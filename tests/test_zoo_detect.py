@@ -496,6 +496,24 @@ def test_noise_recordings_join_the_layer_norm_models_scans(tmp_path, capsys) -> 
     # the count rule replays the same runs with the count test's p-value
     count = with_noise(rows, [noise], manifest, "count")[0]["evidence"]["neuron-noise"]
     assert count["target"] == 2 and count["p"] <= ev["p"]
+    # three splits below 512 images (a CIFAR-10 model, 200 bundled): the runs at every split's seed, min p times 3;
+    # a scan whose extra splits are not recorded is left out; GTSRB (860 images) keeps one split
+    weak = [[8 if i == j else 0 for j in range(4)] for i in range(4)]
+    weak[0][1] += 1
+    splits = tmp_path / "splits.json"
+    write_json(splits, {"rows": [{"model": "w", "seed": s, "mode": "untargeted", "eps": [0.1], "steps": 20,
+                                  "runs": [{"eps": 0.1, "acc": 0.5, "conf": c}]}
+                                 for s, c in ((0, weak), (1_000_003, conf), (2_000_006, weak), (1, conf))]})
+    cifar = [e | {"dataset": "cifar10"} for e in (_entry("w", 2, "bdscan_vit"),)]
+    wrows = [_rec(2, {"pixel": (0.5, 1)}) | {"model": "w", "seed": s} for s in (0, 1)]
+    one = with_noise(wrows, [splits], cifar)[0]["evidence"]["neuron-noise"]
+    three = with_noise(wrows, [splits], cifar, splits_below=512)
+    assert [r["seed"] for r in three] == [0]  # seed 1's other splits are not recorded
+    ev3 = three[0]["evidence"]["neuron-noise"]
+    single = with_noise([wrows[0] | {"seed": 1_000_003}], [splits], cifar)[0]["evidence"]["neuron-noise"]
+    assert ev3["target"] == 2 == single["target"] and ev3["p"] == pytest.approx(min(1.0, 3 * single["p"]))
+    assert one["p"] != ev3["p"]
+    assert with_noise(rows, [noise], manifest, splits_below=512)[0]["evidence"]["neuron-noise"] == ev  # GTSRB: one split
     with pytest.raises(SystemExit, match="more than one way"):
         with_noise(rows, [noise, cross], manifest)
     # the list of LayerNorm architectures is what the detector itself would find

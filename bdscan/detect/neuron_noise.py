@@ -43,7 +43,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import numpy as np
@@ -57,6 +57,7 @@ from bdscan.detect.neuron_noise_measure import (  # the measurement and the test
     DEGENERATE_SHARE,
     NORM_LAYERS,
     P_RULES,
+    SPLITS,
     STEPS,
     InflowTest,
     NeuronNoiseConfig,
@@ -71,6 +72,7 @@ from bdscan.detect.neuron_noise_measure import (  # the measurement and the test
     noisy_names,
     noisy_params,
     split_halves,
+    split_seeds,
 )
 from bdscan.errors import UsageError
 from bdscan.jsonnum import json_number
@@ -217,14 +219,15 @@ class NeuronNoise(Detector):
 
     def passes(self, model: ModelWrapper, images: int, config: NeuronNoiseConfig) -> float:
         """Per noise: its steps over the images it is found on, and two forwards (with and without noise) of those it
-        reads; two noises with a cross-fit. 0 where the detector does not apply."""
+        reads; two noises with a cross-fit; each split again. 0 where the detector does not apply."""
         if (config.layer_norm_only and not has_layer_norm(model)) or images < 4:
             return 0.0
         n = min(images, config.max_images)
+        splits = len(split_seeds(config, images))
         if n < config.no_split_below:
-            return config.steps * n + 2 / 3 * n
+            return splits * (config.steps * n + 2 / 3 * n)
         rounds = 2 if n < config.cross_fit_below else 1
-        return rounds * (config.steps * (n // 2) + 2 / 3 * (n - n // 2))
+        return splits * rounds * (config.steps * (n // 2) + 2 / 3 * (n - n // 2))
 
     def _inconclusive(self, reason: str, config: NeuronNoiseConfig, t0: float, names: list[str],
                       run: NoiseRun | None = None) -> NeuronNoiseResult:
@@ -247,16 +250,26 @@ class NeuronNoise(Detector):
         if data is None or len(data) < 4:
             return self._inconclusive("Neuron noise needs clean images (at least 4, with their classes); give them with --data.",
                                       config, t0, names)
-        run = measure(model, data, config, progress)
-        test = inflow_test(run, config.p_rule)
-        if test is None:
-            return self._inconclusive("Too few classes had images of other classes in the readout half to test.", config, t0, names, run)
-        already = collapsed_without_noise(run)
-        if already is not None:
-            return self._inconclusive(
-                f"Inconclusive: without any noise the model already sends {already[1]:.0%} of the images of other classes "
-                f"to {_name(names, already[0])}, so a collapse under noise says nothing about a backdoor (an untrained or "
-                "broken model does this).", config, t0, names, run)
+        seeds = split_seeds(config, len(data))
+        measured = []
+        for i, seed in enumerate(seeds):  # one split, or SPLITS of them on small data (one progress bar over all)
+            tick = None if progress is None else (
+                lambda task, done, total, stats, i=i: progress(task, i * total + done, len(seeds) * total, stats))
+            run = measure(model, data, config.with_(seed=seed), tick)
+            already = collapsed_without_noise(run)
+            if already is not None:
+                return self._inconclusive(
+                    f"Inconclusive: without any noise the model already sends {already[1]:.0%} of the images of other "
+                    f"classes to {_name(names, already[0])}, so a collapse under noise says nothing about a backdoor (an "
+                    "untrained or broken model does this).", config, t0, names, run)
+            measured.append((run, inflow_test(run, config.p_rule)))
+        tested = [(run, test) for run, test in measured if test is not None]
+        if not tested:
+            return self._inconclusive("Too few classes had images of other classes in the readout half to test.", config, t0,
+                                      names, measured[0][0])
+        run, test = min(tested, key=lambda rt: rt[1].p_value)
+        if len(seeds) > 1:  # Bonferroni over the splits (valid whatever their dependence)
+            test = replace(test, p_value=min(1.0, test.p_value * len(seeds)))
         ev = noise_evidence(test, run, names, config)
         log.info("neuron-noise: class %d takes %.3f of the other classes' images, p = %.3g", test.target,
                  float(run.shares[test.target]), test.p_value)
@@ -267,6 +280,7 @@ __all__ = [
     "DEGENERATE_SHARE",
     "NORM_LAYERS",
     "P_RULES",
+    "SPLITS",
     "STEPS",
     "InflowTest",
     "NeuronNoise",
@@ -284,4 +298,5 @@ __all__ = [
     "noisy_names",
     "noisy_params",
     "split_halves",
+    "split_seeds",
 ]

@@ -35,6 +35,11 @@ CPU_CHUNK_PIXELS = 512 * 3 * 32 * 32
 #: the same on a GPU
 GPU_CHUNK_PIXELS = 4096 * 3 * 32 * 32
 
+#: splits of the images with fewer than ``NeuronNoiseConfig.splits_below`` of them: the seed's own and ``SPLITS - 1``
+#: more, split r drawn by the seed ``seed + r * SPLIT_SEED_STRIDE``; the smallest p-value times ``SPLITS`` is reported
+SPLITS = 3
+SPLIT_SEED_STRIDE = 1_000_003
+
 #: signed-gradient steps per budget (:data:`bdscan.detect.config.BUDGETS`); ε stays 0.1 whatever the budget, since
 #: the test was calibrated there. "fast" (20 steps) is what the calibration half measured.
 STEPS: dict[str, int] = {"original": 20, "thorough": 20, "fast": 20, "quick": 10, "smoke": 4}
@@ -63,6 +68,8 @@ class NeuronNoiseConfig:
         no_split_below: with fewer images than this (after the cap), the noise is found on all of them and all of
             them are read (no halves): the search has every image and the readout is twice as large. 0: never.
         p_rule: how the p-value joins the size test and the count test (:data:`P_RULES`).
+        splits_below: with fewer images than this (after the cap), the noise runs on :data:`SPLITS` splits of the
+            images and the smallest p-value times :data:`SPLITS` is reported (Bonferroni over the splits). 0: never.
     """
 
     budget: str = "fast"
@@ -77,6 +84,7 @@ class NeuronNoiseConfig:
     cross_fit_below: int = 0
     no_split_below: int = 0
     p_rule: str = "larger"
+    splits_below: int = 0
 
     def with_(self, **changes: Any) -> NeuronNoiseConfig:
         return replace(self, **changes)
@@ -278,6 +286,14 @@ def _one_noise(model: ModelWrapper, params: dict[str, torch.Tensor], names: list
     return conf, clean_conf, losses
 
 
+def split_seeds(cfg: NeuronNoiseConfig, images: int) -> list[int]:
+    """The seeds of the splits a detector run measures with ``images`` clean images (before the cap): the
+    configuration's own, and with fewer than ``cfg.splits_below`` images (after the cap) :data:`SPLITS` - 1 more."""
+    if min(images, cfg.max_images) < cfg.splits_below:
+        return [cfg.seed + r * SPLIT_SEED_STRIDE for r in range(SPLITS)]
+    return [cfg.seed]
+
+
 def measure(model: ModelWrapper, data: CleanData, cfg: NeuronNoiseConfig,
             progress: DetectorProgress | None = None) -> NoiseRun:
     """The noise on ``model`` and its readout (see the module docstring). With fewer images than
@@ -431,6 +447,8 @@ __all__ = [
     "NORM_LAYERS",
     "P_RULES",
     "SMOOTHING",
+    "SPLITS",
+    "SPLIT_SEED_STRIDE",
     "STEPS",
     "InflowTest",
     "NeuronNoiseConfig",
@@ -445,4 +463,5 @@ __all__ = [
     "noisy_names",
     "noisy_params",
     "split_halves",
+    "split_seeds",
 ]

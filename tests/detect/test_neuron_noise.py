@@ -25,6 +25,7 @@ from bdscan.detect.neuron_noise import (
     measure,
     noisy_names,
     split_halves,
+    split_seeds,
 )
 from bdscan.errors import NumericalError, UsageError
 from bdscan.io.base import LoadedModel
@@ -174,6 +175,23 @@ def test_below_no_split_every_image_finds_the_noise_and_is_read(tiny_vit_bd, hel
     np.testing.assert_array_equal(again.confusion, whole.confusion)
     res = _noise(tiny_vit_bd.wrapper, held_out, no_split_below=512)
     assert res.run.images == (200, 200) and res.evidence.status == "backdoor" and res.evidence.target == TARGET
+
+
+def test_below_splits_the_smallest_of_three_splits_p_values_is_reported_three_times_larger(tiny_vit_clean, held_out) -> None:
+    cfg = NeuronNoiseConfig(seed=2, steps=3)
+    assert split_seeds(cfg, 200) == [2] and split_seeds(cfg.with_(splits_below=201), 200) == [2, 1_000_005, 2_000_008]
+    assert len(split_seeds(cfg.with_(splits_below=150, max_images=100), 200)) == 3  # counted after the cap
+    each = [inflow_test(measure(tiny_vit_clean.wrapper, held_out, cfg.with_(seed=s))) for s in (2, 1_000_005, 2_000_008)]
+    ticks: list[tuple[int, int]] = []
+    det = get_detector("neuron-noise")
+    res = det.detect(tiny_vit_clean.wrapper, held_out, det.configure(ScanSettings(seed=2, budget="smoke")).with_(
+        steps=3, splits_below=512), lambda _t, done, total, _s: ticks.append((done, total)))
+    best = min(each, key=lambda t: t.p_value)
+    assert res.test is not None and res.test.p_value == pytest.approx(min(1.0, 3 * best.p_value))
+    assert res.evidence.p_value == res.test.p_value and res.test.target == best.target
+    assert ticks == [(i, 9) for i in range(1, 10)]  # one progress bar over the three splits
+    plain = det.detect(tiny_vit_clean.wrapper, held_out, det.configure(ScanSettings(seed=2, budget="smoke")).with_(steps=3))
+    assert plain.test is not None and plain.test.p_value == pytest.approx(each[0].p_value)  # one split: the seed's own
 
 
 def test_more_images_than_the_cap_are_a_balanced_draw() -> None:

@@ -76,6 +76,7 @@ def test_each_detector_counts_its_own_passes(tiny_bd) -> None:  # type: ignore[n
     assert nn.passes(vit, 200, nn_cfg) == pytest.approx(one)
     assert nn.passes(vit, 200, nn_cfg.with_(cross_fit_below=201)) == pytest.approx(2 * one)
     assert nn.passes(vit, 200, nn_cfg.with_(no_split_below=201)) == pytest.approx(nn_cfg.steps * 200 + 2 / 3 * 200)
+    assert nn.passes(vit, 200, nn_cfg.with_(splits_below=201)) == pytest.approx(3 * one)
     assert nn.passes(vit, 5000, nn_cfg) == pytest.approx(nn_cfg.steps * 512 + 2 / 3 * 512)  # the cap
     mm_cfg = mm.configure(settings)
     assert mm.passes(vit, 200, mm_cfg) == 4 * (mm_cfg.random_starts + mm_cfg.clean_starts) * mm_cfg.steps
