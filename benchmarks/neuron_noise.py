@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -50,6 +51,7 @@ from benchmarks.common import (
     ascend,
     collapsed_without_noise,
     inflow_test,
+    joint_test,
     load_with_samples,
     machine_line,
     min_size_test,
@@ -176,15 +178,17 @@ def detector_test(run: dict[str, Any]) -> Any:
     return inflow_test(noise_run_of(run))
 
 
-def detector_evidence(run: dict[str, Any], rule: str = "larger") -> tuple[float | None, int | None]:
-    """What the detector reports for a recorded run: (p-value, suspect), or (None, None) when it reports none (too few
-    classes, or the readout already collapsed without noise: :func:`collapsed_without_noise`). A run recorded
-    without its readout without noise is judged without that guard. ``rule``: the detector's ``p_rule``."""
-    r = noise_run_of(run)
-    t = inflow_test(r, rule)
-    if t is None or collapsed_without_noise(r) is not None:
+def detector_evidence(run: dict[str, Any] | Sequence[dict[str, Any]], rule: str = "larger") -> tuple[float | None, int | None]:
+    """What the detector reports for a recorded run, or for the recorded runs of its splits (:func:`split_seeds`, in
+    order): (p-value, suspect), or (None, None) when it reports none (a readout already collapsed without noise,
+    :func:`collapsed_without_noise`, or too few classes in every split). Several splits are joined as the detector
+    joins them (:func:`joint_test`). A run recorded without its readout without noise is judged without that guard.
+    ``rule``: the detector's ``p_rule``."""
+    runs = [noise_run_of(r) for r in ([run] if isinstance(run, dict) else run)]
+    if any(collapsed_without_noise(r) is not None for r in runs):
         return None, None
-    return t.p_value, t.target
+    joint = joint_test([inflow_test(r, rule) for r in runs])
+    return (None, None) if joint is None else (joint[1].p_value, joint[1].target)
 
 
 def add_clean(path: Any) -> None:

@@ -587,7 +587,9 @@ def with_noise(rows: list[dict], paths: Sequence[Path], manifest: Sequence[dict]
     from benchmarks.neuron_noise import detector_evidence
 
     cfg = NeuronNoiseConfig(p_rule=rule, splits_below=splits_below)
-    images = {e["name"]: _bundled_images(e.get("dataset")) for e in manifest}
+    # the bundled images' count decides the splits: read once per data set, and only when splits are asked for
+    counts = {d: _bundled_images(d) for d in {e.get("dataset") for e in manifest}} if splits_below else {}
+    images = {e["name"]: counts.get(e.get("dataset")) for e in manifest}
     runs: dict[tuple[str, int], dict] = {}
     kinds: dict[tuple[str, int], tuple[bool, bool]] = {}
     for path in paths:
@@ -609,8 +611,7 @@ def with_noise(rows: list[dict], paths: Sequence[Path], manifest: Sequence[dict]
         if any(run is None for run in found):
             missing.append(f"{row['model']} (seed {row['seed']})")
             continue
-        p, target = min((detector_evidence(run, rule) for run in found), key=lambda e: 2.0 if e[0] is None else e[0])
-        p = None if p is None else min(1.0, p * len(seeds))
+        p, target = detector_evidence(found, rule)
         status = "inconclusive" if p is None else "backdoor" if p <= cfg.alpha else "clean"
         ev = {"status": status, "target": target, "p": p, "weight": NeuronNoise.weight}
         out.append(row | {"evidence": dict(row.get("evidence") or {}) | {"neuron-noise": ev}})

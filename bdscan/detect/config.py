@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -19,13 +20,12 @@ ALPHA_PROVISIONAL = False
 #: caches and throughput falls (measured: benchmarks/README.md, "Label chunks (adopted)")
 CPU_CHUNK_IMAGES_PER_THREAD = 32
 
+
 def images_per_chunk(chunk: int | None, device: str, input_size: tuple[int, ...], cpu_pixels: int, gpu_pixels: int) -> int:
     """Images per batched forward: ``chunk`` when set, else a pixel budget (``cpu_pixels`` or, on a GPU,
     ``gpu_pixels``) over the pixels of one input, at least 1."""
     if chunk is not None:
         return chunk
-    import math
-
     return max(1, (gpu_pixels if str(device).startswith("cuda") else cpu_pixels) // math.prod(input_size))
 
 

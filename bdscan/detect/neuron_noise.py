@@ -43,7 +43,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
@@ -68,6 +68,8 @@ from bdscan.detect.neuron_noise_measure import (  # the measurement and the test
     critical_share,
     has_layer_norm,
     inflow_test,
+    joint_test,
+    layout,
     measure,
     noisy_names,
     noisy_params,
@@ -223,11 +225,9 @@ class NeuronNoise(Detector):
         if (config.layer_norm_only and not has_layer_norm(model)) or images < 4:
             return 0.0
         n = min(images, config.max_images)
-        splits = len(split_seeds(config, images))
-        if n < config.no_split_below:
-            return splits * (config.steps * n + 2 / 3 * n)
-        rounds = 2 if n < config.cross_fit_below else 1
-        return splits * rounds * (config.steps * (n // 2) + 2 / 3 * (n - n // 2))
+        how = layout(config, n)
+        one = config.steps * n + 2 / 3 * n if how == "whole" else config.steps * (n // 2) + 2 / 3 * (n - n // 2)
+        return len(split_seeds(config, images)) * (2 if how == "cross-fit" else 1) * one
 
     def _inconclusive(self, reason: str, config: NeuronNoiseConfig, t0: float, names: list[str],
                       run: NoiseRun | None = None) -> NeuronNoiseResult:
@@ -263,13 +263,11 @@ class NeuronNoise(Detector):
                     f"classes to {_name(names, already[0])}, so a collapse under noise says nothing about a backdoor (an "
                     "untrained or broken model does this).", config, t0, names, run)
             measured.append((run, inflow_test(run, config.p_rule)))
-        tested = [(run, test) for run, test in measured if test is not None]
-        if not tested:
+        joint = joint_test([test for _, test in measured])
+        if joint is None:
             return self._inconclusive("Too few classes had images of other classes in the readout half to test.", config, t0,
                                       names, measured[0][0])
-        run, test = min(tested, key=lambda rt: rt[1].p_value)
-        if len(seeds) > 1:  # Bonferroni over the splits (valid whatever their dependence)
-            test = replace(test, p_value=min(1.0, test.p_value * len(seeds)))
+        run, test = measured[joint[0]][0], joint[1]
         ev = noise_evidence(test, run, names, config)
         log.info("neuron-noise: class %d takes %.3f of the other classes' images, p = %.3g", test.target,
                  float(run.shares[test.target]), test.p_value)
@@ -293,6 +291,8 @@ __all__ = [
     "critical_share",
     "has_layer_norm",
     "inflow_test",
+    "joint_test",
+    "layout",
     "measure",
     "noise_evidence",
     "noisy_names",

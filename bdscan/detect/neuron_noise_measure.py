@@ -5,7 +5,7 @@ is :mod:`bdscan.detect.neuron_noise` (Xu et al., "BAN", NeurIPS 2024)."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -286,12 +286,35 @@ def _one_noise(model: ModelWrapper, params: dict[str, torch.Tensor], names: list
     return conf, clean_conf, losses
 
 
+#: how the images of one split are used (:func:`layout`): halves, one noise found on one half and read on the other;
+#: "cross-fit", two noises, each read on the half the other was found on; "whole", one noise found and read on all
+LAYOUTS = ("halves", "cross-fit", "whole")
+
+
+def layout(cfg: NeuronNoiseConfig, images: int) -> str:
+    """How :func:`measure` uses ``images`` clean images (after the cap), one of :data:`LAYOUTS`."""
+    if images < cfg.no_split_below:
+        return "whole"
+    return "cross-fit" if images < cfg.cross_fit_below else "halves"
+
+
 def split_seeds(cfg: NeuronNoiseConfig, images: int) -> list[int]:
     """The seeds of the splits a detector run measures with ``images`` clean images (before the cap): the
     configuration's own, and with fewer than ``cfg.splits_below`` images (after the cap) :data:`SPLITS` - 1 more."""
     if min(images, cfg.max_images) < cfg.splits_below:
         return [cfg.seed + r * SPLIT_SEED_STRIDE for r in range(SPLITS)]
     return [cfg.seed]
+
+
+def joint_test(tests: Sequence[InflowTest | None]) -> tuple[int, InflowTest] | None:
+    """The splits' joint test (:func:`split_seeds`): the split with the smallest p-value, and its test with that
+    p-value times the number of splits (Bonferroni, valid whatever their dependence; one split: its own test).
+    None when no split could be tested."""
+    tested = [(i, t) for i, t in enumerate(tests) if t is not None]
+    if not tested:
+        return None
+    i, best = min(tested, key=lambda it: it[1].p_value)
+    return (i, best) if len(tests) == 1 else (i, replace(best, p_value=min(1.0, best.p_value * len(tests))))
 
 
 def measure(model: ModelWrapper, data: CleanData, cfg: NeuronNoiseConfig,
@@ -318,13 +341,12 @@ def measure(model: ModelWrapper, data: CleanData, cfg: NeuronNoiseConfig,
     dev = torch.device(cfg.device)
     chunk = cfg.resolved_chunk(tuple(data.x.shape[1:]))
     n = len(opt) + len(read)
-    if n < cfg.no_split_below:  # every image finds the noise and is read (the split's draw keeps the start's)
+    how = layout(cfg, n)
+    if how == "whole":  # every image finds the noise and is read (the split's draw keeps the start's)
         both = _join(opt, read)
         rounds = [(both, both)]
-    elif n < cfg.cross_fit_below:
-        rounds = [(opt, read), (read, opt)]
     else:
-        rounds = [(opt, read)]
+        rounds = [(opt, read), (read, opt)] if how == "cross-fit" else [(opt, read)]
     total = cfg.steps * len(rounds)
 
     def step_progress(i: int) -> DetectorProgress | None:
@@ -341,7 +363,7 @@ def measure(model: ModelWrapper, data: CleanData, cfg: NeuronNoiseConfig,
     clean_conf = sum(r[1] for r in runs)
     read_n = float(conf.sum())
     # one noise on the halves: (found on, read); otherwise every image did both
-    images = (len(opt), len(read)) if rounds[0][1] is read and len(rounds) == 1 else (n, n)
+    images = (len(opt), len(read)) if how == "halves" else (n, n)
     return NoiseRun(conf, float(np.trace(clean_conf)) / read_n, float(np.trace(conf)) / read_n,
                     np.asarray([x for r in runs for x in r[2]], dtype=np.float64), images, len(names), clean_conf)
 
@@ -443,6 +465,7 @@ __all__ = [
     "CPU_CHUNK_PIXELS",
     "DEGENERATE_SHARE",
     "GPU_CHUNK_PIXELS",
+    "LAYOUTS",
     "MIN_LOG_SD",
     "NORM_LAYERS",
     "P_RULES",
@@ -459,6 +482,8 @@ __all__ = [
     "critical_share",
     "has_layer_norm",
     "inflow_test",
+    "joint_test",
+    "layout",
     "measure",
     "noisy_names",
     "noisy_params",
